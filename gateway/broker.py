@@ -1,0 +1,161 @@
+"""The one Redis pub/sub connection of this process, supervised.
+
+It listens to `devices:presence`, the control channel, the keyspace `expired` events of the
+URL's database, and the command channel of every locally connected device. redis-py's PubSub
+does not reconnect by itself: when the connection drops, this module reconnects with backoff,
+subscribes everything again and calls `on_reconnect`, so the hub can re-send what may have
+been published while nobody listened.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.asyncio.client import PubSub
+
+from gateway.keys import Keys
+
+log = logging.getLogger("gateway.broker")
+
+SUBSCRIBE_CHUNK = 1000
+MAX_BACKOFF = 5.0
+
+
+class Handlers:
+    """What the broker calls; each must return fast (enqueue, never await a socket)."""
+
+    def on_command(self, device_id: str, data: bytes) -> None: ...
+    def on_control(self, data: bytes) -> None: ...
+    def on_presence(self, data: bytes) -> None: ...
+    def on_expired(self, device_id: str) -> None: ...
+
+
+class Broker:
+    def __init__(
+        self,
+        redis: Redis,
+        keys: Keys,
+        db: int,
+        handlers: Handlers,
+        on_reconnect: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.redis = redis
+        self.keys = keys
+        self.handlers = handlers
+        self.on_reconnect = on_reconnect
+        self.base_channels = [keys.presence_channel, keys.control_channel, keys.expired_channel(db)]
+        self.expired_channel = keys.expired_channel(db).encode()
+        self.presence_channel = keys.presence_channel.encode()
+        self.control_channel = keys.control_channel.encode()
+        self._devices: set[str] = set()
+        self._to_subscribe: set[str] = set()
+        self._to_unsubscribe: set[str] = set()
+        self._changed = asyncio.Event()
+        self._pubsub: PubSub | None = None
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+
+    # --- subscriptions, batched --------------------------------------------
+    def subscribe_device(self, device_id: str) -> None:
+        self._devices.add(device_id)
+        self._to_unsubscribe.discard(device_id)
+        self._to_subscribe.add(device_id)
+        self._changed.set()
+
+    def unsubscribe_device(self, device_id: str) -> None:
+        self._devices.discard(device_id)
+        self._to_subscribe.discard(device_id)
+        self._to_unsubscribe.add(device_id)
+        self._changed.set()
+
+    async def _apply_changes(self, pubsub: PubSub) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed.clear()
+            subscribe, self._to_subscribe = self._to_subscribe, set()
+            unsubscribe, self._to_unsubscribe = self._to_unsubscribe, set()
+            for chunk in _chunks([self.keys.commands(d) for d in subscribe]):
+                await pubsub.subscribe(*chunk)
+            for chunk in _chunks([self.keys.commands(d) for d in unsubscribe]):
+                await pubsub.unsubscribe(*chunk)
+
+    # --- the supervised loop -------------------------------------------------
+    async def run(self) -> None:
+        """Listen until cancelled, reconnecting with backoff whenever the connection fails."""
+        backoff = 0.1
+        first = True
+        while True:
+            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub = pubsub
+            try:
+                await pubsub.subscribe(*self.base_channels)
+                self._to_subscribe |= set(self._devices)
+                self._changed.set()
+                self.connected.set()
+                if not first:
+                    self.reconnects += 1
+                    log.info("pub/sub reconnected; resubscribed %d devices", len(self._devices))
+                    await self.on_reconnect()
+                first = False
+                backoff = 0.1
+                async with asyncio.TaskGroup() as group:
+                    group.create_task(self._apply_changes(pubsub))
+                    group.create_task(self._listen(pubsub))
+            except* Exception as group_error:
+                self.connected.clear()
+                log.warning(
+                    "pub/sub connection lost (%s); reconnecting in %.1f s",
+                    group_error.exceptions[0],
+                    backoff,
+                )
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, MAX_BACKOFF)
+            finally:
+                self.connected.clear()
+                self._pubsub = None
+                await _close_quietly(pubsub)
+
+    async def _listen(self, pubsub: PubSub) -> None:
+        # get_message with a timeout instead of listen(): it raises when the connection drops
+        # instead of ending quietly, so the supervisor above always notices.
+        while True:
+            if not pubsub.subscribed:
+                await asyncio.sleep(0.01)
+                continue
+            message = await pubsub.get_message(timeout=1.0)
+            if message is not None and message.get("type") == "message":
+                self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        channel: bytes = message["channel"]
+        data: bytes = message["data"]
+        try:
+            if channel == self.expired_channel:
+                device_id = self.keys.device_from_heartbeat(data.decode())
+                if device_id is not None:
+                    self.handlers.on_expired(device_id)
+            elif channel == self.control_channel:
+                self.handlers.on_control(data)
+            elif channel == self.presence_channel:
+                self.handlers.on_presence(data)
+            else:
+                device_id = self.keys.device_from_commands(channel.decode())
+                if device_id is not None:
+                    self.handlers.on_command(device_id, data)
+        except Exception:  # one bad message must never stop delivery to everyone else
+            log.exception("failed to dispatch a message on %r", channel[:80])
+
+
+def _chunks(items: list[str]) -> list[list[str]]:
+    return [items[i : i + SUBSCRIBE_CHUNK] for i in range(0, len(items), SUBSCRIBE_CHUNK)]
+
+
+async def _close_quietly(pubsub: PubSub) -> None:
+    try:
+        await pubsub.aclose()  # type: ignore[no-untyped-call]
+    except Exception:  # the connection is already broken; nothing to release cleanly
+        log.debug("closing a broken pub/sub connection failed", exc_info=True)

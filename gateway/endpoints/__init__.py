@@ -1,0 +1,1 @@
+"""Thin Starlette endpoints: validate, call the domain modules, respond."""

@@ -1,0 +1,96 @@
+"""`/ws/devices/{device_id}`: authenticate at the handshake, then hand over to a DeviceSession."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+
+from starlette.responses import JSONResponse
+from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.websockets import WebSocket
+
+from gateway import disconnect
+from gateway.auth import bearer
+from gateway.device_session import DeviceSession
+from gateway.keys import is_device_id
+from gateway.presence import REDIS_ERRORS, Revoked
+from gateway.runtime import Gateway
+
+log = logging.getLogger("gateway.device")
+
+
+async def _deny(websocket: WebSocket, gateway: Gateway, status: int, detail: str) -> None:
+    """Refuse the handshake with an HTTP response: nothing was accepted, nothing written."""
+    gateway.metrics.handshakes_refused.labels(str(status)).inc()
+    await websocket.send_denial_response(
+        JSONResponse({"status": status, "detail": detail}, status_code=status)
+    )
+
+
+async def device_socket(websocket: WebSocket) -> None:
+    gateway: Gateway = websocket.app.state.gateway
+    device_id = websocket.path_params["device_id"]
+    if gateway.draining:
+        await _deny(websocket, gateway, 503, "gateway restarting; connect to another instance")
+        return
+    if not is_device_id(device_id):
+        await _deny(websocket, gateway, 404, "no such device")
+        return
+    token = bearer(websocket.headers.get("authorization")) or websocket.query_params.get("token")
+    if not token:
+        await _deny(websocket, gateway, 401, "device token required")
+        return
+    try:
+        exists, token_hash = await gateway.store.check_token(device_id, token)
+    except REDIS_ERRORS:
+        await _deny(websocket, gateway, 503, "presence store unavailable; retry")
+        return
+    if not exists:
+        await _deny(websocket, gateway, 404, "no such device")
+        return
+    if token_hash is None:
+        await _deny(websocket, gateway, 403, "token not valid for this device")
+        return
+
+    await websocket.accept()
+    session_id = secrets.token_urlsafe(12)
+    session = DeviceSession(gateway, websocket, device_id, session_id, token_hash)
+    gateway.hub.add(session)
+    gateway.broker.subscribe_device(device_id)
+    try:
+        welcome = await gateway.presence.connect(device_id, session_id, token_hash)
+    except Revoked:
+        welcome = None
+        session.close(disconnect.TOKEN_ROTATED)
+    except REDIS_ERRORS:
+        welcome = None
+        session.close(disconnect.RESTARTING)
+    if welcome is None:
+        session.close(disconnect.DELETED)
+    else:
+        session.welcome(welcome.desired, welcome.reported, welcome.reported_meta, welcome.version)
+    gateway.metrics.devices_connected.inc()
+    code = 1000
+    try:
+        while welcome is not None and not session.writer.closed:
+            message = await websocket.receive()
+            kind = message["type"]
+            if kind == "websocket.receive":
+                text = message.get("text")
+                session.receive(text if text is not None else message.get("bytes"), text is None)
+            elif kind == "websocket.disconnect":
+                code = int(message.get("code") or 1005)
+                break
+    finally:
+        gateway.metrics.devices_connected.dec()
+        if gateway.hub.remove(session):
+            gateway.broker.unsubscribe_device(device_id)
+        reason = session.close_reason or (
+            "connection_lost" if code in disconnect.LOST_CODES else "closed"
+        )
+        if welcome is not None:
+            gateway.presence.end(device_id, session_id, reason)
+        session.close(disconnect.NORMAL)
+
+
+routes: list[BaseRoute] = [WebSocketRoute("/ws/devices/{device_id}", device_socket)]

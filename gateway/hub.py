@@ -1,0 +1,102 @@
+"""The in-process registry of live device sessions, and fan-out to them.
+
+Everything here runs on the event loop without awaiting a socket: delivering a command is
+enqueueing on the session's writer. The broker calls in; the device endpoint registers.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import orjson
+
+from gateway import disconnect, protocol, shadow
+from gateway.broker import Handlers
+
+if TYPE_CHECKING:
+    from gateway.device_session import DeviceSession
+
+log = logging.getLogger("gateway.hub")
+RESYNC_CHUNK = 500
+
+
+class DeviceHub(Handlers):
+    """Live sessions by device id (at most one per device in this process)."""
+
+    def __init__(self) -> None:
+        self.sessions: dict[str, DeviceSession] = {}
+        self.expired_sink: Handlers | None = None
+        self.presence_listeners: list[Handlers] = []
+
+    def __len__(self) -> int:
+        return len(self.sessions)
+
+    def add(self, session: DeviceSession) -> None:
+        previous = self.sessions.get(session.device_id)
+        self.sessions[session.device_id] = session
+        if previous is not None and previous is not session:
+            previous.close(disconnect.REPLACED)
+
+    def remove(self, session: DeviceSession) -> bool:
+        """Forget *session*; True when it was the device's live one here."""
+        if self.sessions.get(session.device_id) is session:
+            del self.sessions[session.device_id]
+            return True
+        return False
+
+    # --- broker handlers ----------------------------------------------------
+    def on_command(self, device_id: str, data: bytes) -> None:
+        session = self.sessions.get(device_id)
+        if session is not None:
+            session.deliver_command(data)
+
+    def on_control(self, data: bytes) -> None:
+        try:
+            message = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return
+        if not isinstance(message, dict) or message.get("op") != "kick":
+            return
+        session = self.sessions.get(str(message.get("device_id")))
+        if session is not None and session.session == message.get("session"):
+            session.close(disconnect.by_reason(str(message.get("reason"))))
+
+    def on_presence(self, data: bytes) -> None:
+        for listener in self.presence_listeners:
+            listener.on_presence(data)
+
+    def on_expired(self, device_id: str) -> None:
+        if self.expired_sink is not None:
+            self.expired_sink.on_expired(device_id)
+
+    def stale(self, device_id: str, session_id: str, code: int) -> None:
+        """The presence engine found a session that is no longer current (or a deleted device)."""
+        session = self.sessions.get(device_id)
+        if session is not None and session.session == session_id:
+            session.close(disconnect.REPLACED if code == -1 else disconnect.DELETED)
+
+    # --- re-sync after the pub/sub connection came back ---------------------
+    def resync_targets(self) -> list[DeviceSession]:
+        return list(self.sessions.values())
+
+    @staticmethod
+    def resync_one(session: DeviceSession, desired_raw: bytes | None, version: int) -> bool:
+        """Send the current desired state if it moved while no message could arrive."""
+        desired = shadow.decode_document(desired_raw)
+        if shadow.same(desired, session.desired):
+            return False
+        session.deliver_command(
+            orjson.dumps(
+                {
+                    "type": "state_update",
+                    "desired_state": desired,
+                    "version": version,
+                    "resync": True,
+                }
+            )
+        )
+        return True
+
+
+__all__ = ["DeviceHub", "protocol"]

@@ -1,0 +1,26 @@
+-- Devices whose heartbeat key is gone go offline: run for keyspace `expired` notifications
+-- and by the sweep. A heartbeat that exists again means the device came back: left alone.
+-- Any number of detectors may pass the same id; the first one publishes, the rest find nothing.
+-- KEYS[1] devices:online  KEYS[2] devices:index:online  KEYS[3] devices:online:seen
+-- KEYS[4] devices:stats:online_by_type  KEYS[5] devices:events  KEYS[6] devices:presence
+-- then for each device i: KEYS[7+3i] device:state:{id}  KEYS[8+3i] device:heartbeat:{id}
+--   KEYS[9+3i] device:history:{id}
+-- ARGV[1] now  ARGV[2] history maxlen  ARGV[3] events maxlen; then ARGV[4+i] id
+-- Returns per device the new presence version, or 0 when nothing was due.
+local now = ARGV[1]
+local result = {}
+local count = (#KEYS - 6) / 3
+for i = 0, count - 1 do
+  local state_key, heartbeat_key, history_key = KEYS[7 + 3 * i], KEYS[8 + 3 * i], KEYS[9 + 3 * i]
+  local version = 0
+  if redis.call('EXISTS', heartbeat_key) == 0 then
+    local reason = redis.call('HGET', state_key, 'linger_reason')
+    if not reason or reason == '' then
+      reason = 'expired'
+    end
+    version = go_offline(state_key, history_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5],
+      KEYS[6], ARGV[4 + i], now, reason, ARGV[2], ARGV[3])
+  end
+  result[#result + 1] = version
+end
+return result

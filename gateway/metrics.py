@@ -1,0 +1,57 @@
+"""Prometheus metrics, one registry per app so several apps (tests) never collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.devices_connected = Gauge(
+            "gateway_devices_connected", "Device sockets open on this process", registry=r
+        )
+        self.dashboards_connected = Gauge(
+            "gateway_dashboards_connected", "Dashboard sockets open on this process", registry=r
+        )
+        self.messages_in = Counter(
+            "gateway_messages_in", "Frames received from devices", ["type"], registry=r
+        )
+        self.messages_out = Counter(
+            "gateway_messages_out", "Frames sent to sockets", ["kind"], registry=r
+        )
+        self.batch_size = Histogram(
+            "gateway_heartbeat_batch_size",
+            "Devices written per heartbeat tick",
+            buckets=(1, 5, 10, 50, 100, 500, 1000, 5000, 10000),
+            registry=r,
+        )
+        self.redis_latency = Histogram(
+            "gateway_redis_seconds",
+            "Latency of the gateway's Redis calls",
+            ["op"],
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
+        self.transitions = Counter(
+            "gateway_presence_transitions",
+            "Presence transitions this process published",
+            ["status", "reason"],
+            registry=r,
+        )
+        self.slow_clients = Counter(
+            "gateway_slow_clients_dropped",
+            "Sockets closed for not keeping up",
+            ["kind"],
+            registry=r,
+        )
+        self.rejected = Counter(
+            "gateway_frames_rejected", "Frames refused, by error code", ["code"], registry=r
+        )
+        self.handshakes_refused = Counter(
+            "gateway_handshakes_refused", "Device handshakes refused", ["status"], registry=r
+        )
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

@@ -1,0 +1,424 @@
+"""The presence engine: sessions, batched heartbeats, disconnects and offline detection.
+
+Every transition is one Lua script (connect, heartbeat_batch, disconnect, expire), so two
+gateway processes, the seed's classes and any number of detectors can run side by side and
+each transition is still published once. Frames never cost a Redis round trip each: the
+engine gathers them per device and writes one tick (≤ 20 ms) with one script call per chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from gateway.config import Settings
+from gateway.keys import Keys
+from gateway.metrics import Metrics
+from gateway.scripts import SCRIPTS
+from gateway.store import Store, now_text, text
+
+log = logging.getLogger("gateway.presence")
+
+CHUNK = 500  # devices per script call: keeps each call well under a millisecond or two
+SWEEP_BATCH = 1000
+RECONCILE_COUNT = 200
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+# heartbeat_batch result codes
+WRITTEN, RESUMED, STALE, UNKNOWN = 1, 2, -1, 0
+
+StaleCallback = Callable[[str, str, int], None]
+
+
+@dataclass(frozen=True)
+class Welcome:
+    """What `connect` read atomically with taking the session: the device's starting point."""
+
+    presence_version: int
+    desired: bytes
+    reported: bytes
+    version: int
+    reported_meta: bytes
+    reason: str
+
+
+class Revoked(Exception):
+    """The token was rotated between the handshake check and the connect."""
+
+
+@dataclass
+class _Beat:
+    session: str
+    seen_at: float
+    reported: bytes | None = None
+    reported_meta: bytes = b"{}"
+    waiters: list[asyncio.Future[int]] = field(default_factory=list)
+
+
+@dataclass
+class _End:
+    reason: str
+    waiters: list[asyncio.Future[int]] = field(default_factory=list)
+
+
+class PresenceEngine:
+    """Owns every presence write of this process. Start `run()` in a task; stop by cancelling."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        store: Store,
+        settings: Settings,
+        metrics: Metrics,
+        on_stale: StaleCallback,
+        db: int = 0,
+    ) -> None:
+        self.redis = redis
+        self.store = store
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.metrics = metrics
+        self.on_stale = on_stale
+        self.db = db
+        self._beats: dict[str, _Beat] = {}
+        self._ends: dict[tuple[str, str], _End] = {}
+        self._expired: set[str] = set()
+        self._wake = asyncio.Event()
+        self._online_cursor = 0
+        self._registered_cursor = 0
+
+    # --- transitions --------------------------------------------------------
+    async def connect(self, device_id: str, session: str, token_hash: str) -> Welcome | None:
+        """Take the device's one session; None for an unknown device. Raises Revoked."""
+        k = self.keys
+        with self.metrics.redis_latency.labels("connect").time():
+            reply = await SCRIPTS.connect(
+                self.redis,
+                [
+                    k.state(device_id),
+                    k.heartbeat(device_id),
+                    k.history(device_id),
+                    k.online,
+                    k.index_online,
+                    k.online_seen,
+                    k.seen,
+                    k.online_by_type,
+                    k.events,
+                    k.presence_channel,
+                    k.control_channel,
+                ],
+                [
+                    device_id,
+                    session,
+                    now_text(),
+                    self.settings.ttl_ms,
+                    self.settings.history_maxlen,
+                    self.settings.events_maxlen,
+                    token_hash,
+                ],
+            )
+        if reply[0] == 0:
+            return None
+        if reply[0] == -1:
+            raise Revoked(device_id)
+        reason = reply[6].decode() if isinstance(reply[6], bytes) else str(reply[6])
+        if reason:
+            self.metrics.transitions.labels("online", reason).inc()
+        return Welcome(int(reply[1]), reply[2], reply[3], int(reply[4]), reply[5], reason)
+
+    def beat(
+        self,
+        device_id: str,
+        session: str,
+        reported: bytes | None = None,
+        reported_meta: bytes = b"{}",
+        ack: bool = False,
+    ) -> asyncio.Future[int] | None:
+        """Note activity (and the latest full reported document) for the next tick.
+
+        Never awaits Redis. With *ack*, returns a future for the shadow version written.
+        """
+        pending = self._beats.get(device_id)
+        if pending is None or pending.session != session:
+            pending = self._beats[device_id] = _Beat(session, time.time())
+        else:
+            pending.seen_at = time.time()
+        if reported is not None:
+            pending.reported, pending.reported_meta = reported, reported_meta
+        self._wake.set()
+        if not ack:
+            return None
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pending.waiters.append(waiter)
+        return waiter
+
+    def end(self, device_id: str, session: str, reason: str) -> asyncio.Future[int]:
+        """Queue the end of a session for the next tick, after its pending heartbeat."""
+        pending = self._ends.setdefault((device_id, session), _End(reason))
+        waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        pending.waiters.append(waiter)
+        self._wake.set()
+        return waiter
+
+    def note_expired(self, device_id: str) -> None:
+        """A keyspace notification said this heartbeat key expired."""
+        self._expired.add(device_id)
+        self._wake.set()
+
+    # --- the tick -----------------------------------------------------------
+    async def run(self) -> None:
+        """Flush ticks and sweep until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._flush_loop())
+            group.create_task(self._sweep_loop())
+
+    async def _flush_loop(self) -> None:
+        backoff = 0.0
+        while True:
+            await self._wake.wait()
+            await asyncio.sleep(backoff or self.settings.batch_interval)
+            self._wake.clear()
+            try:
+                await self.flush()
+                backoff = 0.0
+            except REDIS_ERRORS as exc:
+                backoff = min(max(backoff * 2, 0.05), 1.0)
+                log.warning("presence flush failed (%s); retrying in %.2f s", exc, backoff)
+                self._wake.set()
+
+    async def flush(self) -> None:
+        """Write everything gathered: heartbeats first, then ends, then expiries."""
+        beats, self._beats = self._beats, {}
+        try:
+            await self._write_beats(beats)
+        except BaseException:
+            self._restore_beats(beats)
+            raise
+        ends, self._ends = self._ends, {}
+        try:
+            await self._write_ends(ends, self.settings.offline_grace)
+        except BaseException:
+            for key, value in ends.items():
+                self._ends.setdefault(key, value)
+            raise
+        expired, self._expired = self._expired, set()
+        try:
+            await self.expire(expired)
+        except BaseException:
+            self._expired |= expired
+            raise
+
+    def _restore_beats(self, beats: dict[str, _Beat]) -> None:
+        """Put back a failed tick; what arrived since is newer and wins."""
+        for device_id, old in beats.items():
+            newer = self._beats.get(device_id)
+            if newer is None:
+                self._beats[device_id] = old
+            elif newer.session == old.session:
+                newer.waiters[:0] = old.waiters
+                if newer.reported is None:
+                    newer.reported, newer.reported_meta = old.reported, old.reported_meta
+            else:
+                _settle(old.waiters, STALE)
+
+    async def _write_beats(self, beats: dict[str, _Beat]) -> None:
+        if not beats:
+            return
+        k = self.keys
+        items = list(beats.items())
+        self.metrics.batch_size.observe(len(items))
+        head = [
+            k.online,
+            k.index_online,
+            k.online_seen,
+            k.seen,
+            k.online_by_type,
+            k.events,
+            k.presence_channel,
+        ]
+        now = now_text()
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            keys = list(head)
+            args: list[Any] = [
+                now,
+                self.settings.ttl_ms,
+                self.settings.history_maxlen,
+                self.settings.events_maxlen,
+            ]
+            for device_id, beat in chunk:
+                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+                args += [
+                    device_id,
+                    beat.session,
+                    f"{beat.seen_at:.6f}",
+                    beat.reported if beat.reported is not None else b"",
+                    beat.reported_meta,
+                ]
+            with self.metrics.redis_latency.labels("heartbeat_batch").time():
+                reply = await SCRIPTS.heartbeat_batch(self.redis, keys, args)
+            for index, (device_id, beat) in enumerate(chunk):
+                code, version = int(reply[2 * index]), int(reply[2 * index + 1])
+                if code == RESUMED:
+                    self.metrics.transitions.labels("online", "resumed").inc()
+                if code in (STALE, UNKNOWN):
+                    self.on_stale(device_id, beat.session, code)
+                _settle(beat.waiters, version if code > 0 else code)
+
+    async def _write_ends(self, ends: dict[tuple[str, str], _End], grace: float) -> None:
+        if not ends:
+            return
+        k = self.keys
+        items = list(ends.items())
+        head = [
+            k.online,
+            k.index_online,
+            k.online_seen,
+            k.online_by_type,
+            k.events,
+            k.presence_channel,
+        ]
+        for start in range(0, len(items), CHUNK):
+            chunk = items[start : start + CHUNK]
+            keys = list(head)
+            args: list[Any] = [
+                now_text(),
+                int(grace * 1000),
+                self.settings.ttl_ms,
+                self.settings.history_maxlen,
+                self.settings.events_maxlen,
+            ]
+            for (device_id, session), end in chunk:
+                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+                args += [device_id, session, end.reason]
+            with self.metrics.redis_latency.labels("disconnect").time():
+                reply = await SCRIPTS.disconnect(self.redis, keys, args)
+            for index, ((_, _), end) in enumerate(chunk):
+                code = int(reply[index])
+                if code == 1:
+                    self.metrics.transitions.labels("offline", end.reason).inc()
+                _settle(end.waiters, code)
+
+    async def end_now(self, sessions: Iterable[tuple[str, str]], reason: str, grace: float) -> None:
+        """End many sessions at once (shutdown), flushing their last heartbeats first."""
+        sessions = list(sessions)
+        await self._write_beats_for(sessions)
+        loop = asyncio.get_running_loop()
+        ends = {key: _End(reason, [loop.create_future()]) for key in sessions}
+        await self._write_ends(ends, grace)
+
+    async def _write_beats_for(self, sessions: Iterable[tuple[str, str]]) -> None:
+        wanted = {device_id for device_id, _ in sessions}
+        mine = {d: b for d, b in self._beats.items() if d in wanted}
+        for device_id in mine:
+            del self._beats[device_id]
+        await self._write_beats(mine)
+
+    async def expire(self, device_ids: Iterable[str]) -> int:
+        """Offline every listed device whose heartbeat key is gone; returns how many went."""
+        ids = list(device_ids)
+        if not ids:
+            return 0
+        k = self.keys
+        head = [
+            k.online,
+            k.index_online,
+            k.online_seen,
+            k.online_by_type,
+            k.events,
+            k.presence_channel,
+        ]
+        went = 0
+        for start in range(0, len(ids), CHUNK):
+            chunk = ids[start : start + CHUNK]
+            keys = list(head)
+            for device_id in chunk:
+                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+            with self.metrics.redis_latency.labels("expire").time():
+                reply = await SCRIPTS.expire(
+                    self.redis,
+                    keys,
+                    [now_text(), self.settings.history_maxlen, self.settings.events_maxlen, *chunk],
+                )
+            for version in reply:
+                if int(version) > 0:
+                    went += 1
+        if went:
+            self.metrics.transitions.labels("offline", "expired").inc(went)
+        return went
+
+    # --- the sweep ----------------------------------------------------------
+    async def _sweep_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval)
+            try:
+                await self.sweep()
+            except REDIS_ERRORS as exc:
+                log.warning("offline sweep failed: %s", exc)
+
+    async def sweep(self) -> int:
+        """Catch what notifications missed; cost bounded by the stale head, never the fleet.
+
+        The last-seen index yields online devices not renewed within the timeout. A bounded
+        step of SSCAN over the seed's online and registered sets adopts devices written by
+        other programs, so a device the seed heartbeats is indexed and expired like ours.
+        """
+        cutoff = time.time() - self.settings.heartbeat_timeout
+        stale: list[bytes] = await self.redis.zrangebyscore(
+            self.keys.online_seen, "-inf", cutoff, start=0, num=SWEEP_BATCH
+        )  # type: ignore[assignment]
+        ids = [text(member) for member in stale]
+        self._online_cursor, online = await self.redis.sscan(
+            self.keys.online, self._online_cursor, count=RECONCILE_COUNT
+        )
+        foreign = [text(member) for member in online]
+        self._registered_cursor, registered = await self.redis.sscan(
+            self.keys.registered, self._registered_cursor, count=RECONCILE_COUNT
+        )
+        await self.store.adopt(foreign + [text(member) for member in registered])
+        return await self.expire(ids + foreign)
+
+    # --- keyspace notifications ---------------------------------------------
+    async def enable_notifications(self) -> bool:
+        """Add `E` and `x` to notify-keyspace-events, keeping every flag already set.
+
+        Managed Redis often forbids CONFIG: then the sweep alone detects, and we say so.
+        """
+        try:
+            current = (await self.redis.config_get("notify-keyspace-events")).get(
+                "notify-keyspace-events", ""
+            )
+            flags = current.decode() if isinstance(current, bytes) else str(current)
+            has_expired = "x" in flags or "A" in flags
+            missing = ("" if "E" in flags else "E") + ("" if has_expired else "x")
+            if missing:
+                await self.redis.config_set("notify-keyspace-events", flags + missing)
+            return True
+        except RedisError as exc:
+            log.warning(
+                "cannot enable keyspace notifications (%s); the sweep alone detects offline "
+                "devices, within %.1f s of the timeout",
+                exc,
+                self.settings.sweep_interval,
+            )
+            return False
+
+
+def _settle(waiters: list[asyncio.Future[int]], value: int) -> None:
+    for waiter in waiters:
+        if not waiter.done():
+            waiter.set_result(value)
+
+
+async def cancel_and_wait(task: asyncio.Task[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task

@@ -1,0 +1,225 @@
+"""Device and dashboard frames, pure: parse and validate what arrives, build what leaves.
+
+Never awaits and never touches Redis, so every malformed input is tested without a socket.
+A frame that cannot be understood raises FrameError with a stable `code` for the error frame.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from gateway import shadow
+from gateway.keys import is_device_id
+
+MAX_REQUEST_ID = 64
+MAX_FILTER_IDS = 1000
+EVENT_TYPES = frozenset({"presence", "state", "registered", "deleted", "metadata"})
+
+
+class FrameError(ValueError):
+    """A frame the gateway refuses; `code` goes in the error frame."""
+
+    def __init__(self, code: str, message: str, request_id: str | int | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+@dataclass(frozen=True, slots=True)
+class Heartbeat:
+    reported: shadow.Document | None
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    patch: shadow.Document
+    request_id: str | int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Get:
+    request_id: str | int | None
+
+
+DeviceFrame = Heartbeat | Report | Get
+
+
+def _load_object(data: str | bytes) -> dict[str, Any]:
+    try:
+        value = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise FrameError("invalid_json", f"frame is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise FrameError("invalid_frame", "frame must be a JSON object with a 'type'")
+    return value
+
+
+def _request_id(frame: dict[str, Any]) -> str | int | None:
+    request_id = frame.get("id")
+    if request_id is None:
+        return None
+    if isinstance(request_id, bool) or not isinstance(request_id, str | int):
+        raise FrameError("invalid_frame", "'id' must be a string or an integer")
+    if isinstance(request_id, str) and len(request_id) > MAX_REQUEST_ID:
+        raise FrameError("invalid_frame", f"'id' must be at most {MAX_REQUEST_ID} characters")
+    return request_id
+
+
+def _state(frame: dict[str, Any], limits: shadow.Limits, request_id: str | int | None) -> Any:
+    try:
+        return shadow.validate_patch(frame.get("reported_state"), limits)
+    except shadow.ShadowError as exc:
+        raise FrameError(exc.problem.replace("-", "_"), exc.detail, request_id) from None
+
+
+def parse_device_frame(data: str | bytes, limits: shadow.Limits) -> DeviceFrame:
+    """The frame a device sent, validated; FrameError says what is wrong."""
+    frame = _load_object(data)
+    kind = frame.get("type")
+    if kind == "heartbeat":
+        if frame.get("reported_state") is None:
+            return Heartbeat(None)
+        return Heartbeat(shadow.merge({}, _state(frame, limits, None)))
+    if kind == "report":
+        request_id = _request_id(frame)
+        if "reported_state" not in frame:
+            raise FrameError("invalid_frame", "'report' needs 'reported_state'", request_id)
+        return Report(_state(frame, limits, request_id), request_id)
+    if kind == "get":
+        return Get(_request_id(frame))
+    if not isinstance(kind, str):
+        raise FrameError("invalid_frame", "frame must have a string 'type'")
+    raise FrameError(
+        "unknown_type", f"unknown frame type {kind[:40]!r}; expected heartbeat, report or get"
+    )
+
+
+def welcome(
+    device_id: str, session: str, heartbeat_timeout: float, desired: shadow.Document,
+    reported: shadow.Document, version: int,
+) -> bytes:  # fmt: skip
+    return orjson.dumps(
+        {
+            "type": "welcome",
+            "device_id": device_id,
+            "session": session,
+            "heartbeat_timeout": heartbeat_timeout,
+            "desired_state": desired,
+            "reported_state": reported,
+            "delta": shadow.delta(desired, reported),
+            "version": version,
+        }
+    )
+
+
+def delta_frame(difference: shadow.Document, version: int | None) -> bytes:
+    return orjson.dumps({"type": "delta", "delta": difference, "version": version})
+
+
+def ack(request_id: str | int | None, version: int) -> bytes:
+    return orjson.dumps({"type": "ack", "id": request_id, "version": version})
+
+
+def shadow_frame(
+    request_id: str | int | None, desired: shadow.Document, reported: shadow.Document, version: int
+) -> bytes:
+    return orjson.dumps(
+        {
+            "type": "shadow",
+            "id": request_id,
+            "desired_state": desired,
+            "reported_state": reported,
+            "delta": shadow.delta(desired, reported),
+            "version": version,
+        }
+    )
+
+
+def error(code: str, message: str, request_id: str | int | None = None) -> bytes:
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message}
+    if request_id is not None:
+        frame["id"] = request_id
+    return orjson.dumps(frame)
+
+
+def parse_command(data: bytes) -> shadow.Document | None:
+    """The desired state in a command-channel message, if it carries one (seed format)."""
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(message, dict) and isinstance(message.get("desired_state"), dict):
+        return dict(message["desired_state"])
+    return None
+
+
+def command_version(data: bytes) -> int | None:
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    version = message.get("version") if isinstance(message, dict) else None
+    return version if isinstance(version, int) and not isinstance(version, bool) else None
+
+
+# --- dashboard frames -----------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Subscribe:
+    types: frozenset[str] | None
+    ids: frozenset[str] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    after: str
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    pass
+
+
+DashboardFrame = Subscribe | Resume | Ping
+
+
+def _string_set(
+    frame: dict[str, Any], name: str, allowed: frozenset[str] | None
+) -> frozenset[str] | None:
+    value = frame.get(name)
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise FrameError("invalid_frame", f"'{name}' must be a list of strings")
+    if len(value) > MAX_FILTER_IDS:
+        raise FrameError("too_many_ids", f"'{name}' may list at most {MAX_FILTER_IDS} entries")
+    if allowed is not None and not set(value) <= allowed:
+        raise FrameError("invalid_frame", f"'{name}' entries must be among {sorted(allowed)}")
+    if allowed is None and not all(is_device_id(item) for item in value):
+        raise FrameError("invalid_frame", f"'{name}' entries must be device ids")
+    return frozenset(value)
+
+
+def parse_dashboard_frame(data: str | bytes) -> DashboardFrame:
+    frame = _load_object(data)
+    kind = frame.get("type")
+    if kind == "subscribe":
+        return Subscribe(_string_set(frame, "types", EVENT_TYPES), _string_set(frame, "ids", None))
+    if kind == "resume":
+        after = frame.get("after")
+        if not isinstance(after, str) or not _is_stream_id(after):
+            raise FrameError("invalid_frame", "'after' must be a stream id like '1700000000000-0'")
+        return Resume(after)
+    if kind == "ping":
+        return Ping()
+    raise FrameError("unknown_type", "expected subscribe, resume or ping")
+
+
+def _is_stream_id(value: str) -> bool:
+    ms, _, seq = value.partition("-")
+    return ms.isdigit() and (seq == "" or seq.isdigit()) and len(value) <= 41

@@ -1,0 +1,176 @@
+"""The gateway's running parts, wired once per app and shared by every endpoint."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+from typing import Any
+
+from redis.asyncio import Redis
+
+from gateway import disconnect
+from gateway.auth import ApiKeys, hash_token, new_secret
+from gateway.broker import Broker, Handlers
+from gateway.config import Settings
+from gateway.hub import RESYNC_CHUNK, DeviceHub
+from gateway.keys import Keys, generated_admin_key
+from gateway.metrics import Metrics
+from gateway.presence import REDIS_ERRORS, PresenceEngine
+from gateway.scripts import SCRIPTS
+from gateway.store import Store
+
+log = logging.getLogger("gateway")
+
+REDIS_SOCKET_TIMEOUT = 5.0
+
+
+class Gateway:
+    """Owns the Redis client and every background task of one process."""
+
+    def __init__(self, settings: Settings) -> None:
+        if not settings.redis_url:
+            raise ValueError("settings.redis_url must be set (the CLI starts an embedded server)")
+        self.settings = settings
+        self.keys = Keys(settings.key_prefix)
+        self.redis: Redis = Redis.from_url(
+            settings.redis_url,
+            socket_timeout=REDIS_SOCKET_TIMEOUT,
+            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
+            health_check_interval=15,
+        )
+        self.db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
+        self.metrics = Metrics()
+        self.store = Store(self.redis, settings)
+        self.api_keys = ApiKeys.of(
+            [settings.api_key] if settings.api_key else [], settings.read_api_keys
+        )
+        self.hub = DeviceHub()
+        self.presence = PresenceEngine(
+            self.redis, self.store, settings, self.metrics, self.hub.stale, self.db
+        )
+        self.hub.expired_sink = _ExpiredSink(self.presence)
+        self.broker = Broker(self.redis, self.keys, self.db, self.hub, self.resync_devices)
+        self.notifications = False
+        self.draining = False
+        self.started = asyncio.Event()
+        self._tasks: list[asyncio.Task[Any]] = []
+
+    async def start(self) -> None:
+        """Start in the background: the HTTP server answers (readyz false) while Redis is away."""
+        self._tasks.append(asyncio.create_task(self._start(), name="gateway-start"))
+
+    async def _start(self) -> None:
+        delay = 0.1
+        while True:
+            try:
+                await SCRIPTS.load(self.redis)
+                await self._ensure_admin_key()
+                break
+            except Exception as exc:  # Redis not there yet: keep trying, say why
+                log.warning(
+                    "Redis at %s not usable yet (%s); retrying in %.1f s",
+                    _safe_url(self.settings.redis_url or ""),
+                    exc,
+                    delay,
+                )
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+        log.info("using Redis at %s (db %d)", _safe_url(self.settings.redis_url or ""), self.db)
+        await self.on_redis_ready()
+        self.started.set()
+
+    async def on_redis_ready(self) -> None:
+        """Start the parts that need Redis: detection, the tick, the pub/sub connection."""
+        self.notifications = await self.presence.enable_notifications()
+        self.spawn(self.presence.run(), "presence")
+        self.spawn(self.broker.run(), "broker")
+        await asyncio.wait_for(self.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
+
+    async def resync_devices(self) -> None:
+        """After the pub/sub connection came back: re-send desired states that moved meanwhile."""
+        sessions = self.hub.resync_targets()
+        resent = 0
+        for start in range(0, len(sessions), RESYNC_CHUNK):
+            chunk = sessions[start : start + RESYNC_CHUNK]
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for session in chunk:
+                        pipe.hmget(self.keys.state(session.device_id), ["desired_state", "version"])
+                    replies = await pipe.execute()
+            except REDIS_ERRORS as exc:
+                log.warning("re-sync after reconnect failed: %s", exc)
+                return
+            for session, (desired, version) in zip(chunk, replies, strict=True):
+                if self.hub.resync_one(session, desired, int(version or 0)):
+                    resent += 1
+        if resent:
+            log.info("re-sent desired state to %d devices after reconnect", resent)
+
+    async def _ensure_admin_key(self) -> None:
+        if self.settings.api_key:
+            return
+        key = new_secret()
+        name = generated_admin_key(self.keys)
+        if await self.redis.set(name, hash_token(key), nx=True):
+            # printed, never logged: the one time anyone sees this key
+            print(
+                f"\n  No GATEWAY_API_KEY configured: generated admin API key (shown once):\n"
+                f"    {key}\n",
+                file=sys.stderr,
+                flush=True,
+            )
+        stored = await self.redis.get(name)
+        if stored:
+            digest = stored.decode() if isinstance(stored, bytes) else str(stored)
+            self.api_keys = ApiKeys(self.api_keys.admin | {digest}, self.api_keys.read)
+
+    async def drain(self) -> None:
+        """Before uvicorn closes sockets: end every local session, then close them with 1012.
+
+        With an offline grace the sessions linger, so devices that reconnect to another
+        instance within it never show offline; without, each goes offline `gateway_shutdown`.
+        """
+        self.draining = True
+        sessions = list(self.hub.sessions.values())
+        if not sessions:
+            return
+        try:
+            await self.presence.end_now(
+                [(s.device_id, s.session) for s in sessions],
+                "gateway_shutdown",
+                self.settings.offline_grace,
+            )
+        except REDIS_ERRORS as exc:
+            log.warning("could not end %d sessions before shutdown: %s", len(sessions), exc)
+        for session in sessions:
+            session.close(disconnect.RESTARTING)
+        await asyncio.sleep(0.05)
+
+    def spawn(self, coro: Any, name: str) -> None:
+        self._tasks.append(asyncio.create_task(coro, name=name))
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        await self.redis.aclose()
+
+
+def _safe_url(url: str) -> str:
+    """The URL without its password: credentials never reach a log."""
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.rpartition('@')[2]}"
+
+
+class _ExpiredSink(Handlers):
+    def __init__(self, presence: PresenceEngine) -> None:
+        self.presence = presence
+
+    def on_expired(self, device_id: str) -> None:
+        self.presence.note_expired(device_id)

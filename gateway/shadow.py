@@ -1,0 +1,217 @@
+"""Device shadow rules, pure: merge, delete-by-null, nested delta, timestamps and limits.
+
+Semantics follow AWS IoT Device Shadow: a patch merges into a section (`desired` or
+`reported`) recursively, `null` deletes a key, arrays and scalars replace whole, and the
+delta keeps the path from the root to every differing leaf. Nothing here does I/O, so every
+rule is tested without Redis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+Document = dict[str, Any]
+
+
+class ShadowError(ValueError):
+    """A patch or document breaks a shadow rule; `problem` names which (see problems.py)."""
+
+    problem = "invalid-state"
+
+    def __init__(self, detail: str, path: str = "") -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.path = path
+
+
+class NotAnObject(ShadowError):
+    problem = "invalid-state"
+
+
+class TooLarge(ShadowError):
+    problem = "state-too-large"
+
+
+class TooDeep(ShadowError):
+    problem = "state-too-deep"
+
+
+class BadKey(ShadowError):
+    problem = "invalid-state-key"
+
+
+class VersionConflict(ShadowError):
+    problem = "version-conflict"
+
+    def __init__(self, expected: int, current: int) -> None:
+        super().__init__(f"expected version {expected}, but the shadow is at version {current}")
+        self.expected = expected
+        self.current = current
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_bytes: int = 32768
+    max_depth: int = 8
+    max_key_length: int = 128
+
+
+def validate_patch(patch: object, limits: Limits) -> Document:
+    """Return *patch* as a document, or raise the ShadowError that says what is wrong."""
+    if not isinstance(patch, dict):
+        raise NotAnObject(f"state must be a JSON object, got {_json_type(patch)}")
+    _check_tree(patch, limits, depth=1, path="")
+    check_size(patch, limits)
+    return patch
+
+
+def check_size(document: Document, limits: Limits) -> bytes:
+    """The encoded document, once it is known to fit the section limit."""
+    encoded = encode(document)
+    if len(encoded) > limits.max_bytes:
+        raise TooLarge(
+            f"state section is {len(encoded)} bytes encoded; the limit is {limits.max_bytes}"
+        )
+    return encoded
+
+
+def _check_tree(node: Document, limits: Limits, depth: int, path: str) -> None:
+    if depth > limits.max_depth:
+        raise TooDeep(f"state nests deeper than {limits.max_depth} levels at '{path}'", path)
+    for key, value in node.items():
+        child = f"{path}.{key}" if path else key
+        if not key or len(key) > limits.max_key_length:
+            raise BadKey(
+                f"keys must be 1–{limits.max_key_length} characters; '{child[:160]}' is not",
+                child,
+            )
+        if isinstance(value, dict):
+            _check_tree(value, limits, depth + 1, child)
+        elif isinstance(value, list):
+            _check_list(value, limits, depth + 1, child)
+
+
+def _check_list(items: list[Any], limits: Limits, depth: int, path: str) -> None:
+    if depth > limits.max_depth:
+        raise TooDeep(f"state nests deeper than {limits.max_depth} levels at '{path}'", path)
+    for index, value in enumerate(items):
+        if isinstance(value, dict):
+            _check_tree(value, limits, depth + 1, f"{path}[{index}]")
+        elif isinstance(value, list):
+            _check_list(value, limits, depth + 1, f"{path}[{index}]")
+
+
+def merge(document: Document, patch: Document) -> Document:
+    """*document* with *patch* applied; neither argument is changed.
+
+    Objects merge key by key, `None` deletes, anything else (arrays included) replaces.
+    """
+    result = dict(document)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict):
+            current = result.get(key)
+            result[key] = merge(current if isinstance(current, dict) else {}, value)
+        else:
+            result[key] = value
+    return result
+
+
+def stamp(document: Document, now: float) -> Document:
+    """Per-leaf timestamps for a document written whole at *now*."""
+    return {
+        key: stamp(value, now) if isinstance(value, dict) else {"timestamp": now}
+        for key, value in document.items()
+        if value is not None
+    }
+
+
+def merge_stamps(stamps: Document, patch: Document, now: float) -> Document:
+    """Timestamps after *patch* merged at *now*: touched leaves get *now*, deleted ones go."""
+    result = dict(stamps)
+    for key, value in patch.items():
+        if value is None:
+            result.pop(key, None)
+        elif isinstance(value, dict):
+            current = result.get(key)
+            nested = current if isinstance(current, dict) and not _is_stamp(current) else {}
+            result[key] = merge_stamps(nested, value, now)
+        else:
+            result[key] = {"timestamp": now}
+    return result
+
+
+def _is_stamp(node: Document) -> bool:
+    return len(node) == 1 and isinstance(node.get("timestamp"), int | float)
+
+
+def delta(desired: Document, reported: Document) -> Document:
+    """Every desired leaf that reported does not match, with its path kept to the root.
+
+    A differing leaf becomes `{"desired": d, "reported": r}` (`r` is `None` when absent);
+    nested objects are compared key by key; keys only in reported are not part of the delta.
+    """
+    result: Document = {}
+    for key, wanted in desired.items():
+        actual = reported.get(key)
+        if isinstance(wanted, dict):
+            nested = delta(wanted, actual if isinstance(actual, dict) else {})
+            if nested:
+                result[key] = nested
+            elif wanted == {} and not isinstance(actual, dict) and actual is not None:
+                result[key] = {"desired": {}, "reported": actual}
+        elif not same(wanted, actual):
+            result[key] = {"desired": wanted, "reported": actual}
+    return result
+
+
+def same(left: Any, right: Any) -> bool:
+    """JSON equality: `true` is not `1`, `1` is `1.0`, containers compare deeply."""
+    if isinstance(left, bool) or isinstance(right, bool):
+        return type(left) is type(right) and left == right
+    if isinstance(left, dict) and isinstance(right, dict):
+        return left.keys() == right.keys() and all(same(v, right[k]) for k, v in left.items())
+    if isinstance(left, list) and isinstance(right, list):
+        return len(left) == len(right) and all(same(a, b) for a, b in zip(left, right, strict=True))
+    if isinstance(left, int | float) and isinstance(right, int | float):
+        return left == right
+    return type(left) is type(right) and bool(left == right)
+
+
+def check_version(expected: int | None, current: int) -> None:
+    """Refuse a write made against a version that is no longer current."""
+    if expected is not None and expected != current:
+        raise VersionConflict(expected, current)
+
+
+def encode(document: Any) -> bytes:
+    return orjson.dumps(document)
+
+
+def decode_document(raw: bytes | str | None) -> Document:
+    """A stored section as a document; anything unreadable counts as empty, never a crash."""
+    if not raw:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _json_type(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    if isinstance(value, str):
+        return "string"
+    if isinstance(value, list):
+        return "array"
+    return type(value).__name__

@@ -1,0 +1,86 @@
+"""Per-socket bounded send queue; the only caller of send.
+
+Fan-out enqueues and never awaits a socket. A sender task exists only while frames are
+queued, so an idle socket costs no task. A queue that fills means the peer cannot keep up:
+it is dropped (4408), never buffered without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+from collections.abc import Callable
+
+from starlette.websockets import WebSocket
+
+from gateway import disconnect
+
+log = logging.getLogger("gateway.writer")
+CLOSE_TIMEOUT = 2.0
+
+
+class Writer:
+    def __init__(
+        self, websocket: WebSocket, limit: int, on_overflow: Callable[[], None] | None = None
+    ) -> None:
+        self.websocket = websocket
+        self.limit = limit
+        self.on_overflow = on_overflow
+        self._queue: collections.deque[bytes] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+        self._closing: asyncio.Task[None] | None = None
+        self.closed = False
+        self.sent = 0
+
+    def send(self, frame: bytes) -> bool:
+        """Queue a frame; False (and the socket dropped) when the queue is full."""
+        if self.closed:
+            return False
+        if len(self._queue) >= self.limit:
+            self.close(disconnect.TOO_SLOW)
+            if self.on_overflow:
+                self.on_overflow()
+            return False
+        self._queue.append(frame)
+        if self._task is None:
+            self._task = asyncio.create_task(self._drain())
+        return True
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                frame = self._queue.popleft()
+                await self.websocket.send({"type": "websocket.send", "text": frame.decode()})
+                self.sent += 1
+        except Exception:  # the peer went away: the reader sees the disconnect and cleans up
+            self._queue.clear()
+        finally:
+            self._task = None
+
+    def close(self, close: disconnect.Close) -> None:
+        """Close once: queued frames are dropped; a stalled peer is aborted, not awaited."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        if self._task is not None:
+            self._task.cancel()
+        self._closing = asyncio.create_task(self._close(close))
+
+    async def _close(self, close: disconnect.Close) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.websocket.close(close.code, close.reason)
+        except TimeoutError:
+            abort(self.websocket)
+        except Exception:  # already closed or gone: nothing left to tell the peer
+            abort(self.websocket)
+
+
+def abort(websocket: WebSocket) -> None:
+    """Drop the TCP connection now. ASGI has no abort; uvicorn's protocol owns the transport."""
+    protocol = getattr(getattr(websocket, "_send", None), "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
