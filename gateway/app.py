@@ -11,7 +11,7 @@ from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
 from gateway.config import Settings
-from gateway.endpoints import api, device, health
+from gateway.endpoints import api, dashboard, device, health
 from gateway.runtime import Gateway
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -29,7 +29,7 @@ def create_app(settings: Settings) -> Starlette:
         finally:
             await gateway.stop()
 
-    routes = [*health.routes, *api.routes, *device.routes]
+    routes = [*health.routes, *dashboard.routes, *api.routes, *device.routes]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     app = Starlette(routes=routes, lifespan=lifespan)

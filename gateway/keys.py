@@ -123,3 +123,8 @@ class Keys:
 def generated_admin_key(keys: Keys) -> str:
     """Hash of the admin key generated at first start when none is configured."""
     return f"{keys.prefix}gateway:generated_admin_key"
+
+
+def login_session(keys: Keys, session_hash: str) -> str:
+    """A dashboard login session, by the hash of its cookie value."""
+    return f"{keys.prefix}gateway:login:{session_hash}"

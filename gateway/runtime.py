@@ -14,6 +14,7 @@ from gateway import disconnect
 from gateway.auth import ApiKeys, hash_token, new_secret
 from gateway.broker import Broker, Handlers
 from gateway.config import Settings
+from gateway.dashboards import DashboardHub, close_all
 from gateway.hub import RESYNC_CHUNK, DeviceHub
 from gateway.keys import Keys, generated_admin_key
 from gateway.metrics import Metrics
@@ -51,6 +52,7 @@ class Gateway:
             self.redis, self.store, settings, self.metrics, self.hub.stale, self.db
         )
         self.hub.expired_sink = _ExpiredSink(self.presence)
+        self.dashboards = DashboardHub(self.redis, self.store, settings, self.metrics)
         self.broker = Broker(self.redis, self.keys, self.db, self.hub, self.resync_devices)
         self.notifications = False
         self.draining = False
@@ -86,6 +88,7 @@ class Gateway:
         self.notifications = await self.presence.enable_notifications()
         self.spawn(self.presence.run(), "presence")
         self.spawn(self.broker.run(), "broker")
+        self.spawn(self.dashboards.run(), "dashboards")
         await asyncio.wait_for(self.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
 
     async def resync_devices(self) -> None:
@@ -133,6 +136,7 @@ class Gateway:
         instance within it never show offline; without, each goes offline `gateway_shutdown`.
         """
         self.draining = True
+        close_all(self.dashboards)
         sessions = list(self.hub.sessions.values())
         if not sessions:
             return

@@ -1,0 +1,214 @@
+"""Dashboards: one fleet-event feed per process, fanned out in coalesced batches.
+
+The feed is a blocking XREAD on the fleet stream (`devices:events`), so every event carries
+its stream id and a dashboard that reconnects can resume exactly where it left off. Events
+are gathered for one batch interval and sent as one `events` frame per dashboard (≤ 10/s),
+the frame shared by every dashboard that wants everything. Each dashboard has a bounded send
+queue: one that cannot keep up is closed (4408), never buffered without limit.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from gateway import disconnect
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.presence import REDIS_ERRORS
+from gateway.store import Store, text
+from gateway.writer import Writer
+
+log = logging.getLogger("gateway.dashboards")
+
+READ_COUNT = 1000
+FRAME_EVENTS = 1000
+MAX_REPLAY = 50_000
+FEED_BLOCK_MS = 1000
+
+StreamId = tuple[int, int]
+
+
+def parse_id(value: str) -> StreamId:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+class Event:
+    """One fleet event: its stream id, what it is about, and its JSON with the id inside."""
+
+    __slots__ = ("device_id", "id", "kind", "raw", "sid")
+
+    def __init__(self, entry_id: str, body: bytes) -> None:
+        self.id = entry_id
+        self.sid = parse_id(entry_id)
+        parsed = orjson.loads(body)
+        self.kind = str(parsed.get("type", ""))
+        self.device_id = str(parsed.get("device_id", ""))
+        self.raw = b'{"id":"' + entry_id.encode() + b'",' + body[1:]
+
+
+def events_from(entries: Any) -> list[Event]:
+    """Events from an XRANGE/XREAD reply: `[(id, {b"event": json}), ...]`."""
+    return [Event(text(entry_id), fields.get(b"event", b"{}")) for entry_id, fields in entries]
+
+
+def frame(events: Sequence[Event]) -> bytes:
+    return b'{"type":"events","events":[' + b",".join(e.raw for e in events) + b"]}"
+
+
+class Dashboard:
+    """One dashboard socket: its filters, its position in the stream, its writer."""
+
+    def __init__(self, writer: Writer) -> None:
+        self.writer = writer
+        self.types: frozenset[str] | None = None
+        self.ids: frozenset[str] | None = None
+        self.after: StreamId = (0, 0)
+        self.after_id = "0-0"
+
+    @property
+    def unfiltered(self) -> bool:
+        return self.types is None and self.ids is None
+
+    def wants(self, event: Event) -> bool:
+        return (
+            event.sid > self.after
+            and (self.types is None or event.kind in self.types)
+            and (self.ids is None or event.device_id in self.ids)
+        )
+
+    def send_events(self, events: Sequence[Event]) -> None:
+        for start in range(0, len(events), FRAME_EVENTS):
+            if not self.writer.send(frame(events[start : start + FRAME_EVENTS])):
+                return
+
+
+class DashboardHub:
+    def __init__(self, redis: Redis, store: Store, settings: Settings, metrics: Metrics) -> None:
+        self.redis = redis
+        self.store = store
+        self.settings = settings
+        self.metrics = metrics
+        self.dashboards: set[Dashboard] = set()
+        self._tick: list[Event] = []
+        self._position = "$"
+
+    # --- membership -----------------------------------------------------------
+    async def join(self, dashboard: Dashboard, cursor: str) -> None:
+        """Start live delivery after *cursor* (the snapshot's), with nothing lost in between."""
+        replay = await self._range(cursor, "+", MAX_REPLAY)
+        # no await from here on: the feed cannot slip an event between the read and the join
+        dashboard.after = replay[-1].sid if replay else parse_id(cursor)
+        dashboard.after_id = replay[-1].id if replay else cursor
+        self.dashboards.add(dashboard)
+        self.metrics.dashboards_connected.set(len(self.dashboards))
+        if replay:
+            dashboard.send_events([e for e in replay if _filtered_in(dashboard, e)])
+
+    def leave(self, dashboard: Dashboard) -> None:
+        self.dashboards.discard(dashboard)
+        self.metrics.dashboards_connected.set(len(self.dashboards))
+
+    async def replay(self, dashboard: Dashboard, after: str) -> bool:
+        """Send the events between *after* and the dashboard's position; False if trimmed."""
+        if parse_id(after) >= dashboard.after:
+            return True
+        oldest = await self.redis.xrange(self.store.keys.events, "-", "+", count=1)
+        if not oldest:
+            return True
+        if parse_id(after) < parse_id(text(oldest[0][0])):
+            return False
+        events = await self._range(after, dashboard.after_id, MAX_REPLAY)
+        if len(events) >= MAX_REPLAY:
+            return False
+        dashboard.send_events([e for e in events if _filtered_in(dashboard, e)])
+        return True
+
+    async def _range(self, after: str, end: str, limit: int) -> list[Event]:
+        """Events after *after* up to *end* inclusive, at most about *limit*."""
+        events: list[Event] = []
+        start = f"({after}"
+        while len(events) < limit:
+            entries = await self.redis.xrange(self.store.keys.events, start, end, count=READ_COUNT)
+            if not entries:
+                break
+            events += events_from(entries)
+            start = f"({events[-1].id}"
+            if len(entries) < READ_COUNT:
+                break
+        return events
+
+    # --- the feed -------------------------------------------------------------
+    async def run(self) -> None:
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._feed())
+            group.create_task(self._flush_loop())
+
+    async def _feed(self) -> None:
+        backoff = 0.1
+        while True:
+            try:
+                if self._position == "$":
+                    self._position = await self.store.last_event_id()
+                reply = await self.redis.xread(
+                    {self.store.keys.events: self._position}, count=READ_COUNT, block=FEED_BLOCK_MS
+                )
+                backoff = 0.1
+            except REDIS_ERRORS as exc:
+                log.warning("dashboard feed: Redis read failed (%s); retrying", exc)
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, 5.0)
+                continue
+            for _, entries in reply or []:  # type: ignore[str-unpack]
+                events = events_from(entries)
+                if events:
+                    self._position = events[-1].id
+                    self._tick += events
+
+    async def _flush_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.dashboard_batch_interval)
+            if self._tick:
+                events, self._tick = self._tick, []
+                self.deliver(events)
+
+    def deliver(self, events: list[Event]) -> None:
+        """One coalesced batch to every dashboard; a shared frame for those that want all."""
+        shared: list[bytes] | None = None
+        for dashboard in list(self.dashboards):
+            if dashboard.writer.closed:
+                self.leave(dashboard)
+                continue
+            if dashboard.unfiltered and events[0].sid > dashboard.after:
+                if shared is None:
+                    shared = [
+                        frame(events[i : i + FRAME_EVENTS])
+                        for i in range(0, len(events), FRAME_EVENTS)
+                    ]
+                for data in shared:
+                    if not dashboard.writer.send(data):
+                        break
+            else:
+                wanted = [e for e in events if dashboard.wants(e)]
+                if wanted:
+                    dashboard.send_events(wanted)
+            if events[-1].sid > dashboard.after:
+                dashboard.after, dashboard.after_id = events[-1].sid, events[-1].id
+            self.metrics.messages_out.labels("dashboard").inc()
+
+
+def _filtered_in(dashboard: Dashboard, event: Event) -> bool:
+    return (dashboard.types is None or event.kind in dashboard.types) and (
+        dashboard.ids is None or event.device_id in dashboard.ids
+    )
+
+
+def close_all(hub: DashboardHub) -> None:
+    for dashboard in list(hub.dashboards):
+        dashboard.writer.close(disconnect.RESTARTING)
