@@ -32,6 +32,7 @@ def create_app(settings: Settings) -> Starlette:
     routes = [*health.routes, *dashboard.routes, *api.routes, *device.routes]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
-    app = Starlette(routes=routes, lifespan=lifespan)
+    handlers = api.exception_handlers()
+    app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gateway
     return app

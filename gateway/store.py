@@ -426,10 +426,13 @@ class Store:
             ids, next_state = await self._indexed_ids(status, device_type, limit, state)
         items = await self._describe(ids, include_state)
         if stale_seconds is not None:
+            # the hash is the truth: other writers (the seed) renew last_seen, not our index
+            cutoff = time.time() - stale_seconds
             items = [
                 item
                 for item in items
-                if (status is None or item["status"] == status)
+                if item["last_seen"] < cutoff
+                and (status is None or item["status"] == status)
                 and (device_type is None or item["device_type"] == device_type)
             ]
         return Page(items, encode_cursor(next_state) if next_state else None)

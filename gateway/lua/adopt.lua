@@ -17,7 +17,8 @@ for i = 0, (#KEYS - 6) / 4 - 1 do
     if seen <= 0 then
       seen = -(tonumber(fields[3] or '0') or 0)
     end
-    changed = changed + redis.call('ZADD', KEYS[2], 'NX', seen, id)
+    -- GT: a device the seed heartbeats moves forward in the last-seen index, never back
+    changed = changed + redis.call('ZADD', KEYS[2], 'GT', 'CH', seen, id)
     redis.call('SADD', KEYS[3], device_type)
     redis.call('SADD', KEYS[9 + 4 * i], id)
     changed = changed + redis.call('ZADD', KEYS[10 + 4 * i], 'NX', 0, id)
