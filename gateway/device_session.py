@@ -47,6 +47,7 @@ class DeviceSession:
         self.malformed = 0
         self.refused = 0
         self.close_reason: str | None = None
+        self.last_activity = time.monotonic()
 
     def _slow(self) -> None:
         self.close_reason = "slow_consumer"
@@ -91,6 +92,7 @@ class DeviceSession:
     def receive(self, data: str | bytes | None, binary: bool) -> None:
         """Handle one frame; every frame renews presence, even one that is refused."""
         presence = self.gateway.presence
+        self.last_activity = time.monotonic()
         if not self.bucket.take():
             self.refused += 1
             self.gateway.metrics.rejected.labels("rate_limited").inc()

@@ -7,6 +7,7 @@ enqueueing on the session's writer. The broker calls in; the device endpoint reg
 from __future__ import annotations
 
 import logging
+import time
 from typing import TYPE_CHECKING
 
 import orjson
@@ -24,7 +25,8 @@ RESYNC_CHUNK = 500
 class DeviceHub(Handlers):
     """Live sessions by device id (at most one per device in this process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, heartbeat_timeout: float = 60.0) -> None:
+        self.heartbeat_timeout = heartbeat_timeout
         self.sessions: dict[str, DeviceSession] = {}
         self.expired_sink: Handlers | None = None
         self.presence_listeners: list[Handlers] = []
@@ -44,6 +46,15 @@ class DeviceHub(Handlers):
             del self.sessions[session.device_id]
             return True
         return False
+
+    def active_session(self, device_id: str) -> str | None:
+        """The local live session of *device_id* if it sent a frame within the timeout."""
+        session = self.sessions.get(device_id)
+        if session is None or session.writer.closed:
+            return None
+        if time.monotonic() - session.last_activity > self.heartbeat_timeout:
+            return None
+        return session.session
 
     # --- broker handlers ----------------------------------------------------
     def on_command(self, device_id: str, data: bytes) -> None:

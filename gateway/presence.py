@@ -36,6 +36,8 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 WRITTEN, RESUMED, STALE, UNKNOWN = 1, 2, -1, 0
 
 StaleCallback = Callable[[str, str, int], None]
+# the session id of a device's live local socket that sent a frame within the timeout
+ActiveLookup = Callable[[str], str | None]
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,7 @@ class PresenceEngine:
         metrics: Metrics,
         on_stale: StaleCallback,
         db: int = 0,
+        local_active: ActiveLookup | None = None,
     ) -> None:
         self.redis = redis
         self.store = store
@@ -87,7 +90,9 @@ class PresenceEngine:
         self.keys = Keys(settings.key_prefix)
         self.metrics = metrics
         self.on_stale = on_stale
+        self.local_active = local_active or (lambda device_id: None)
         self.db = db
+        self._sweep_held_until = 0.0
         self._beats: dict[str, _Beat] = {}
         self._ends: dict[tuple[str, str], _End] = {}
         self._expired: set[str] = set()
@@ -323,8 +328,18 @@ class PresenceEngine:
         await self._write_beats(mine)
 
     async def expire(self, device_ids: Iterable[str]) -> int:
-        """Offline every listed device whose heartbeat key is gone; returns how many went."""
-        ids = list(device_ids)
+        """Offline every listed device whose heartbeat key is gone; returns how many went.
+
+        A device whose socket is here and sent a frame within the timeout is not silent: its
+        key was lost (Redis restarted, or stalled past the TTL), so it is renewed instead.
+        """
+        ids = []
+        for device_id in device_ids:
+            session = self.local_active(device_id)
+            if session is None:
+                ids.append(device_id)
+            else:
+                self.beat(device_id, session)
         if not ids:
             return 0
         k = self.keys
@@ -356,9 +371,20 @@ class PresenceEngine:
         return went
 
     # --- the sweep ----------------------------------------------------------
+    def hold_sweep(self, seconds: float) -> None:
+        """Pause the sweep, so every process can re-assert its devices after Redis returns."""
+        self._sweep_held_until = time.monotonic() + seconds
+
+    def reassert(self, sessions: Iterable[tuple[str, str]]) -> None:
+        """Renew every given live session at the next tick (after Redis came back)."""
+        for device_id, session in sessions:
+            self.beat(device_id, session)
+
     async def _sweep_loop(self) -> None:
         while True:
             await asyncio.sleep(self.settings.sweep_interval)
+            if time.monotonic() < self._sweep_held_until:
+                continue
             try:
                 await self.sweep()
             except REDIS_ERRORS as exc:

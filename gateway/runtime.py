@@ -25,6 +25,7 @@ from gateway.store import Store
 log = logging.getLogger("gateway")
 
 REDIS_SOCKET_TIMEOUT = 5.0
+REASSERT_HOLD = 3.0  # seconds without sweeping after a reconnect: every process re-asserts first
 
 
 class Gateway:
@@ -47,9 +48,15 @@ class Gateway:
         self.api_keys = ApiKeys.of(
             [settings.api_key] if settings.api_key else [], settings.read_api_keys
         )
-        self.hub = DeviceHub()
+        self.hub = DeviceHub(settings.heartbeat_timeout)
         self.presence = PresenceEngine(
-            self.redis, self.store, settings, self.metrics, self.hub.stale, self.db
+            self.redis,
+            self.store,
+            settings,
+            self.metrics,
+            self.hub.stale,
+            self.db,
+            local_active=self.hub.active_session,
         )
         self.hub.expired_sink = _ExpiredSink(self.presence)
         self.dashboards = DashboardHub(self.redis, self.store, settings, self.metrics)
@@ -92,7 +99,15 @@ class Gateway:
         await asyncio.wait_for(self.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
 
     async def resync_devices(self) -> None:
-        """After the pub/sub connection came back: re-send desired states that moved meanwhile."""
+        """After the pub/sub connection came back (Redis may have restarted): re-assert the
+        presence of local devices before any process sweeps, then re-send desired states that
+        moved while no message could arrive."""
+        self.presence.hold_sweep(REASSERT_HOLD)
+        self.presence.reassert(
+            (s.device_id, s.session)
+            for s in self.hub.sessions.values()
+            if self.hub.active_session(s.device_id) is not None
+        )
         sessions = self.hub.resync_targets()
         resent = 0
         for start in range(0, len(sessions), RESYNC_CHUNK):

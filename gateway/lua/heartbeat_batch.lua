@@ -9,7 +9,8 @@
 -- then for each device i: ARGV[5+5i] id  ARGV[6+5i] session  ARGV[7+5i] seen at (epoch s)
 --   ARGV[8+5i] reported JSON ('' when the tick carried none)  ARGV[9+5i] reported_meta JSON
 -- Returns {code, shadow version} per device: code 1 written, 2 written and back online after
--- its heartbeat had lapsed (`resumed`), -1 stale session (nothing written), 0 unknown device.
+-- it had gone offline while its socket lived (`resumed`), -1 stale session (nothing written),
+-- 0 unknown device.
 local now, ttl, history_maxlen, events_maxlen = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local result = {}
 local count = (#KEYS - 7) / 3
@@ -26,6 +27,10 @@ for i = 0, count - 1 do
     code = -1
   else
     local lapsed = not redis.call('SET', heartbeat_key, session, 'PX', ttl, 'GET')
+    -- a key lost while nobody published offline (Redis restarted, a stall): renew silently
+    if lapsed and redis.call('ZSCORE', KEYS[2], id) then
+      lapsed = false
+    end
     if lapsed then
       code = 2
       mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)

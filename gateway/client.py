@@ -1,0 +1,433 @@
+"""The Python device client: one device's session with the gateway, kept alive.
+
+`DeviceClient` connects to `/ws/devices/{id}`, heartbeats at a fraction of the timeout the
+gateway announces, answers desired-state changes through a callback, and reconnects with
+full-jitter exponential backoff when the connection is lost or the gateway restarts. It stops,
+raising `DeviceRejected`, when reconnecting cannot help: a refused token or id at the handshake,
+a deleted device or rotated token (1008), or a newer session of the same device (4409).
+
+The device owns its reported document: the client keeps it locally, merges acknowledged
+reports into it, and re-sends it after a reconnect when the gateway's copy differs (resume).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import itertools
+import logging
+import random
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidStatus
+
+from gateway import disconnect, shadow
+
+log = logging.getLogger("gateway.client")
+
+DesiredCallback = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None] | None]
+
+# Handshake statuses that retrying cannot fix: no token, wrong token, unknown or invalid id.
+REJECTED_STATUSES = frozenset({400, 401, 403, 404, 410, 422})
+# Close codes that mean "this client misbehaved": the backoff keeps growing across them.
+PENALTY_CODES = frozenset({1009, 4400, 4408, 4429})
+NO_RECONNECT = frozenset(close.code for close in disconnect.TABLE if not close.reconnect)
+MAX_EXPONENT = 62
+
+
+class DeviceRejected(Exception):
+    """The gateway refused this device for good: reconnecting would not help.
+
+    `code` is the HTTP status of a refused handshake (401, 403, 404) or the WebSocket close
+    code of an ended session (1008 deleted / token rotated, 4409 replaced by a newer session).
+    """
+
+    def __init__(self, code: int, reason: str) -> None:
+        super().__init__(f"device rejected by the gateway: {code} {reason}".rstrip())
+        self.code = code
+        self.reason = reason
+
+
+class RequestFailed(Exception):
+    """The gateway answered a request (`report`, `get`) with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+class ConnectionLost(ConnectionError):
+    """The connection ended before the gateway answered; the outcome is unknown."""
+
+
+def backoff_delay(
+    attempt: int, minimum: float, maximum: float, rng: random.Random | None = None
+) -> float:
+    """Full jitter: uniform in [0, min(maximum, minimum · 2^attempt)].
+
+    Spreading reconnects over the whole window keeps a fleet that lost the same gateway
+    from reconnecting in lockstep (AWS architecture blog, "Exponential Backoff And Jitter").
+    """
+    ceiling = maximum if attempt >= MAX_EXPONENT else min(maximum, minimum * 2**attempt)
+    return (rng or random).uniform(0.0, max(0.0, ceiling))
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[dict[str, Any]]
+    patch: dict[str, Any] | None  # a report's patch, merged locally once acknowledged
+
+
+@dataclass(slots=True)
+class _Ended:
+    """How one connection ended: its close code (None: never opened or no close frame)."""
+
+    code: int | None
+    welcomed: bool
+
+
+class DeviceClient:
+    """One device's live session with the gateway; see the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        device_id: str,
+        token: str,
+        *,
+        heartbeat_fraction: float = 1 / 3,
+        on_desired: DesiredCallback | None = None,
+        reported: dict[str, Any] | None = None,
+        backoff_min: float = 0.5,
+        backoff_max: float = 30.0,
+        open_timeout: float = 10.0,
+        request_timeout: float = 10.0,
+    ) -> None:
+        if not 0 < heartbeat_fraction < 1:
+            raise ValueError(f"heartbeat_fraction must be in (0, 1), got {heartbeat_fraction}")
+        if not 0 <= backoff_min <= backoff_max:
+            raise ValueError("backoff bounds must satisfy 0 ≤ backoff_min ≤ backoff_max")
+        self.url = url.rstrip("/") + "/ws/devices/" + urllib.parse.quote(device_id, safe="")
+        self.device_id = device_id
+        self.heartbeat_fraction = heartbeat_fraction
+        self.on_desired = on_desired
+        self.backoff_min = backoff_min
+        self.backoff_max = backoff_max
+        self.open_timeout = open_timeout
+        self.request_timeout = request_timeout
+        self._headers = {"Authorization": f"Bearer {token}"}
+        self.connected = asyncio.Event()
+        self.desired: dict[str, Any] = {}
+        self.version = 0
+        self.session: str | None = None
+        self.heartbeat_timeout: float | None = None
+        self.connects = 0  # sessions opened so far (welcome received)
+        self._reported: dict[str, Any] | None = None if reported is None else dict(reported)
+        self._known: dict[str, Any] | None = None  # the gateway's reported copy, as we know it
+        self._ws: ClientConnection | None = None
+        self._pending: dict[str, _Pending] = {}
+        self._ids = itertools.count(1)
+        self._stop = asyncio.Event()
+        self._callbacks: asyncio.Queue[tuple[dict[str, Any], dict[str, Any]]] = asyncio.Queue()
+        self._task: asyncio.Task[None] | None = None
+        self._running = False
+        self._rng = random.Random()
+
+    # --- public API ---------------------------------------------------------
+    @property
+    def reported(self) -> dict[str, Any] | None:
+        """The device's own reported document (None until known)."""
+        return None if self._reported is None else dict(self._reported)
+
+    def set_reported(self, document: dict[str, Any]) -> None:
+        """Replace the local reported document; the next heartbeat carries it if it changed."""
+        self._reported = dict(document)
+
+    async def run(self) -> None:
+        """Connect and keep the session until `close()`; raise `DeviceRejected` when refused.
+
+        Cancelling is safe: the connection is closed and pending requests fail.
+        """
+        if self._running:
+            raise RuntimeError("this DeviceClient is already running")
+        self._running = True
+        callbacks = asyncio.create_task(self._run_callbacks(), name=f"{self.device_id} callbacks")
+        attempt = 0
+        try:
+            while not self._stop.is_set():
+                ended = await self._connect_once()
+                if self._stop.is_set():
+                    return
+                if ended.welcomed and ended.code not in PENALTY_CODES:
+                    attempt = 0
+                delay = backoff_delay(attempt, self.backoff_min, self.backoff_max, self._rng)
+                attempt += 1
+                log.info("%s: reconnecting in %.2f s (close code %s)", self.device_id, delay,
+                         ended.code)  # fmt: skip
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stop.wait(), delay)
+        finally:
+            self._running = False
+            self.connected.clear()
+            callbacks.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await callbacks
+
+    async def report(self, patch: dict[str, Any]) -> int:
+        """Merge *patch* into the reported document (`null` deletes); return the new version.
+
+        Waits for a connection if there is none, then for the matching `ack`. Raises
+        `RequestFailed` on an error frame, `ConnectionLost` if the connection ends first (the
+        patch stays in the local document and is re-sent on resume), `TimeoutError` after
+        `request_timeout` (wrap in `asyncio.timeout` for less). Cancelling is safe: a late
+        ack still updates the local document, nothing is sent twice.
+        """
+        answer = await self._request({"type": "report", "reported_state": patch}, patch)
+        version = answer.get("version")
+        return version if isinstance(version, int) else self.version
+
+    async def get(self) -> dict[str, Any]:
+        """The device's shadow: `desired_state`, `reported_state`, `delta`, `version`.
+
+        Raises like `report`. Cancelling is safe.
+        """
+        answer = await self._request({"type": "get"}, None)
+        return {key: value for key, value in answer.items() if key not in ("type", "id")}
+
+    async def close(self) -> None:
+        """Close the session with 1000 and stop reconnecting, for good. Cancelling is safe."""
+        self._stop.set()
+        ws = self._ws
+        if ws is not None:
+            await ws.close()
+        if self._task is not None:
+            with contextlib.suppress(Exception, asyncio.CancelledError):
+                await self._task
+
+    async def wait(self) -> None:
+        """Wait until the task started by `async with` ends; raise what ended it.
+
+        Cancelling is safe: it does not stop the client.
+        """
+        if self._task is not None:
+            await asyncio.shield(self._task)
+
+    async def __aenter__(self) -> DeviceClient:
+        """Start `run()` in a task and wait for the first welcome (or the refusal)."""
+        self._task = asyncio.create_task(self.run(), name=f"{self.device_id} client")
+        waiter = asyncio.create_task(self.connected.wait())
+        try:
+            await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            waiter.cancel()
+        if self._task.done():
+            self._task.result()  # raises DeviceRejected (or whatever stopped run)
+        return self
+
+    async def __aexit__(
+        self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        await self.close()
+
+    # --- one connection -----------------------------------------------------
+    async def _connect_once(self) -> _Ended:
+        """Open, welcome, read until closed. Raises only DeviceRejected (and cancellation)."""
+        try:
+            ws = await connect(
+                self.url, additional_headers=self._headers, open_timeout=self.open_timeout
+            )
+        except InvalidStatus as exc:
+            status = exc.response.status_code
+            if status in REJECTED_STATUSES:
+                raise DeviceRejected(status, _detail(exc.response.body)) from None
+            log.warning("%s: handshake refused with HTTP %d", self.device_id, status)
+            return _Ended(None, False)
+        except (OSError, TimeoutError, EOFError, InvalidHandshake, ConnectionClosed) as exc:
+            log.warning("%s: cannot connect: %s", self.device_id, exc)
+            return _Ended(None, False)
+        welcomed = False
+        heartbeats: asyncio.Task[None] | None = None
+        try:
+            if self._stop.is_set():
+                await ws.close()
+                return _Ended(1000, False)
+            self._ws = ws
+            async with asyncio.timeout(self.open_timeout):
+                first = await ws.recv()
+            self._welcome(_load(first))
+            welcomed = True
+            await self._resume(ws)  # before any report can be sent on this connection
+            self.connects += 1
+            self.connected.set()
+            heartbeats = asyncio.create_task(self._heartbeats(ws), name="heartbeats")
+            async for raw in ws:
+                self._dispatch(_load(raw))
+        except ConnectionClosed:
+            pass
+        except (OSError, TimeoutError, ValueError) as exc:  # dead peer, silent gateway, bad JSON
+            log.warning("%s: connection failed: %s", self.device_id, exc)
+        finally:
+            self.connected.clear()
+            self._ws = None
+            if heartbeats is not None:
+                heartbeats.cancel()
+            self._fail_pending()
+            await ws.close()
+        code = ws.close_code
+        if code in NO_RECONNECT and not self._stop.is_set():
+            raise DeviceRejected(code, ws.close_reason or "")
+        return _Ended(code, welcomed)
+
+    def _welcome(self, frame: dict[str, Any]) -> None:
+        if frame.get("type") != "welcome":
+            raise ValueError(f"expected a welcome frame, got {frame.get('type')!r}")
+        self.session = str(frame.get("session"))
+        timeout = frame.get("heartbeat_timeout")
+        self.heartbeat_timeout = float(timeout) if isinstance(timeout, int | float) else 60.0
+        self.desired = _object(frame.get("desired_state"))
+        self._set_version(frame.get("version"))
+        self._known = _object(frame.get("reported_state"))
+        if self._reported is None:
+            self._reported = dict(self._known)
+        delta = _object(frame.get("delta"))
+        if delta:
+            self._callbacks.put_nowait((dict(self.desired), delta))
+
+    async def _resume(self, ws: ClientConnection) -> None:
+        """Re-send the local reported document when the gateway's copy differs."""
+        if self._reported is not None and not shadow.same(self._reported, self._known):
+            await self._send_heartbeat(ws)
+
+    async def _heartbeats(self, ws: ClientConnection) -> None:
+        """Send a heartbeat every fraction of the announced timeout until cancelled."""
+        interval = (self.heartbeat_timeout or 60.0) * self.heartbeat_fraction
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await asyncio.sleep(interval)
+                pass
+
+    async def _send_heartbeat(self, ws: ClientConnection) -> None:
+        frame: dict[str, Any] = {"type": "heartbeat"}
+        document = self._reported
+        if document is not None:
+            # Reports still in flight are part of the document: a replace must not undo them.
+            for entry in self._pending.values():
+                if entry.patch is not None:
+                    document = shadow.merge(document, entry.patch)
+        if document is not None and not shadow.same(document, self._known):
+            frame["reported_state"] = document
+            self._known = dict(document)
+        await ws.send(orjson.dumps(frame).decode())
+
+    # --- frames in ----------------------------------------------------------
+    def _dispatch(self, frame: dict[str, Any]) -> None:
+        kind = frame.get("type")
+        if kind == "state_update":
+            # The gateway follows every state_update with a delta frame: the callback runs then.
+            if isinstance(frame.get("desired_state"), dict):
+                self.desired = dict(frame["desired_state"])
+            self._set_version(frame.get("version"))
+        elif kind == "delta":
+            self._set_version(frame.get("version"))
+            self._callbacks.put_nowait((dict(self.desired), _object(frame.get("delta"))))
+        elif kind == "ack":
+            self._set_version(frame.get("version"))
+            self._answer(frame)
+        elif kind == "shadow":
+            self.desired = _object(frame.get("desired_state"))
+            self._set_version(frame.get("version"))
+            self._answer(frame)
+        elif kind == "error":
+            pending = self._pending.pop(str(frame.get("id")), None) if "id" in frame else None
+            error = RequestFailed(str(frame.get("code")), str(frame.get("message")))
+            if pending is None:
+                log.warning("%s: gateway error %s", self.device_id, error)
+            elif not pending.future.done():
+                pending.future.set_exception(error)
+        else:
+            log.debug("%s: ignoring frame of type %r", self.device_id, kind)
+
+    def _answer(self, frame: dict[str, Any]) -> None:
+        pending = self._pending.pop(str(frame.get("id")), None)
+        if pending is None:
+            return
+        if pending.patch is not None:
+            self._reported = shadow.merge(self._reported or {}, pending.patch)
+            self._known = shadow.merge(self._known or {}, pending.patch)
+        if not pending.future.done():
+            pending.future.set_result(frame)
+
+    def _set_version(self, version: object) -> None:
+        if isinstance(version, int) and not isinstance(version, bool):
+            self.version = max(self.version, version)
+
+    def _fail_pending(self) -> None:
+        """The connection ended: unanswered reports stay in the local document (resume)."""
+        pending, self._pending = self._pending, {}
+        for entry in pending.values():
+            if entry.patch is not None:
+                self._reported = shadow.merge(self._reported or {}, entry.patch)
+            if not entry.future.done():
+                entry.future.set_exception(ConnectionLost("connection ended before the answer"))
+                entry.future.exception()  # retrieved: an abandoned request logs nothing
+
+    # --- requests and callbacks ---------------------------------------------
+    async def _request(self, frame: dict[str, Any], patch: dict[str, Any] | None) -> dict[str, Any]:
+        async with asyncio.timeout(self.request_timeout):
+            await self.connected.wait()
+            ws = self._ws
+            if ws is None:
+                raise ConnectionLost("not connected")
+            request_id = f"r{next(self._ids)}"
+            future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            self._pending[request_id] = _Pending(future, patch)
+            try:
+                await ws.send(orjson.dumps({**frame, "id": request_id}).decode())
+                return await future
+            except ConnectionClosed:
+                raise ConnectionLost("connection ended before the answer") from None
+            finally:
+                entry = self._pending.get(request_id)
+                if entry is not None and entry.patch is None:
+                    del self._pending[request_id]  # a report stays: a late ack still merges
+
+    async def _run_callbacks(self) -> None:
+        """Run `on_desired` in order, off the reader; a failing callback is logged."""
+        while True:
+            desired, delta = await self._callbacks.get()
+            if self.on_desired is None:
+                continue
+            try:
+                result = self.on_desired(desired, delta)
+                if inspect.isawaitable(result):
+                    await result
+            except Exception:
+                log.exception("%s: on_desired callback failed", self.device_id)
+
+
+def _load(raw: str | bytes) -> dict[str, Any]:
+    value = orjson.loads(raw)
+    if not isinstance(value, dict):
+        raise ValueError("gateway frame is not a JSON object")
+    return value
+
+
+def _object(value: object) -> dict[str, Any]:
+    return dict(value) if isinstance(value, dict) else {}
+
+
+def _detail(body: bytes | bytearray | None) -> str:
+    """The `detail` of a refused handshake's JSON body, if any."""
+    with contextlib.suppress(ValueError):
+        value = orjson.loads(body or b"")
+        if isinstance(value, dict) and isinstance(value.get("detail"), str):
+            return str(value["detail"])
+    return ""
