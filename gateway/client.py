@@ -312,7 +312,7 @@ class DeviceClient:
         with contextlib.suppress(ConnectionClosed):
             while True:
                 await asyncio.sleep(interval)
-                pass
+                await self._send_heartbeat(ws)
 
     async def _send_heartbeat(self, ws: ClientConnection) -> None:
         frame: dict[str, Any] = {"type": "heartbeat"}

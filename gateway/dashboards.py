@@ -42,7 +42,7 @@ def parse_id(value: str) -> StreamId:
 class Event:
     """One fleet event: its stream id, what it is about, and its JSON with the id inside."""
 
-    __slots__ = ("device_id", "id", "kind", "raw", "sid")
+    __slots__ = ("device_id", "id", "kind", "raw", "section", "sid")
 
     def __init__(self, entry_id: str, body: bytes) -> None:
         self.id = entry_id
@@ -50,6 +50,7 @@ class Event:
         parsed = orjson.loads(body)
         self.kind = str(parsed.get("type", ""))
         self.device_id = str(parsed.get("device_id", ""))
+        self.section = str(parsed.get("section", "")).encode()
         self.raw = b'{"id":"' + entry_id.encode() + b'",' + body[1:]
 
 
@@ -180,6 +181,7 @@ class DashboardHub:
 
     def deliver(self, events: list[Event]) -> None:
         """One coalesced batch to every dashboard; a shared frame for those that want all."""
+        events = coalesce(events)
         shared: list[bytes] | None = None
         for dashboard in list(self.dashboards):
             if dashboard.writer.closed:
@@ -200,7 +202,24 @@ class DashboardHub:
                     dashboard.send_events(wanted)
             if events[-1].sid > dashboard.after:
                 dashboard.after, dashboard.after_id = events[-1].sid, events[-1].id
-            self.metrics.messages_out.labels("dashboard").inc()
+            self.metrics.out("dashboard").inc()
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Keep only the last state event per device and section within a batch.
+
+    A state event carries the whole section, so the last one says everything the earlier
+    ones did: at high report rates a dashboard gets each device's latest state once per batch.
+    Presence and registry events are all kept, in order.
+    """
+    last: dict[tuple[str, bytes], int] = {}
+    for index, event in enumerate(events):
+        if event.kind == "state":
+            last[(event.device_id, event.section)] = index
+    if len(last) == sum(1 for e in events if e.kind == "state"):
+        return events
+    keep = set(last.values())
+    return [e for i, e in enumerate(events) if e.kind != "state" or i in keep]
 
 
 def _filtered_in(dashboard: Dashboard, event: Event) -> bool:

@@ -56,7 +56,7 @@ class DeviceSession:
     # --- outgoing -----------------------------------------------------------
     def send(self, frame: bytes, kind: str) -> None:
         if self.writer.send(frame):
-            self.gateway.metrics.messages_out.labels(kind).inc()
+            self.gateway.metrics.out(kind).inc()
 
     def close(self, close: disconnect.Close) -> None:
         if self.close_reason is None:
@@ -101,6 +101,7 @@ class DeviceSession:
             else:
                 self.send(protocol.error("rate_limited", "too many frames; slow down"), "error")
             return
+        self.refused = 0
         try:
             if binary:
                 presence.beat(self.device_id, self.session)
@@ -111,13 +112,13 @@ class DeviceSession:
             self._refuse(exc)
             return
         if isinstance(frame, protocol.Heartbeat):
-            self.gateway.metrics.messages_in.labels("heartbeat").inc()
+            self.gateway.metrics.in_heartbeat.inc()
             if frame.reported is None:
                 presence.beat(self.device_id, self.session)
             else:
                 self._write_reported(frame.reported, shadow.stamp(frame.reported, time.time()))
         elif isinstance(frame, protocol.Report):
-            self.gateway.metrics.messages_in.labels("report").inc()
+            self.gateway.metrics.in_report.inc()
             merged = shadow.merge(self.reported, frame.patch)
             try:
                 shadow.check_size(merged, self.limits)
@@ -131,7 +132,7 @@ class DeviceSession:
                 request_id = frame.request_id
                 waiter.add_done_callback(lambda done: self._acked(request_id, done))
         else:
-            self.gateway.metrics.messages_in.labels("get").inc()
+            self.gateway.metrics.in_get.inc()
             presence.beat(self.device_id, self.session)
             asyncio.get_running_loop().create_task(self._answer_get(frame.request_id))
 

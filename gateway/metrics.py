@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 
@@ -52,6 +54,18 @@ class Metrics:
         self.handshakes_refused = Counter(
             "gateway_handshakes_refused", "Device handshakes refused", ["status"], registry=r
         )
+
+        # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
+        self.in_heartbeat = self.messages_in.labels("heartbeat")
+        self.in_report = self.messages_in.labels("report")
+        self.in_get = self.messages_in.labels("get")
+        self._out: dict[str, Any] = {}
+
+    def out(self, kind: str) -> Any:
+        child = self._out.get(kind)
+        if child is None:
+            child = self._out[kind] = self.messages_out.labels(kind)
+        return child
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -153,6 +153,8 @@ class PresenceEngine:
         """
         pending = self._beats.get(device_id)
         if pending is None or pending.session != session:
+            if pending is not None:  # a newer session took over within the tick
+                _settle(pending.waiters, STALE)
             pending = self._beats[device_id] = _Beat(session, time.time())
         else:
             pending.seen_at = time.time()

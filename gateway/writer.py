@@ -51,7 +51,9 @@ class Writer:
         try:
             while self._queue:
                 frame = self._queue.popleft()
-                await self.websocket.send({"type": "websocket.send", "text": frame.decode()})
+                # relayed command messages are anyone's bytes: never let one stop the queue
+                text = frame.decode(errors="replace")
+                await self.websocket.send({"type": "websocket.send", "text": text})
                 self.sent += 1
         except Exception:  # the peer went away: the reader sees the disconnect and cleans up
             self._queue.clear()
