@@ -163,7 +163,11 @@ class DeviceClient:
         attempt = 0
         try:
             while not self._stop.is_set():
-                ended = await self._connect_once()
+                try:
+                    ended = await self._connect_once()
+                except DeviceRejected as exc:
+                    log.warning("%s: %s; not reconnecting", self.device_id, exc)
+                    raise
                 if self._stop.is_set():
                     return
                 if ended.welcomed and ended.code not in PENALTY_CODES:
@@ -209,8 +213,7 @@ class DeviceClient:
         if ws is not None:
             await ws.close()
         if self._task is not None:
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task})  # its outcome is for wait(); ours may be cancelled
 
     async def wait(self) -> None:
         """Wait until the task started by `async with` ends; raise what ended it.
@@ -226,6 +229,9 @@ class DeviceClient:
         waiter = asyncio.create_task(self.connected.wait())
         try:
             await asyncio.wait({self._task, waiter}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:  # cancelled (a timeout): no __aexit__ will stop the task
+            await self.close()
+            raise
         finally:
             waiter.cancel()
         if self._task.done():
@@ -236,6 +242,8 @@ class DeviceClient:
         self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+        if self._task is not None and not self._task.cancelled():
+            self._task.exception()  # seen through wait() or the log, never raised on exit
 
     # --- one connection -----------------------------------------------------
     async def _connect_once(self) -> _Ended:

@@ -363,7 +363,13 @@ class PresenceEngine:
                 reply = await SCRIPTS.expire(
                     self.redis,
                     keys,
-                    [now_text(), self.settings.history_maxlen, self.settings.events_maxlen, *chunk],
+                    [
+                        now_text(),
+                        self.settings.history_maxlen,
+                        self.settings.events_maxlen,
+                        self.settings.ttl_ms,
+                        *chunk,
+                    ],
                 )
             for version in reply:
                 if int(version) > 0:

@@ -70,7 +70,10 @@ def validate_patch(patch: object, limits: Limits) -> Document:
 
 def check_size(document: Document, limits: Limits) -> bytes:
     """The encoded document, once it is known to fit the section limit."""
-    encoded = encode(document)
+    try:
+        encoded = encode(document)
+    except orjson.JSONEncodeError as exc:  # e.g. an integer beyond 64 bits
+        raise ShadowError(f"state holds a value JSON cannot encode: {exc}") from None
     if len(encoded) > limits.max_bytes:
         raise TooLarge(
             f"state section is {len(encoded)} bytes encoded; the limit is {limits.max_bytes}"

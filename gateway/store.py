@@ -7,10 +7,13 @@ fleet, and stats come from maintained sets and counters, never from a scan.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
+import random
 import time
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -172,6 +175,7 @@ class Store:
         self.redis = redis
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
+        self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.limits = shadow.Limits(
             settings.max_section_bytes, settings.max_depth, settings.max_key_length
         )
@@ -308,18 +312,37 @@ class Store:
         """
         _require_id(device_id)
         document_patch = shadow.validate_patch(patch, self.limits)
+        # writers in this process queue per device instead of colliding; other processes
+        # and other programs are still caught by the compare-and-set
+        lock = self._locks.get(device_id)
+        if lock is None:
+            lock = self._locks[device_id] = asyncio.Lock()
+        async with lock:
+            return await self._patch_section(device_id, section, document_patch, expected_version)
+
+    async def _patch_section(
+        self,
+        device_id: str,
+        section: Literal["desired", "reported", "metadata"],
+        document_patch: shadow.Document,
+        expected_version: int | None,
+    ) -> tuple[int, shadow.Document]:
         k = self.keys
         field = "metadata" if section == "metadata" else f"{section}_state"
         meta_field = f"{section}_meta"
-        for _ in range(CAS_ATTEMPTS):
+        for attempt in range(CAS_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
             raw, raw_meta, exists = await self.redis.hmget(
                 k.state(device_id), [field, meta_field, "device_id"]
             )
             if exists is None:
                 raise Problem("device-not-found", f"no device {device_id!r} is registered")
             now = time.time()
-            merged = shadow.merge(shadow.decode_document(raw), document_patch)
+            current = shadow.decode_document(raw)
+            merged = shadow.merge(current, document_patch)
             encoded = shadow.check_size(merged, self.limits)
+            unchanged = raw is not None and shadow.same(merged, current)
             stamps = shadow.merge_stamps(shadow.decode_document(raw_meta), document_patch, now)
             code, *rest = await SCRIPTS.section_write(
                 self.redis,
@@ -334,6 +357,7 @@ class Store:
                     now_text(now),
                     self.settings.history_maxlen,
                     self.settings.events_maxlen,
+                    "1" if unchanged else "",
                 ],
             )
             if code in (0, 1):

@@ -17,17 +17,22 @@ if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'token_hash') ~= ARGV[7] then
   return {-1}
 end
 local previous = redis.call('HGET', KEYS[1], 'session')
-local was_online = redis.call('EXISTS', KEYS[2]) == 1
+-- online as far as anyone announced: a lapsed key nobody has expired yet still counts
+local was_online = redis.call('EXISTS', KEYS[2]) == 1 or redis.call('ZSCORE', KEYS[5], id)
+  or redis.call('SISMEMBER', KEYS[4], id) == 1
 redis.call('SET', KEYS[2], session, 'PX', ARGV[4])
 redis.call('HSET', KEYS[1], 'session', session)
 redis.call('HDEL', KEYS[1], 'linger_reason')
 mark_online(KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], id, now)
+local superseded = previous and previous ~= '' and previous ~= session
+if superseded then
+  kick(KEYS[11], id, previous, 4409, 'replaced')
+end
 local reason = ''
 if not was_online then
   reason = 'connected'
-elseif previous and previous ~= '' and previous ~= session then
+elseif superseded then
   reason = 'replaced'
-  kick(KEYS[11], id, previous, 4409, 'replaced')
 end
 local presence_version
 if reason ~= '' then

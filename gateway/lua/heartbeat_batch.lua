@@ -30,6 +30,7 @@ for i = 0, count - 1 do
     -- a key lost while nobody published offline (Redis restarted, a stall): renew silently
     if lapsed and redis.call('ZSCORE', KEYS[2], id) then
       lapsed = false
+      mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)
     end
     if lapsed then
       code = 2

@@ -1,0 +1,657 @@
+"""The presence engine against real servers: every transition published exactly once.
+
+Engines are built directly and flushed by hand, so each step is deterministic; the loops are
+tested separately with `run()` in a task. Pub/sub checks end with a sentinel published by the
+test, so "exactly one" and "none" are decided by message order, never by waiting.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import types
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis
+import redis.asyncio as aioredis
+from servers import RedisServer
+
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.presence import RESUMED, STALE, UNKNOWN, WRITTEN, PresenceEngine, cancel_and_wait
+from gateway.store import Store
+
+TIMEOUT = 10.0  # the one generous bound every wait here is a multiple of
+SENTINEL = b"__test_sentinel__"
+PRESENCE, CONTROL = "devices:presence", "gateway:control"
+
+Message = tuple[str, dict[str, Any]]
+EngineFactory = Callable[..., PresenceEngine]
+
+
+class Listener:
+    """A real pub/sub subscription; `drain()` returns everything published before now."""
+
+    def __init__(self, client: aioredis.Redis, *channels: str) -> None:
+        self.client = client
+        self.channels = channels or (PRESENCE, CONTROL)
+        self.pubsub = client.pubsub()
+
+    async def __aenter__(self) -> Listener:
+        await self.pubsub.subscribe(*self.channels)
+        confirmed = 0
+        while confirmed < len(self.channels):
+            message = await self.pubsub.get_message(timeout=TIMEOUT)
+            assert message is not None, "no subscribe confirmation"
+            confirmed += message["type"] == "subscribe"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.aclose()
+
+    async def next(self) -> Message:
+        """The next message, waiting at most TIMEOUT."""
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                message = await self.pubsub.get_message(timeout=TIMEOUT)
+                if message is not None and message["type"] == "message":
+                    return message["channel"].decode(), orjson.loads(message["data"])
+
+    async def drain(self) -> list[Message]:
+        """(channel, JSON body) of every message published so far, in order."""
+        await self.client.publish(self.channels[0], SENTINEL)
+        received: list[Message] = []
+        async with asyncio.timeout(TIMEOUT):
+            while True:
+                message = await self.pubsub.get_message(timeout=TIMEOUT)
+                if message is None or message["type"] != "message":
+                    continue
+                if message["data"] == SENTINEL:
+                    return received
+                received.append((message["channel"].decode(), orjson.loads(message["data"])))
+
+    async def presence(self) -> list[dict[str, Any]]:
+        return [body for channel, body in await self.drain() if channel == PRESENCE]
+
+
+def brief(events: list[dict[str, Any]]) -> list[tuple[str, str, int | None, str | None]]:
+    """(device, status, version, reason) of each presence event."""
+    return [(e["device_id"], e["status"], e.get("version"), e.get("reason")) for e in events]
+
+
+class StaleLog:
+    """The on_stale callback: records every (device, session, code)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, int]] = []
+
+    def __call__(self, device_id: str, session: str, code: int) -> None:
+        self.calls.append((device_id, session, code))
+
+
+@pytest.fixture
+def stale() -> StaleLog:
+    return StaleLog()
+
+
+@pytest.fixture
+async def make_engine(redis_url: str, stale: StaleLog) -> AsyncIterator[EngineFactory]:
+    """`make_engine(**settings)`: an engine on its own new client (closed after the test)."""
+    clients: list[aioredis.Redis] = []
+
+    def build(**overrides: Any) -> PresenceEngine:
+        values: dict[str, Any] = {"heartbeat_timeout": 2.0, **overrides}
+        settings = Settings(redis_url=redis_url, **values)
+        client = aioredis.Redis.from_url(redis_url)
+        clients.append(client)
+        return PresenceEngine(client, Store(client, settings), settings, Metrics(), stale, db=0)
+
+    yield build
+    for client in clients:
+        await client.aclose()
+
+
+@pytest.fixture
+def engine(make_engine: EngineFactory) -> PresenceEngine:
+    return make_engine()
+
+
+async def register(engine: PresenceEngine, *ids: str, device_type: str = "t") -> None:
+    for device_id in ids:
+        await engine.store.register(device_id, device_type, {})
+
+
+async def wait_until_gone(client: aioredis.Redis, key: str) -> None:
+    """Wait for a key's TTL to run out on the server (bounded by TIMEOUT)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            remaining = await client.pttl(key)
+            if remaining == -2:  # no such key
+                return
+            await asyncio.sleep(max(remaining, 20) / 1000)
+
+
+async def end(engine: PresenceEngine, device_id: str, session: str, reason: str = "closed") -> int:
+    waiter = engine.end(device_id, session, reason)
+    await engine.flush()
+    return await waiter
+
+
+async def beat(
+    engine: PresenceEngine, device_id: str, session: str, reported: dict[str, Any] | None = None
+) -> int:
+    encoded = None if reported is None else orjson.dumps(reported)
+    waiter = engine.beat(device_id, session, encoded, ack=True)
+    assert waiter is not None
+    await engine.flush()
+    return await waiter
+
+
+# --- connect and disconnect -----------------------------------------------------
+async def test_versions_only_increase_across_cycles_delete_and_re_register(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    async with Listener(redis_client) as listener:
+        for cycle in range(3):
+            welcome = await engine.connect("d1", f"s{cycle}", "")
+            assert welcome is not None
+            assert (welcome.reason, welcome.presence_version) == ("connected", 2 * cycle + 1)
+            assert await end(engine, "d1", f"s{cycle}") == 1
+        await engine.connect("d1", "s9", "")
+        await engine.store.delete("d1")
+        await register(engine, "d1")
+        await engine.connect("d1", "s10", "")
+        events = await listener.presence()
+    assert brief(events) == [
+        ("d1", "online", 1, "connected"), ("d1", "offline", 2, "closed"),
+        ("d1", "online", 3, "connected"), ("d1", "offline", 4, "closed"),
+        ("d1", "online", 5, "connected"), ("d1", "offline", 6, "closed"),
+        ("d1", "online", 7, "connected"), ("d1", "offline", 8, "deleted"),
+        ("d1", "online", 9, "connected"),
+    ]  # fmt: skip
+    for event in events:
+        assert event["type"] == "presence"
+        assert isinstance(event["timestamp"], float) and event["stream_id"]
+    stream = await redis_client.xrange("devices:events")
+    stream_presence = [orjson.loads(body[b"event"]) for _, body in stream]
+    versions = [e["version"] for e in stream_presence if e["type"] == "presence"]
+    assert versions == list(range(1, 10))
+
+
+async def test_connect_of_unknown_device_writes_nothing(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    async with Listener(redis_client) as listener:
+        assert await engine.connect("ghost", "s1", "") is None
+        assert await listener.drain() == []
+    assert await redis_client.dbsize() == 0
+
+
+async def test_connect_welcome_carries_the_shadow(engine: PresenceEngine) -> None:
+    await register(engine, "d1")
+    await engine.store.patch_section("d1", "desired", {"a": 1})
+    await engine.store.patch_section("d1", "reported", {"a": 0})
+    welcome = await engine.connect("d1", "s1", "")
+    assert welcome is not None
+    assert orjson.loads(welcome.desired) == {"a": 1}
+    assert orjson.loads(welcome.reported) == {"a": 0}
+    assert welcome.version == 2
+
+
+async def test_connect_checks_the_token_hash(engine: PresenceEngine) -> None:
+    from gateway.auth import hash_token
+    from gateway.presence import Revoked
+
+    _, token = await engine.store.register("d1", "t", {})
+    assert await engine.connect("d1", "s1", hash_token(token)) is not None
+    await engine.store.rotate_token("d1")
+    with pytest.raises(Revoked):
+        await engine.connect("d1", "s2", hash_token(token))
+
+
+async def test_second_session_replaces_and_kicks_the_first(
+    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+) -> None:
+    await register(engine, "d1")
+    async with Listener(redis_client) as listener:
+        await engine.connect("d1", "old", "")
+        await beat(engine, "d1", "old", {"t": 1})
+        welcome = await engine.connect("d1", "new", "")
+        assert welcome is not None and welcome.reason == "replaced"
+        messages = await listener.drain()
+    presence = [body for channel, body in messages if channel == PRESENCE]
+    kicks = [body for channel, body in messages if channel == CONTROL]
+    assert brief(presence) == [("d1", "online", 1, "connected"), ("d1", "online", 2, "replaced")]
+    assert kicks == [
+        {"op": "kick", "device_id": "d1", "session": "old", "code": 4409, "reason": "replaced"}
+    ]
+    assert stale.calls == []
+    assert await redis_client.get("device:heartbeat:d1") == b"new"
+
+
+async def test_heartbeat_from_the_replaced_session_writes_nothing(
+    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "old", "")
+    await beat(engine, "d1", "old", {"t": 1})
+    await engine.connect("d1", "new", "")
+    before = await redis_client.hgetall("device:state:d1")
+    seen_before = await redis_client.zscore("devices:online:seen", "d1")
+    await asyncio.sleep(0.01)  # so a write of last_seen would show a different time
+    async with Listener(redis_client) as listener:
+        assert await beat(engine, "d1", "old", {"t": 2}) == STALE
+        assert await listener.drain() == []
+    assert await redis_client.hgetall("device:state:d1") == before
+    assert await redis_client.zscore("devices:online:seen", "d1") == seen_before
+    assert await redis_client.get("device:heartbeat:d1") == b"new"
+    assert stale.calls == [("d1", "old", STALE)]
+
+
+async def test_disconnect_from_a_stale_session_does_nothing(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "old", "")
+    await engine.connect("d1", "new", "")
+    async with Listener(redis_client) as listener:
+        assert await end(engine, "d1", "old") == 0
+        assert await listener.drain() == []
+        assert await redis_client.exists("device:heartbeat:d1")
+        assert await end(engine, "d1", "new") == 1
+        assert await end(engine, "d1", "new") == 0
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 3, "closed")]
+    assert not await redis_client.exists("device:heartbeat:d1")
+    assert not await redis_client.sismember("devices:online", "d1")
+    assert await redis_client.zscore("devices:index:online", "d1") is None
+    assert await redis_client.hget("device:state:d1", "status") == b"offline"
+
+
+async def test_heartbeat_of_unknown_device_reports_unknown(
+    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+) -> None:
+    assert await beat(engine, "ghost", "s1") == UNKNOWN
+    assert stale.calls == [("ghost", "s1", UNKNOWN)]
+    assert await redis_client.dbsize() == 0
+
+
+# --- offline grace --------------------------------------------------------------
+async def test_reconnect_within_grace_publishes_nothing(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    async with Listener(redis_client) as listener:
+        assert await end(engine, "d1", "s1", "connection_lost") == 2
+        assert 0 < await redis_client.pttl("device:heartbeat:d1") <= 500
+        welcome = await engine.connect("d1", "s2", "")
+        assert welcome is not None and welcome.reason == ""
+        assert welcome.presence_version == 1
+        assert await engine.expire(["d1"]) == 0
+        assert await engine.sweep() == 0
+        assert await listener.drain() == []
+    assert await redis_client.pttl("device:heartbeat:d1") > 1000
+    assert await redis_client.hget("device:state:d1", "linger_reason") is None
+
+
+async def test_no_reconnect_goes_offline_once_with_the_kept_reason(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    async with Listener(redis_client) as listener:
+        assert await end(engine, "d1", "s1", "connection_lost") == 2
+        assert await listener.drain() == []
+        await wait_until_gone(redis_client, "device:heartbeat:d1")
+        assert await engine.sweep() == 1
+        assert await engine.sweep() == 0
+        assert await engine.expire(["d1"]) == 0
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "connection_lost")]
+    assert await redis_client.hget("device:state:d1", "linger_reason") is None
+
+
+async def test_a_grace_disconnect_then_a_later_expiry_says_expired(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    """After a reconnect inside the grace, the old reason must not leak into a later expiry."""
+    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await end(engine, "d1", "s1", "connection_lost")
+    await engine.connect("d1", "s2", "")
+    await redis_client.delete("device:heartbeat:d1")
+    async with Listener(redis_client) as listener:
+        assert await engine.expire(["d1"]) == 1
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "expired")]
+
+
+# --- expiry -----------------------------------------------------------------------
+async def test_expire_publishes_one_offline_when_the_heartbeat_is_gone(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1", "d2")
+    await engine.connect("d1", "s1", "")
+    await engine.connect("d2", "s1", "")
+    async with Listener(redis_client) as listener:
+        assert await engine.expire(["d1", "d2"]) == 0  # both heartbeats still exist
+        await redis_client.delete("device:heartbeat:d1")
+        assert await engine.expire(["d1", "d2", "d1", "ghost"]) == 1
+        assert await engine.expire(["d1"]) == 0
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "expired")]
+    assert await redis_client.smembers("devices:online") == {b"d2"}
+    stats = await engine.store.stats()
+    assert stats["by_type"]["t"]["online"] == 1
+
+
+async def test_note_expired_is_handled_by_the_next_flush(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await redis_client.delete("device:heartbeat:d1")
+    async with Listener(redis_client) as listener:
+        engine.note_expired("d1")
+        await engine.flush()
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "expired")]
+
+
+async def test_sweep_finds_a_device_whose_heartbeat_ran_out(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    engine = make_engine(heartbeat_timeout=1)
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    async with Listener(redis_client) as listener:
+        await wait_until_gone(redis_client, "device:heartbeat:d1")
+        went = 0
+        async with asyncio.timeout(TIMEOUT):
+            while not went:
+                went = await engine.sweep()
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "expired")]
+
+
+async def test_two_engines_expiring_the_same_devices_publish_each_once(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    first, second = make_engine(), make_engine()
+    ids = [f"dev-{i:03d}" for i in range(200)]
+    await register(first, *ids)
+    for device_id in ids:
+        await first.connect(device_id, "s", "")
+    await redis_client.delete(*(f"device:heartbeat:{d}" for d in ids))
+    shuffled = random.Random(7).sample(ids, len(ids))
+    async with Listener(redis_client) as listener:
+        results = await asyncio.gather(
+            first.expire(ids[:120]), second.expire(shuffled), first.sweep(),
+            second.sweep(), first.expire(reversed(ids)), second.expire(ids[100:]),
+        )  # fmt: skip
+        events = await listener.presence()
+    assert sum(results) == 200
+    assert len(events) == 200
+    assert sorted(e["device_id"] for e in events) == ids
+    assert {(e["status"], e["version"], e["reason"]) for e in events} == {("offline", 2, "expired")}
+    assert await redis_client.scard("devices:online") == 0
+    assert await redis_client.zcard("devices:index:online") == 0
+
+
+# --- the seed's own classes beside the engine ---------------------------------------
+@pytest.mark.parametrize("seed_detector_first", [True, False])
+async def test_a_device_heartbeated_only_by_the_seed_gets_one_versioned_offline(
+    make_engine: EngineFactory,
+    redis_client: aioredis.Redis,
+    redis_url: str,
+    seed: types.SimpleNamespace,
+    seed_detector_first: bool,
+) -> None:
+    engine = make_engine(heartbeat_timeout=1)
+    ids = ["s1", "s2", "s3"]
+    with redis.Redis.from_url(redis_url) as sync_client:
+        manager = seed.DeviceStateManager(sync_client)
+        manager.heartbeat_timeout = 1
+        async with Listener(redis_client) as listener:
+            for device_id in ids:
+                await asyncio.to_thread(manager.register_device, device_id, "lamp")
+                await asyncio.to_thread(manager.device_heartbeat, device_id, {"on": True})
+            assert await engine.sweep() == 0  # adopted, still online
+            for device_id in ids:
+                assert await redis_client.zscore("devices:index:online", device_id) == 0
+            assert (await engine.store.stats())["by_type"]["lamp"]["online"] == 3
+            for device_id in ids:
+                await wait_until_gone(redis_client, f"device:heartbeat:{device_id}")
+            if seed_detector_first:
+                found = await asyncio.to_thread(
+                    seed.OfflineDetector(sync_client).check_for_offline_devices
+                )
+                assert sorted(found) == ids
+            went = 0
+            async with asyncio.timeout(TIMEOUT):
+                while went < len(ids):
+                    went += await engine.sweep()
+            assert await engine.sweep() == 0
+            events = await listener.presence()
+    versioned = [e for e in events if "version" in e]
+    assert sorted(brief(versioned)) == [(d, "offline", 1, "expired") for d in ids]
+    assert (await engine.store.stats())["by_type"]["lamp"]["online"] == 0
+    for device_id in ids:
+        device = await engine.store.require(device_id)
+        assert device.status == "offline" and device.reported_state == {"on": True}
+
+
+async def test_connect_of_a_seed_online_device_publishes_nothing(
+    engine: PresenceEngine, redis_client: aioredis.Redis, redis_url: str,
+    seed: types.SimpleNamespace,
+) -> None:  # fmt: skip
+    with redis.Redis.from_url(redis_url) as sync_client:
+        manager = seed.DeviceStateManager(sync_client)
+        await asyncio.to_thread(manager.register_device, "s1", "lamp")
+        await asyncio.to_thread(manager.device_heartbeat, "s1")
+    async with Listener(redis_client) as listener:
+        welcome = await engine.connect("s1", "g1", "")
+        assert welcome is not None and welcome.reason == ""
+        assert await listener.drain() == []
+    assert await end(engine, "s1", "g1") == 1  # and our offline is versioned
+    assert (await engine.store.require("s1")).presence_version == 1
+
+
+# --- heartbeat batches ------------------------------------------------------------
+async def test_heartbeat_writes_reported_and_versions_only_changes(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    first_seen = float(await redis_client.hget("device:state:d1", "last_seen") or 0)
+    await asyncio.sleep(0.01)
+    async with Listener(redis_client) as listener:
+        assert await beat(engine, "d1", "s1", {"t": 20}) == 1
+        assert await beat(engine, "d1", "s1", {"t": 20}) == 1
+        assert await beat(engine, "d1", "s1") == 0  # no document: version not read
+        assert await beat(engine, "d1", "s1", {"t": 21}) == 2
+        assert await listener.drain() == []  # heartbeats are not presence transitions
+    device = await engine.store.require("d1")
+    assert (device.reported_state, device.version, device.status) == ({"t": 21}, 2, "online")
+    assert device.last_seen > first_seen
+    assert await redis_client.zscore("devices:online:seen", "d1") == pytest.approx(device.last_seen)
+    history = [orjson.loads(b[b"event"]) for _, b in await redis_client.xrange("device:history:d1")]
+    assert [(e["type"], e.get("version")) for e in history if e["type"] == "state"] == [
+        ("state", 1), ("state", 2),
+    ]  # fmt: skip
+
+
+async def test_latest_report_of_a_tick_wins_and_every_ack_settles(
+    engine: PresenceEngine,
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    waiters = [engine.beat("d1", "s1", orjson.dumps({"n": n}), ack=True) for n in range(5)]
+    await engine.flush()
+    assert [await w for w in waiters if w is not None] == [1] * 5
+    assert (await engine.store.require("d1")).reported_state == {"n": 4}
+
+
+async def test_heartbeat_after_a_detected_lapse_resumes(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await redis_client.delete("device:heartbeat:d1")
+    async with Listener(redis_client) as listener:
+        assert await engine.expire(["d1"]) == 1
+        waiter = engine.beat("d1", "s1", ack=True)
+        await engine.flush()
+        assert waiter is not None and await waiter == 0
+        events = await listener.presence()
+    assert brief(events) == [("d1", "offline", 2, "expired"), ("d1", "online", 3, "resumed")]
+    assert await redis_client.get("device:heartbeat:d1") == b"s1"
+    assert await redis_client.sismember("devices:online", "d1")
+    assert await redis_client.zscore("devices:index:online", "d1") == 0
+    assert (await engine.store.stats())["by_type"]["t"]["online"] == 1
+
+
+async def test_resumed_code_is_reported_to_the_batcher(engine: PresenceEngine) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await engine.redis.delete("device:heartbeat:d1")
+    await engine.expire(["d1"])
+    before = engine.metrics.transitions.labels("online", "resumed")._value.get()
+    await beat(engine, "d1", "s1")
+    assert engine.metrics.transitions.labels("online", "resumed")._value.get() == before + 1
+    assert RESUMED == 2 and WRITTEN == 1
+
+
+async def test_heartbeat_racing_an_undetected_lapse_publishes_no_second_online(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    """A beat and the expiry in one tick: beats are written first, so the lapse was never
+    announced offline; announcing `online` again would be a transition published twice."""
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await redis_client.delete("device:heartbeat:d1")
+    async with Listener(redis_client) as listener:
+        engine.beat("d1", "s1")
+        engine.note_expired("d1")
+        await engine.flush()
+        events = await listener.presence()
+    assert brief(events) == []
+
+
+async def test_connect_after_an_undetected_lapse_replaces_the_old_session(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    await register(engine, "d1")
+    await engine.connect("d1", "old", "")
+    await redis_client.delete("device:heartbeat:d1")
+    async with Listener(redis_client) as listener:
+        welcome = await engine.connect("d1", "new", "")
+        messages = await listener.drain()
+    assert welcome is not None
+    kicks = [body for channel, body in messages if channel == CONTROL]
+    assert [k["session"] for k in kicks] == ["old"]
+    presence = [body for channel, body in messages if channel == PRESENCE]
+    assert brief(presence) == [("d1", "online", 2, "replaced")]
+
+
+# --- keyspace notifications -------------------------------------------------------
+async def notify_flags(client: aioredis.Redis) -> str:
+    reply = await client.config_get("notify-keyspace-events")
+    value = next(iter(reply.values()))
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def test_enable_notifications_keeps_existing_flags(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    for start in ("Kg", "", "Ex", "KA"):
+        await redis_client.config_set("notify-keyspace-events", start)
+        assert await engine.enable_notifications() is True
+        flags = await notify_flags(redis_client)
+        assert set(start) <= set(flags.replace("A", "g$lshzxetd") + "A"), (start, flags)
+        assert "E" in flags and ("x" in flags or "A" in flags), (start, flags)
+    await redis_client.config_set("notify-keyspace-events", "Kg")
+    await engine.enable_notifications()
+    assert set("KgEx") <= set(await notify_flags(redis_client))
+
+
+async def test_enable_notifications_returns_false_when_config_is_forbidden(
+    stale: StaleLog,
+) -> None:
+    server = RedisServer("valkey", extra_args=["--rename-command", "CONFIG", ""])
+    server.start()
+    try:
+        client = aioredis.Redis.from_url(server.url)
+        try:
+            settings = Settings(redis_url=server.url)
+            engine = PresenceEngine(
+                client, Store(client, settings), settings, Metrics(), stale, db=0
+            )
+            assert await engine.enable_notifications() is False
+            assert await client.ping()
+        finally:
+            await client.aclose()
+    finally:
+        server.stop()
+
+
+# --- the loops ----------------------------------------------------------------------
+async def test_run_flushes_beats_and_sweeps_offline(
+    make_engine: EngineFactory, redis_client: aioredis.Redis
+) -> None:
+    engine = make_engine(heartbeat_timeout=1, sweep_interval=0.1)
+    await register(engine, "d1")
+    task = asyncio.create_task(engine.run())
+    try:
+        async with Listener(redis_client) as listener:
+            await engine.connect("d1", "s1", "")
+            started = time.monotonic()
+            for n in range(3):
+                waiter = engine.beat("d1", "s1", orjson.dumps({"n": n}), ack=True)
+                assert waiter is not None
+                assert await asyncio.wait_for(waiter, TIMEOUT) == n + 1
+                await asyncio.sleep(0.3)
+            # beats for longer than one timeout kept it online
+            assert time.monotonic() - started > 0.9
+            assert await redis_client.exists("device:heartbeat:d1")
+            first = await listener.next()
+            assert first[1]["status"] == "online"
+            second = await listener.next()  # silence: the sweep loop takes it offline
+            assert (second[0], second[1]["status"], second[1]["reason"]) == (
+                PRESENCE, "offline", "expired",
+            )  # fmt: skip
+            ended = engine.end("d1", "s1", "closed")
+            assert await asyncio.wait_for(ended, TIMEOUT) == 0  # already offline
+            assert await listener.presence() == []
+    finally:
+        await cancel_and_wait(task)
+
+
+async def test_a_renewed_lapse_puts_the_device_back_in_the_seeds_online_set(
+    engine: PresenceEngine, redis_client: aioredis.Redis, redis_url: str,
+    seed: types.SimpleNamespace,
+) -> None:  # fmt: skip
+    """The seed's detector may remove a lapsed device from `devices:online` before our beat
+    renews it; the seed's readers (BulkStateQuery) must then see it online again."""
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    await redis_client.delete("device:heartbeat:d1")
+    with redis.Redis.from_url(redis_url) as sync_client:
+        found = await asyncio.to_thread(seed.OfflineDetector(sync_client).check_for_offline_devices)
+        assert found == ["d1"]
+        await beat(engine, "d1", "s1")
+        online = await asyncio.to_thread(
+            seed.BulkStateQuery(sync_client).get_devices_by_status, seed.DeviceStatus.ONLINE
+        )
+    assert await redis_client.get("device:heartbeat:d1") == b"s1"
+    assert online == ["d1"]
+    assert await redis_client.hget("device:state:d1", "status") == b"online"
