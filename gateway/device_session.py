@@ -94,6 +94,7 @@ class DeviceSession:
         presence = self.gateway.presence
         self.last_activity = time.monotonic()
         if not self.bucket.take():
+            presence.beat(self.device_id, self.session)  # refused, but still a sign of life
             self.refused += 1
             self.gateway.metrics.rejected.labels("rate_limited").inc()
             if self.refused > self.gateway.settings.rate_burst:

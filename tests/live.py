@@ -63,7 +63,7 @@ async def live_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[LiveGa
         ws_per_message_deflate=settings.device_compression,
     )
     server = GatewayServer(config)
-    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined,unused-ignore]
     task = asyncio.create_task(server.serve())
     gateway: Gateway = app.state.gateway
     try:
