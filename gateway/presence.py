@@ -28,6 +28,7 @@ from gateway.store import Store, now_text, text
 log = logging.getLogger("gateway.presence")
 
 CHUNK = 500  # devices per script call: keeps each call well under a millisecond or two
+CHUNKS_IN_FLIGHT = 4
 SWEEP_BATCH = 1000
 RECONCILE_COUNT = 200
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
@@ -252,33 +253,52 @@ class PresenceEngine:
             k.presence_channel,
         ]
         now = now_text()
-        for start in range(0, len(items), CHUNK):
-            chunk = items[start : start + CHUNK]
-            keys = list(head)
-            args: list[Any] = [
-                now,
-                self.settings.ttl_ms,
-                self.settings.history_maxlen,
-                self.settings.events_maxlen,
+        chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
+        if len(chunks) == 1:
+            await self._write_beat_chunk(chunks[0], head, now)
+            return
+        # chunks touch disjoint devices: several in flight let Redis run one script while
+        # this process builds the next, instead of each waiting for the other
+        limit = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+
+        async def bounded(chunk: list[tuple[str, _Beat]]) -> None:
+            async with limit:
+                await self._write_beat_chunk(chunk, head, now)
+
+        results = await asyncio.gather(*(bounded(c) for c in chunks), return_exceptions=True)
+        for outcome in results:
+            if isinstance(outcome, BaseException):
+                raise outcome
+
+    async def _write_beat_chunk(
+        self, chunk: list[tuple[str, _Beat]], head: list[str], now: str
+    ) -> None:
+        k = self.keys
+        keys = list(head)
+        args: list[Any] = [
+            now,
+            self.settings.ttl_ms,
+            self.settings.history_maxlen,
+            self.settings.events_maxlen,
+        ]
+        for device_id, beat in chunk:
+            keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+            args += [
+                device_id,
+                beat.session,
+                f"{beat.seen_at:.6f}",
+                beat.reported if beat.reported is not None else b"",
+                beat.reported_meta,
             ]
-            for device_id, beat in chunk:
-                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
-                args += [
-                    device_id,
-                    beat.session,
-                    f"{beat.seen_at:.6f}",
-                    beat.reported if beat.reported is not None else b"",
-                    beat.reported_meta,
-                ]
-            with self.metrics.redis_latency.labels("heartbeat_batch").time():
-                reply = await SCRIPTS.heartbeat_batch(self.redis, keys, args)
-            for index, (device_id, beat) in enumerate(chunk):
-                code, version = int(reply[2 * index]), int(reply[2 * index + 1])
-                if code == RESUMED:
-                    self.metrics.transitions.labels("online", "resumed").inc()
-                if code in (STALE, UNKNOWN):
-                    self.on_stale(device_id, beat.session, code)
-                _settle(beat.waiters, version if code > 0 else code)
+        with self.metrics.redis_latency.labels("heartbeat_batch").time():
+            reply = await SCRIPTS.heartbeat_batch(self.redis, keys, args)
+        for index, (device_id, beat) in enumerate(chunk):
+            code, version = int(reply[2 * index]), int(reply[2 * index + 1])
+            if code == RESUMED:
+                self.metrics.transitions.labels("online", "resumed").inc()
+            if code in (STALE, UNKNOWN):
+                self.on_stale(device_id, beat.session, code)
+            _settle(beat.waiters, version if code > 0 else code)
 
     async def _write_ends(self, ends: dict[tuple[str, str], _End], grace: float) -> None:
         if not ends:

@@ -10,7 +10,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
-from gateway import disconnect
+from gateway import disconnect, redisconn
 from gateway.auth import ApiKeys, hash_token, new_secret
 from gateway.broker import Broker, Handlers
 from gateway.config import Settings
@@ -36,12 +36,7 @@ class Gateway:
             raise ValueError("settings.redis_url must be set (the CLI starts an embedded server)")
         self.settings = settings
         self.keys = Keys(settings.key_prefix)
-        self.redis: Redis = Redis.from_url(
-            settings.redis_url,
-            socket_timeout=REDIS_SOCKET_TIMEOUT,
-            socket_connect_timeout=REDIS_SOCKET_TIMEOUT,
-            health_check_interval=15,
-        )
+        self.redis: Redis = redisconn.connect(settings.redis_url)
         self.db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
         self.metrics = Metrics()
         self.store = Store(self.redis, settings)

@@ -52,6 +52,7 @@ class Scripts:
         self.rotate_token = Script("rotate_token")
         self.page = Script("page")
         self.adopt = Script("adopt")
+        self.describe = Script("describe")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

@@ -47,6 +47,10 @@ FIELDS = (
 )
 
 
+PAGE_FIELDS = ("device_id", "device_type", "last_seen", "version")
+PAGE_FIELDS_WITH_STATE = (*PAGE_FIELDS, "metadata", "reported_state", "desired_state")
+
+
 def now_text(now: float | None = None) -> str:
     """Epoch seconds as the seed writes them: a decimal string."""
     return f"{time.time() if now is None else now:.6f}"
@@ -515,28 +519,28 @@ class Store:
     async def _describe(self, ids: list[str], include_state: bool) -> list[dict[str, Any]]:
         if not ids:
             return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for device_id in ids:
-                pipe.hmget(self.keys.state(device_id), FIELDS)
-                pipe.exists(self.keys.heartbeat(device_id))
-            replies = await pipe.execute()
+        fields = PAGE_FIELDS_WITH_STATE if include_state else PAGE_FIELDS
+        rows = await SCRIPTS.describe(
+            self.redis,
+            [*map(self.keys.state, ids), *map(self.keys.heartbeat, ids)],
+            fields,
+        )
         items = []
-        for index in range(0, len(replies), 2):
-            values, online = replies[index], replies[index + 1]
-            if values[0] is None and values[1] is None:
+        for row in rows:
+            if row[0] is None and row[1] is None:
                 continue  # deleted between the index read and now
-            device = Device.from_hash(values, bool(online))
+            item: dict[str, Any] = {
+                "device_id": text(row[0]),
+                "device_type": text(row[1]),
+                "status": "online" if row[-1] else "offline",
+                "last_seen": _float(row[2]),
+                "version": _int(row[3]),
+            }
             if include_state:
-                items.append(
-                    {
-                        **device.summary(),
-                        "metadata": device.metadata,
-                        "reported_state": device.reported_state,
-                        "desired_state": device.desired_state,
-                    }
-                )
-            else:
-                items.append(device.summary())
+                item["metadata"] = shadow.decode_document(row[4])
+                item["reported_state"] = shadow.decode_document(row[5])
+                item["desired_state"] = shadow.decode_document(row[6])
+            items.append(item)
         return items
 
     async def stats(self) -> dict[str, Any]:

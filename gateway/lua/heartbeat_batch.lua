@@ -1,5 +1,7 @@
 -- One tick of heartbeats from many devices: one call instead of a round trip per frame.
 -- Only a device's current session may write; the latest reported document of the tick wins.
+-- Per device it reads the hash once and writes it once; the last-seen indexes move at most
+-- once a second per device (the sweep and stale pages need seconds, not every frame).
 -- KEYS[1] devices:online  KEYS[2] devices:index:online  KEYS[3] devices:online:seen
 -- KEYS[4] devices:seen    KEYS[5] devices:stats:online_by_type  KEYS[6] devices:events
 -- KEYS[7] devices:presence (channel)
@@ -19,39 +21,50 @@ for i = 0, count - 1 do
   local base = 5 + 5 * i
   local id, session, seen_at = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local reported, reported_meta = ARGV[base + 3], ARGV[base + 4]
-  local current = redis.call('HGET', state_key, 'session')
-  local code, version = 1, 0
-  if not current then
-    code = 0
-  elseif current ~= session then
-    code = -1
+  local current = redis.call('HMGET', state_key, 'session', 'reported_state', 'version',
+    'indexed_at')
+  local code, version = 1, tonumber(current[3] or '0') or 0
+  if not current[1] then
+    code, version = 0, 0
+  elseif current[1] ~= session then
+    code, version = -1, 0
   else
     local lapsed = not redis.call('SET', heartbeat_key, session, 'PX', ttl, 'GET')
-    -- a key lost while nobody published offline (Redis restarted, a stall): renew silently
-    if lapsed and redis.call('ZSCORE', KEYS[2], id) then
-      lapsed = false
-      mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)
+    local fields = {'last_seen', seen_at}
+    local changed = reported ~= '' and reported ~= current[2]
+    if changed then
+      version = version + 1
+      fields[#fields + 1] = 'reported_state'
+      fields[#fields + 1] = reported
+      fields[#fields + 1] = 'reported_meta'
+      fields[#fields + 1] = reported_meta
+      fields[#fields + 1] = 'version'
+      fields[#fields + 1] = version
     end
     if lapsed then
-      code = 2
+      -- announced offline (an expiry ran) → `resumed`; a key lost unannounced (Redis
+      -- restarted, a stall) → renewed silently: nobody ever saw this device go offline
+      if not redis.call('ZSCORE', KEYS[2], id) then
+        code = 2
+      end
       mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)
-      presence_transition(state_key, history_key, KEYS[6], KEYS[7], id, 'online', now, 'resumed',
-        history_maxlen, events_maxlen)
-    else
-      redis.call('HSET', state_key, 'last_seen', seen_at)
+      fields[#fields + 1] = 'indexed_at'
+      fields[#fields + 1] = seen_at
+    elseif tonumber(seen_at) - (tonumber(current[4] or '0') or 0) >= 1 then
       redis.call('ZADD', KEYS[3], seen_at, id)
       redis.call('ZADD', KEYS[4], seen_at, id)
+      fields[#fields + 1] = 'indexed_at'
+      fields[#fields + 1] = seen_at
     end
-    if reported ~= '' then
-      if redis.call('HGET', state_key, 'reported_state') ~= reported then
-        redis.call('HSET', state_key, 'reported_state', reported, 'reported_meta', reported_meta)
-        version = redis.call('HINCRBY', state_key, 'version', 1)
-        stream_add(history_key, KEYS[6], history_maxlen, events_maxlen,
-          '{"type":"state","device_id":"' .. id .. '","section":"reported","version":' ..
-          version .. ',"timestamp":' .. now .. ',"state":' .. reported)
-      else
-        version = tonumber(redis.call('HGET', state_key, 'version') or '0')
-      end
+    redis.call('HSET', state_key, unpack(fields))
+    if code == 2 then
+      presence_transition(state_key, history_key, KEYS[6], KEYS[7], id, 'online', now, 'resumed',
+        history_maxlen, events_maxlen)
+    end
+    if changed then
+      stream_add(history_key, KEYS[6], history_maxlen, events_maxlen,
+        '{"type":"state","device_id":"' .. id .. '","section":"reported","version":' ..
+        version .. ',"timestamp":' .. now .. ',"state":' .. reported)
     end
   end
   result[#result + 1] = code
