@@ -26,7 +26,9 @@ class DeviceHub(Handlers):
     """Live sessions by device id (at most one per device in this process)."""
 
     def __init__(self, heartbeat_timeout: float = 60.0) -> None:
-        self.heartbeat_timeout = heartbeat_timeout
+        # a device silent for nearly the whole timeout is expiring honestly: only one whose
+        # last frame is clearly inside it had its key lost (Redis restarted, or stalled)
+        self.active_window = heartbeat_timeout - max(0.05, min(2.0, heartbeat_timeout / 4))
         self.sessions: dict[str, DeviceSession] = {}
         self.expired_sink: Handlers | None = None
         self.presence_listeners: list[Handlers] = []
@@ -52,7 +54,7 @@ class DeviceHub(Handlers):
         session = self.sessions.get(device_id)
         if session is None or session.writer.closed:
             return None
-        if time.monotonic() - session.last_activity > self.heartbeat_timeout:
+        if time.monotonic() - session.last_activity > self.active_window:
             return None
         return session.session
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import hiredis
-from redis.asyncio import Connection, Redis
+from redis.asyncio import BlockingConnectionPool, Connection, Redis
 
 SOCKET_TIMEOUT = 5.0
+MAX_CONNECTIONS = 64
 
 
 class HiredisPackedConnection(Connection):
@@ -23,11 +24,18 @@ class HiredisPackedConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
-def connect(url: str, **options: Any) -> Redis:
-    """A client for *url*; plain TCP connections get hiredis packing, TLS and unix keep theirs."""
+def connect(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
+    """A client for *url*; plain TCP connections get hiredis packing, TLS and unix keep theirs.
+
+    The pool blocks (up to the socket timeout) when every connection is busy, instead of
+    failing the call: a connect storm queues for Redis rather than being refused.
+    """
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
     options.setdefault("health_check_interval", 15)
     if url.startswith("redis://"):
         options.setdefault("connection_class", HiredisPackedConnection)
-    return Redis.from_url(url, **options)
+    pool = BlockingConnectionPool.from_url(
+        url, max_connections=max_connections, timeout=SOCKET_TIMEOUT, **options
+    )
+    return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections

@@ -1,0 +1,261 @@
+"""Store-level heartbeat batching: the gateway's PresenceEngine against the seed, same Redis.
+
+N devices are registered through the gateway's `Store` and each given a session with
+`PresenceEngine.connect`. Then, round after round, every device beats once with a reported
+state that changes every round (`{"temp": round, "hum": 40}`, so every heartbeat really
+writes: reported state, per-leaf timestamps, shadow version, history), and `engine.flush()`
+writes the round as one `heartbeat_batch.lua` call per chunk of 500 devices. Then, in the
+same run and on the same Redis, the seed's `DeviceStateManager.device_heartbeat` runs once per
+heartbeat over the same devices, and the two rates are compared.
+
+    python -m loadtest.bench_store --devices 10000 --seconds 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from gateway import shadow
+from gateway.config import Settings
+from gateway.metrics import Metrics
+from gateway.presence import CHUNK, PresenceEngine
+from gateway.scripts import SCRIPTS
+from gateway.store import Store
+from loadtest import fleet
+from loadtest.baseline import process_cpu_seconds, run_seed_heartbeats
+from loadtest.seedload import add_seed_argument, load_seed
+
+SESSION = "bench-store"
+DEVICE_TYPE = "sensor"
+SETUP_CONCURRENCY = 64
+TARGET_RATE = 80_000
+TARGET_RATIO = 40
+
+
+def bench_device_id(index: int) -> str:
+    return f"hb-{index:06d}"
+
+
+async def _in_batches(calls: list[Any], size: int = SETUP_CONCURRENCY) -> list[Any]:
+    results: list[Any] = []
+    for start in range(0, len(calls), size):
+        results += await asyncio.gather(*(call() for call in calls[start : start + size]))
+    return results
+
+
+async def setup_devices(redis_url: str, device_ids: list[str]) -> dict[str, float]:
+    """Register every device with Store.register and connect it with PresenceEngine.connect."""
+    redis = Redis.from_url(redis_url, max_connections=SETUP_CONCURRENCY + 4)
+    settings = Settings()
+    store = Store(redis, settings)
+    engine = PresenceEngine(redis, store, settings, Metrics(), lambda *_: None)
+    try:
+        await SCRIPTS.load(redis)
+        started = time.perf_counter()
+        await _in_batches(
+            [
+                (lambda d=device_id: store.register(d, DEVICE_TYPE, {"site": "bench"}))
+                for device_id in device_ids
+            ]
+        )
+        registered = time.perf_counter() - started
+        started = time.perf_counter()
+        welcomes = await _in_batches(
+            [(lambda d=device_id: engine.connect(d, SESSION, "")) for device_id in device_ids]
+        )
+        connected = time.perf_counter() - started
+        if any(welcome is None for welcome in welcomes):
+            raise RuntimeError("a device registered a moment ago was unknown to connect")
+    finally:
+        await redis.aclose()
+    return {"register_seconds": registered, "connect_seconds": connected}
+
+
+async def run_batched_heartbeats(
+    redis_url: str,
+    device_ids: list[str],
+    seconds: float,
+    max_heartbeats: int | None,
+    cpu: Any,
+) -> dict[str, Any]:
+    """Whole rounds of `engine.beat` for every device, each round written by `engine.flush()`."""
+    redis = Redis.from_url(redis_url)
+    settings = Settings()
+    store = Store(redis, settings)
+    refused: list[tuple[str, int]] = []
+    engine = PresenceEngine(
+        redis,
+        store,
+        settings,
+        Metrics(),
+        lambda device, _session, code: refused.append((device, code)),
+    )
+    try:
+        await SCRIPTS.load(redis)
+        rounds = beats = 0
+        round_times: list[float] = []
+        cpu_before, client_before = cpu(), process_cpu_seconds()
+        started = time.perf_counter()
+        while True:
+            rounds += 1
+            round_started = time.perf_counter()
+            state = {"temp": rounds, "hum": 40}
+            meta = orjson.dumps(shadow.merge_stamps({}, state, time.time()))
+            for device_id in device_ids:
+                # encoded per device, as a gateway encodes each device's own frame
+                engine.beat(device_id, SESSION, orjson.dumps(state), meta)
+            await engine.flush()
+            beats += len(device_ids)
+            round_times.append(time.perf_counter() - round_started)
+            elapsed = time.perf_counter() - started
+            if elapsed >= seconds or (max_heartbeats is not None and beats >= max_heartbeats):
+                break
+        redis_cpu = cpu() - cpu_before
+        client_cpu = process_cpu_seconds() - client_before
+        # proof the writes happened: the last device's shadow moved once per round
+        version, reported = await redis.hmget(
+            store.keys.state(device_ids[-1]), ["version", "reported_state"]
+        )
+    finally:
+        await redis.aclose()
+    if refused:
+        raise RuntimeError(f"{len(refused)} heartbeats refused (stale/unknown), e.g. {refused[0]}")
+    if int(version or 0) < rounds or orjson.loads(reported or b"{}") != state:
+        raise RuntimeError(f"reported state not written: version {version!r}, {reported!r}")
+    return {
+        "heartbeats": beats,
+        "rounds": rounds,
+        "seconds": elapsed,
+        "heartbeats_per_second": beats / elapsed,
+        "round_ms_median": sorted(round_times)[len(round_times) // 2] * 1000,
+        "redis_cpu_seconds": redis_cpu,
+        "redis_cpu_seconds_per_1k": redis_cpu / (beats / 1000),
+        "client_cpu_seconds_per_1k": client_cpu / (beats / 1000),
+        "last_device_version": int(version or 0),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m loadtest.bench_store",
+        description="heartbeats/s with reported state: PresenceEngine batching vs the seed",
+    )
+    parser.add_argument("--devices", type=int, default=10_000)
+    parser.add_argument(
+        "--seconds", type=float, default=10.0, help="duration of each phase (ours, then seed)"
+    )
+    parser.add_argument(
+        "--max-heartbeats", type=int, help="stop the batched phase after this many heartbeats"
+    )
+    parser.add_argument(
+        "--seed-seconds", type=float, help="seed phase duration (default --seconds)"
+    )
+    parser.add_argument("--seed-threads", type=int, default=1)
+    parser.add_argument("--redis-url", help="an external, empty Redis (default: a private server)")
+    add_seed_argument(parser)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    args = build_parser().parse_args(argv)
+    if args.devices < 1 or args.seconds <= 0:
+        raise SystemExit("--devices must be ≥ 1 and --seconds > 0")
+    seed = load_seed(args.seed_doc)
+    started_at = fleet.now_iso()
+    device_ids = [bench_device_id(index) for index in range(args.devices)]
+    seed_seconds = args.seed_seconds or args.seconds
+    with fleet.redis_target(args.redis_url) as server:
+        print(f"bench_store: {server.description}", flush=True)
+        setup = asyncio.run(setup_devices(server.url, device_ids))
+        print(
+            f"  {args.devices:,} devices registered in {setup['register_seconds']:.1f} s, "
+            f"connected in {setup['connect_seconds']:.1f} s",
+            flush=True,
+        )
+        ours = asyncio.run(
+            run_batched_heartbeats(
+                server.url, device_ids, args.seconds, args.max_heartbeats, server.cpu_seconds
+            )
+        )
+        print(f"  gateway batching: {ours['heartbeats_per_second']:,.0f} heartbeats/s", flush=True)
+        theirs = run_seed_heartbeats(
+            server.url, device_ids, seed_seconds, threads=args.seed_threads, seed=seed,
+            cpu=server.cpu_seconds,
+        )  # fmt: skip
+        print(
+            f"  seed per call:    {theirs['heartbeats_per_second']:,.0f} heartbeats/s", flush=True
+        )
+        ratio = ours["heartbeats_per_second"] / theirs["heartbeats_per_second"]
+        cpu_ratio = theirs["redis_cpu_seconds_per_1k"] / max(ours["redis_cpu_seconds_per_1k"], 1e-9)
+        metrics = {
+            "gateway_heartbeats_per_second": ours["heartbeats_per_second"],
+            "gateway_heartbeats": ours["heartbeats"],
+            "gateway_rounds": ours["rounds"],
+            "gateway_seconds": ours["seconds"],
+            "gateway_round_ms_median": ours["round_ms_median"],
+            "gateway_redis_cpu_seconds_per_1k_heartbeats": ours["redis_cpu_seconds_per_1k"],
+            "gateway_client_cpu_seconds_per_1k_heartbeats": ours["client_cpu_seconds_per_1k"],
+            "seed_heartbeats_per_second": theirs["heartbeats_per_second"],
+            "seed_heartbeats": theirs["heartbeats"],
+            "seed_seconds": theirs["seconds"],
+            "seed_redis_cpu_seconds_per_1k_heartbeats": theirs["redis_cpu_seconds_per_1k"],
+            "seed_client_cpu_seconds_per_1k_heartbeats": theirs["client_cpu_seconds_per_1k"],
+            "ratio_heartbeats_per_second": ratio,
+            "ratio_redis_cpu_per_heartbeat": cpu_ratio,
+            "setup_register_seconds": setup["register_seconds"],
+            "setup_connect_seconds": setup["connect_seconds"],
+        }
+        document = fleet.write_result(
+            "bench_store",
+            started_at=started_at,
+            command=fleet.command_line("loadtest.bench_store", argv),
+            redis_url=server.url,
+            params={
+                "devices": args.devices,
+                "seconds": args.seconds,
+                "max_heartbeats": args.max_heartbeats,
+                "seed_seconds": seed_seconds,
+                "seed_threads": args.seed_threads,
+                "chunk": CHUNK,
+                "seed_doc": str(args.seed_doc),
+                "redis": server.description,
+                "redis_cpu_source": server.cpu_source,
+                "setup": "devices registered with Store.register and given a session with "
+                "PresenceEngine.connect (64 concurrent calls), before any timing",
+                "gateway_phase": "whole rounds: engine.beat(id, session, reported, meta) for "
+                'every device with reported {"temp": round, "hum": 40} (changes every round, '
+                "so state, timestamps, version and history are written), then await "
+                f"engine.flush() (one heartbeat_batch.lua call per chunk of {CHUNK}); rate = "
+                "heartbeats / wall time of the phase, redis-py asyncio + hiredis, one process",
+                "seed_phase": theirs["how"] + "; same Redis, after the gateway phase",
+            },
+            metrics=metrics,
+            targets=[
+                fleet.target(
+                    "gateway heartbeats/s with reported state",
+                    f"≥ {TARGET_RATE:,}/s",
+                    round(ours["heartbeats_per_second"]),
+                    "heartbeats/s",
+                    ours["heartbeats_per_second"] >= TARGET_RATE,
+                ),
+                fleet.target(
+                    "ratio to the seed's device_heartbeat",
+                    f"≥ {TARGET_RATIO}×",
+                    round(ratio, 1),
+                    "×",
+                    ratio >= TARGET_RATIO,
+                ),
+            ],
+        )
+    fleet.print_summary(document)
+    return document
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,290 @@
+"""Results: the JSON file of one run, its PNG plots, and `docs/benchmarks.md` from all of them.
+
+The JSON schema is documented in `loadtest/README.md`; store benchmarks written elsewhere share it,
+so `generate` picks up any `*.json` in the results directory that has a `scenario` field.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import os
+import platform
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import orjson
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = REPO_ROOT / "loadtest" / "results"
+BENCHMARKS_MD = REPO_ROOT / "docs" / "benchmarks.md"
+
+
+# --- statistics -------------------------------------------------------------------
+def percentile(values: Sequence[float], q: float, presorted: bool = False) -> float:
+    """Nearest-rank percentile (q in 0..100); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = values if presorted else sorted(values)
+    rank = max(1, math.ceil(q / 100 * len(ordered)))
+    return float(ordered[min(rank, len(ordered)) - 1])
+
+
+def summary(values: Sequence[float], prefix: str) -> dict[str, float]:
+    """`{prefix}_p50, _p90, _p99, _max, _count` of *values*."""
+    ordered = sorted(values)
+    return {
+        f"{prefix}_p50": round(percentile(ordered, 50, True), 3),
+        f"{prefix}_p90": round(percentile(ordered, 90, True), 3),
+        f"{prefix}_p99": round(percentile(ordered, 99, True), 3),
+        f"{prefix}_max": round(ordered[-1], 3) if ordered else math.nan,
+        f"{prefix}_count": len(ordered),
+    }
+
+
+def target(name: str, text: str, measured: float, unit: str, ok: bool) -> dict[str, Any]:
+    return {
+        "name": name,
+        "target": text,
+        "measured": measured,
+        "unit": unit,
+        "ok": bool(ok) and not (isinstance(measured, float) and math.isnan(measured)),
+    }
+
+
+def at_most(name: str, limit: float, measured: float, unit: str) -> dict[str, Any]:
+    return target(name, f"≤ {limit:g} {unit}".strip(), measured, unit, measured <= limit)
+
+
+def at_least(name: str, limit: float, measured: float, unit: str) -> dict[str, Any]:
+    return target(name, f"≥ {limit:g} {unit}".strip(), measured, unit, measured >= limit)
+
+
+# --- machine ----------------------------------------------------------------------
+def machine(redis_version: str | None) -> dict[str, Any]:
+    model = platform.processor() or "unknown"
+    mem_gib = 0.0
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_gib = round(int(line.split()[1]) / 2**20, 1)
+                break
+    except OSError:
+        pass
+    return {
+        "cpus": os.cpu_count(),
+        "model": model,
+        "mem_gib": mem_gib,
+        "python": platform.python_version(),
+        "redis_version": redis_version or "unknown",
+    }
+
+
+# --- writing one result -------------------------------------------------------------
+def _clean(value: Any) -> Any:
+    """JSON has no NaN: unmeasurable numbers become null."""
+    if isinstance(value, float) and (math.isnan(value) or math.isinf(value)):
+        return None
+    if isinstance(value, dict):
+        return {k: _clean(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean(v) for v in value]
+    return value
+
+
+def write_result(result: dict[str, Any], out_dir: Path, stem: str) -> Path:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"{stem}.json"
+    path.write_bytes(orjson.dumps(_clean(result), option=orjson.OPT_INDENT_2))
+    return path
+
+
+def plot_series(
+    path: Path,
+    title: str,
+    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    xlabel: str,
+    ylabel: str,
+    secondary: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    secondary_label: str = "",
+) -> Path:
+    """Line plot of named (x, y) series, optionally some on a right-hand axis."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    for name, (xs, ys) in series.items():
+        ax.plot(xs, ys, label=name)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    if secondary:
+        right = ax.twinx()
+        for name, (xs, ys) in secondary.items():
+            right.plot(xs, ys, linestyle="--", label=name)
+        right.set_ylabel(secondary_label)
+        more_handles, more_labels = right.get_legend_handles_labels()
+        handles += more_handles
+        labels += more_labels
+    if handles:
+        ax.legend(handles, labels, loc="best", fontsize="small")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_histogram(path: Path, title: str, values: Sequence[float], xlabel: str) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4), dpi=100)
+    if values:
+        ax.hist(values, bins=60)
+        for q, style in ((50, ":"), (99, "--")):
+            value = percentile(values, q)
+            ax.axvline(value, linestyle=style, color="black", label=f"p{q} {value:.1f}")
+        ax.legend(fontsize="small")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("count")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+# --- docs/benchmarks.md -------------------------------------------------------------
+def load_results(results_dir: Path) -> list[tuple[Path, dict[str, Any]]]:
+    found: list[tuple[Path, dict[str, Any]]] = []
+    for path in sorted(results_dir.rglob("*.json")):
+        try:
+            data = orjson.loads(path.read_bytes())
+        except (OSError, orjson.JSONDecodeError):
+            continue
+        if isinstance(data, dict) and isinstance(data.get("scenario"), str):
+            found.append((path, data))
+    return found
+
+
+def latest_per_scenario(results_dir: Path) -> dict[str, tuple[Path, dict[str, Any]]]:
+    latest: dict[str, tuple[Path, dict[str, Any]]] = {}
+    for path, data in load_results(results_dir):
+        name = data["scenario"]
+        if name not in latest or str(data.get("started_at", "")) > str(
+            latest[name][1].get("started_at", "")
+        ):
+            latest[name] = (path, data)
+    return latest
+
+
+def _number(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, int):
+        return f"{value:,}"
+    if isinstance(value, float):
+        if value != 0 and abs(value) < 0.01:
+            return f"{value:.2e}"
+        return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
+    return str(value)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(results_dir: Path, docs_path: Path) -> str:
+    latest = latest_per_scenario(results_dir)
+    lines = [
+        "# Benchmarks",
+        "",
+        "Generated by `python -m loadtest report` from the latest JSON result of each scenario in",
+        f"`{_relative(results_dir, REPO_ROOT)}/` — do not edit by hand. How to run them, and the",
+        "result schema: [`loadtest/README.md`](../loadtest/README.md).",
+        "",
+        "**Read these numbers with care:** they come from a *shared 2-core machine* on which the",
+        "load generator, the gateway processes and Redis all compete for the same cores (and",
+        "colleagues' jobs run beside them). Absolute rates and latencies are pessimistic and",
+        "noisy; compare runs by the CPU-seconds per 1,000 messages figures, which are far more",
+        "stable.",
+        "",
+    ]
+    if not latest:
+        lines += ["No results yet: run `python -m loadtest SCENARIO`.", ""]
+        return "\n".join(lines)
+    lines += [
+        "## Targets",
+        "",
+        "| scenario | target | goal | measured | ok | command |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for name in sorted(latest):
+        _, data = latest[name]
+        command = _cell(str(data.get("command", "")))
+        for t in data.get("targets", []):
+            measured = f"{_number(t.get('measured'))} {t.get('unit', '')}".strip()
+            ok = "✅" if t.get("ok") else "❌"
+            lines.append(
+                f"| {name} | {_cell(str(t.get('name')))} | {_cell(str(t.get('target')))} "
+                f"| {_cell(measured)} | {ok} | `{command}` |"
+            )
+    lines.append("")
+    for name in sorted(latest):
+        path, data = latest[name]
+        lines += [f"## {name}", ""]
+        lines += [
+            f"- run: {data.get('started_at', '?')}, result "
+            f"[`{path.name}`]({_relative(path, docs_path.parent)})",
+            f"- command: `{data.get('command', '')}`",
+        ]
+        params = data.get("params", {})
+        if params:
+            shown = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None)
+            lines.append(f"- params: {_cell(shown)}")
+        lines += ["", "| metric | value |", "| --- | --- |"]
+        for key, value in data.get("metrics", {}).items():
+            lines.append(f"| {_cell(key)} | {_number(value)} |")
+        lines.append("")
+        for plot in data.get("plots", []):
+            png = path.parent / plot
+            lines.append(f"![{name}: {Path(plot).stem}]({_relative(png, docs_path.parent)})")
+        lines.append("")
+    lines += ["## Machine", ""]
+    machines = {orjson.dumps(d.get("machine", {})).decode(): d for _, d in latest.values()}
+    for _key, data in machines.items():
+        m = data.get("machine", {})
+        lines.append(
+            f"- {m.get('cpus')} CPUs ({m.get('model')}), {m.get('mem_gib')} GiB RAM, "
+            f"Python {m.get('python')}, Redis/valkey {m.get('redis_version')} "
+            f"— shared with other jobs during the runs"
+        )
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _relative(path: Path, start: Path) -> str:
+    return Path(os.path.relpath(path.resolve(), start.resolve())).as_posix()
+
+
+def generate(results_dir: Path = RESULTS_DIR, docs_path: Path = BENCHMARKS_MD) -> Path:
+    docs_path.parent.mkdir(parents=True, exist_ok=True)
+    docs_path.write_text(render_markdown(results_dir, docs_path))
+    return docs_path
+
+
+def now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")

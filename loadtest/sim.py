@@ -1,0 +1,624 @@
+"""Device and dashboard simulators, and the worker processes that run them.
+
+A worker process runs one asyncio loop holding thousands of lean simulated devices: one task
+per device on the `websockets` asyncio client (no keepalive task, no compression), bound to a
+chosen loopback source address so several addresses multiply the ephemeral ports available.
+Dashboards are simulated the same way. Every `report_interval` a worker sends cumulative
+counters and the latency samples gathered since its last report to the coordinator (`Fleet`).
+
+Parent → worker commands: `go` (start connecting), `drop` (abort or silence every device),
+`stop` (close everything, answer with a final report). Worker → parent: `ready`, `stats`,
+`dropped`, `final`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import errno
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import resource
+import socket
+import threading
+import time
+from array import array
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
+SAMPLE_CAP = 50_000  # latency samples per kind per report; more are dropped (counted)
+BACKOFF_BASE = 0.2
+BACKOFF_CAP = 5.0
+LATENCY_DASHBOARDS = 10  # dashboards whose every event latency is sampled
+HEARTBEAT = '{"type":"heartbeat"}'
+
+Gateway = tuple[str, int]  # host, port
+
+
+def raise_nofile() -> int:
+    """Soft open-files limit up to the hard one (the machine allows 20,000 per process)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def stream_key(entry_id: str) -> int:
+    """A Redis stream id `ms-seq` as one comparable integer."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms) * 1_048_576 + int(seq or 0)
+
+
+@dataclass
+class WorkerSpec:
+    index: int
+    gateways: list[Gateway]
+    devices: list[tuple[str, str, int, str]]  # device id, token, gateway index, source ("" any)
+    dashboards: list[tuple[int, str, bool]]  # gateway index, source, stalled
+    api_key: str = ""
+    heartbeat_interval: float = 20.0
+    send_interval: float = 0.0  # seconds between payload frames per device; 0: heartbeats only
+    frame: str = "heartbeat"  # payload frame: heartbeat with reported_state, or report (acked)
+    connect_concurrency: int = 256
+    reconnect: bool = True
+    rotate_on_reconnect: bool = False
+    open_timeout: float = 30.0
+    report_interval: float = 0.5
+
+
+class Device:
+    __slots__ = ("dropped", "gateway", "id", "last_frame", "probe", "seq", "silent", "token", "ws")
+
+    def __init__(self, device_id: str, token: str, gateway: int, source: str) -> None:
+        self.id = device_id
+        self.token = token
+        self.gateway = gateway
+        self.ws: ClientConnection | None = None
+        self.last_frame = 0.0
+        self.seq = 0
+        self.probe = 0
+        self.silent = False
+        self.dropped = False
+
+
+class Dashboard:
+    __slots__ = ("gateway", "index", "keys", "max_latency", "sampled", "stalled", "ws")
+
+    def __init__(self, index: int, gateway: int, stalled: bool, sampled: bool) -> None:
+        self.index = index
+        self.gateway = gateway
+        self.stalled = stalled
+        self.sampled = sampled
+        self.keys = array("q")
+        self.max_latency = 0.0
+        self.ws: ClientConnection | None = None
+
+
+@dataclass
+class Stats:
+    counters: Counter[str] = field(default_factory=Counter)
+    errors: Counter[str] = field(default_factory=Counter)
+    closes: Counter[str] = field(default_factory=Counter)
+    samples: dict[str, list[float]] = field(default_factory=dict)
+
+    def sample(self, kind: str, value: float) -> None:
+        bucket = self.samples.setdefault(kind, [])
+        if len(bucket) < SAMPLE_CAP:
+            bucket.append(value)
+        else:
+            self.counters[f"samples_dropped_{kind}"] += 1
+
+    def error(self, exc: BaseException) -> None:
+        if isinstance(exc, InvalidStatus):
+            name = f"http_{exc.response.status_code}"
+            try:
+                detail = orjson.loads(exc.response.body or b"{}").get("detail")
+            except (orjson.JSONDecodeError, AttributeError):
+                detail = None
+            if detail:
+                name += f" ({str(detail)[:60]})"
+        elif isinstance(exc, OSError) and exc.errno is not None:
+            name = errno.errorcode.get(exc.errno, f"errno_{exc.errno}")
+        elif isinstance(exc, TimeoutError):
+            name = "timeout"
+        else:
+            name = type(exc).__name__
+        self.errors[name] += 1
+
+    def take(self) -> dict[str, Any]:
+        samples, self.samples = self.samples, {}
+        return {
+            "stamp": time.monotonic(),
+            "counters": dict(self.counters),
+            "errors": dict(self.errors),
+            "closes": dict(self.closes),
+            "samples": samples,
+        }
+
+
+class Worker:
+    def __init__(self, spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+        self.spec = spec
+        self.conn = conn
+        self.stats = Stats()
+        self.devices = [Device(*d) for d in spec.devices]
+        sampled_every = max(1, len(spec.dashboards) // LATENCY_DASHBOARDS)
+        self.dashboards = [
+            Dashboard(i, gw, stalled, i % sampled_every == 0)
+            for i, (gw, _src, stalled) in enumerate(spec.dashboards)
+        ]
+        self.sources = {d[0]: d[3] for d in spec.devices}
+        self.go = asyncio.Event()
+        self.stop_requested = asyncio.Event()
+        self.stop_params: dict[str, Any] = {}
+        self.stopping = False
+        self.gate = asyncio.Semaphore(spec.connect_concurrency)
+        self.tasks: list[asyncio.Task[None]] = []
+        self.loop = asyncio.get_running_loop()
+
+    # --- plumbing -------------------------------------------------------------
+    def send(self, kind: str, body: dict[str, Any]) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send((kind, self.spec.index, body))
+
+    def _listen(self) -> None:
+        """Thread: blocking reads of the parent's commands, handed to the loop."""
+        while True:
+            try:
+                command, params = self.conn.recv()
+            except (EOFError, OSError):
+                command, params = "stop", {}
+            self.loop.call_soon_threadsafe(self.command, command, params)
+            if command == "stop":
+                return
+
+    def command(self, command: str, params: dict[str, Any]) -> None:
+        if command == "go":
+            self.go.set()
+        elif command == "drop":
+            self.drop(str(params.get("mode", "abort")))
+        elif command == "stop":
+            self.stop_params = params
+            self.stop_requested.set()
+
+    async def main(self) -> None:
+        threading.Thread(target=self._listen, daemon=True).start()
+        self.send("ready", {"pid": os.getpid()})
+        await self.go.wait()
+        reporter = asyncio.create_task(self._report_loop())
+        for dash in self.dashboards:
+            self.tasks.append(asyncio.create_task(self.run_dashboard(dash)))
+        for device in self.devices:
+            self.tasks.append(asyncio.create_task(self.run_device(device)))
+        await self.stop_requested.wait()
+        await self.shutdown()
+        reporter.cancel()
+        self.send("final", self.final())
+
+    async def _report_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.spec.report_interval)
+            self.send("stats", self.stats.take())
+
+    async def shutdown(self) -> None:
+        self.stopping = True
+        sockets = [d.ws for d in self.devices if d.ws is not None]
+        sockets += [d.ws for d in self.dashboards if d.ws is not None and not d.stalled]
+        for start in range(0, len(sockets), 2000):
+            chunk = sockets[start : start + 2000]
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(10):
+                    await asyncio.gather(*(ws.close() for ws in chunk), return_exceptions=True)
+        for dash in self.dashboards:
+            if dash.stalled and dash.ws is not None:
+                # a stalled reader the gateway dropped shows it in its state (CLOSED/CLOSING)
+                self.stats.counters["stalled_closed_by_gateway"] += int(dash.ws.state.value >= 2)
+                dash.ws.transport.abort()
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+    def final(self) -> dict[str, Any]:
+        body = self.stats.take()
+        window = self.stop_params.get("window")
+        counts: list[int] = []
+        if window is not None:
+            low, high = window
+            for dash in self.dashboards:
+                if not dash.stalled:
+                    counts.append(sum(1 for key in dash.keys if low < key <= high))
+        body["dash_counts"] = counts
+        body["dash_max_latency_ms"] = max((d.max_latency for d in self.dashboards), default=0.0)
+        body["last_seq"] = {d.id: d.seq for d in self.devices}
+        return body
+
+    # --- devices --------------------------------------------------------------
+    async def open(self, gateway: int, path: str, source: str, **kwargs: Any) -> ClientConnection:
+        host, port = self.spec.gateways[gateway]
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            if source:
+                sock.setsockopt(socket.IPPROTO_IP, IP_BIND_ADDRESS_NO_PORT, 1)
+                sock.bind((source, 0))
+            if kwargs.pop("small_buffer", False):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            await self.loop.sock_connect(sock, (host, port))
+        except BaseException:
+            sock.close()
+            raise
+        return await connect(
+            f"ws://{host}:{port}{path}",
+            sock=sock,
+            compression=None,
+            ping_interval=None,
+            proxy=None,
+            user_agent_header=None,
+            open_timeout=self.spec.open_timeout,
+            **kwargs,
+        )
+
+    async def run_device(self, device: Device) -> None:
+        attempt = 0
+        lost_at: float | None = None
+        counters = self.stats.counters
+        while not self.stopping and not device.dropped:
+            async with self.gate:
+                if self.stopping:
+                    return
+                counters["connecting"] += 1
+                started = time.perf_counter()
+                try:
+                    ws = await self.open(
+                        device.gateway,
+                        f"/ws/devices/{device.id}",
+                        self.sources[device.id],
+                        additional_headers={"Authorization": f"Bearer {device.token}"},
+                        max_queue=4,
+                    )
+                    try:
+                        async with asyncio.timeout(self.spec.open_timeout):
+                            first = orjson.loads(await ws.recv(decode=False))
+                        if first.get("type") != "welcome":
+                            raise RuntimeError(f"first frame {first.get('type')!r}")
+                    except BaseException:
+                        ws.transport.abort()
+                        raise
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:
+                    self.stats.error(exc)
+                    counters["connect_failures"] += 1
+                    ws = None
+                finally:
+                    counters["connecting"] -= 1
+            if ws is None:
+                if not self.spec.reconnect:
+                    return
+                attempt += 1
+                await self._backoff(device, attempt)
+                continue
+            now = time.perf_counter()
+            self.stats.sample("handshake_ms", (now - started) * 1000)
+            if lost_at is not None:
+                self.stats.sample("reconnect_s", now - lost_at)
+                counters["reconnected"] += 1
+            attempt = 0
+            device.ws = ws
+            device.last_frame = time.time()
+            counters["welcomed"] += 1
+            counters["online"] += 1
+            try:
+                await self.session(device, ws)
+            except ConnectionClosed as exc:
+                if not self.stopping:
+                    self.stats.closes[str(exc.rcvd.code if exc.rcvd is not None else 1006)] += 1
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.stats.error(exc)
+            finally:
+                counters["online"] -= 1
+                device.ws = None
+            if self.stopping or device.dropped:
+                return
+            counters["disconnects"] += 1
+            lost_at = time.perf_counter()
+            if not self.spec.reconnect:
+                return
+            attempt += 1
+            await self._backoff(device, attempt)
+
+    async def _backoff(self, device: Device, attempt: int) -> None:
+        """Full-jitter exponential backoff; optionally try the next gateway."""
+        if self.spec.rotate_on_reconnect:
+            device.gateway = (device.gateway + 1) % len(self.spec.gateways)
+        await asyncio.sleep(random.uniform(0, min(BACKOFF_CAP, BACKOFF_BASE * 2**attempt)))
+
+    async def session(self, device: Device, ws: ClientConnection) -> None:
+        spec = self.spec
+        counters = self.stats.counters
+        beat = spec.heartbeat_interval
+        every = spec.send_interval
+        clock = time.monotonic
+        next_beat = clock() + random.uniform(0.3, 1.0) * beat
+        next_send = clock() + random.uniform(0, every) if every > 0 else float("inf")
+        while True:
+            if device.silent:
+                self.handle(device, await ws.recv(decode=False))
+                continue
+            wait = min(next_beat, next_send) - clock()
+            if wait > 0:
+                try:
+                    async with asyncio.timeout(wait):
+                        raw = await ws.recv(decode=False)
+                except TimeoutError:
+                    continue
+                self.handle(device, raw)
+                continue
+            now = clock()
+            if now >= next_send:
+                await ws.send(self.payload(device, device.seq + 1))
+                device.seq += 1
+                counters["sent_payload"] += 1
+                next_send = max(next_send + every, now - every)
+            else:
+                await ws.send(HEARTBEAT)
+                counters["sent_heartbeat"] += 1
+            device.last_frame = time.time()
+            next_beat = now + beat
+
+    def payload(self, device: Device, seq: int) -> str:
+        if self.spec.frame == "report":
+            frame = {"type": "report", "id": seq, "reported_state": {"seq": seq}}
+        else:
+            frame = {"type": "heartbeat", "reported_state": {"seq": seq}}
+        return orjson.dumps(frame).decode()
+
+    def handle(self, device: Device, raw: bytes | str) -> None:
+        counters = self.stats.counters
+        try:
+            frame = orjson.loads(raw)
+            kind = frame.get("type")
+        except (orjson.JSONDecodeError, AttributeError):
+            self.stats.errors["bad_frame_from_gateway"] += 1
+            return
+        if kind == "state_update":
+            counters["state_updates"] += 1
+            desired = frame.get("desired_state")
+            probe = desired.get("probe") if isinstance(desired, dict) else None
+            if isinstance(probe, int) and probe != device.probe:
+                device.probe = probe
+                counters["probes"] += 1
+                self.stats.sample("desired_ms", (time.time_ns() - probe) / 1e6)
+        elif kind == "ack":
+            counters["acks"] += 1
+        elif kind == "delta":
+            counters["deltas"] += 1
+        elif kind == "error":
+            self.stats.errors[f"frame_{frame.get('code')}"] += 1
+        else:
+            counters[f"frames_{kind}"] += 1
+
+    def drop(self, mode: str) -> None:
+        """Every device stops: `abort` (RST, no close frame), `silent`, or `mixed` (alternate)."""
+        dropped: dict[str, tuple[float, str]] = {}
+        for i, device in enumerate(self.devices):
+            how = mode if mode != "mixed" else ("abort" if i % 2 == 0 else "silent")
+            device.dropped = True
+            if device.ws is None:
+                continue
+            dropped[device.id] = (device.last_frame, how)
+            if how == "abort":
+                device.ws.transport.abort()
+            else:
+                device.silent = True
+        self.send("dropped", {"devices": dropped})
+
+    # --- dashboards -----------------------------------------------------------
+    async def run_dashboard(self, dash: Dashboard) -> None:
+        counters = self.stats.counters
+        source = self.spec.dashboards[dash.index][1]
+        path = f"/ws/dashboard?token={self.spec.api_key}"
+        try:
+            async with self.gate:
+                dash.ws = await self.open(
+                    dash.gateway,
+                    path,
+                    source,
+                    max_queue=1 if dash.stalled else 64,
+                    max_size=None,
+                    small_buffer=dash.stalled,
+                )
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self.stats.error(exc)
+            counters["dashboard_failures"] += 1
+            return
+        if dash.stalled:
+            counters["stalled_connected"] += 1
+            await asyncio.Event().wait()  # never reads; cancelled at shutdown
+        counters["dashboards_online"] += 1
+        try:
+            async for raw in dash.ws:
+                self.dashboard_frame(dash, raw)
+        except ConnectionClosed as exc:
+            if not self.stopping:
+                code = exc.rcvd.code if exc.rcvd is not None else 1006
+                self.stats.closes[f"dashboard_{code}"] += 1
+        finally:
+            counters["dashboards_online"] -= 1
+            if not self.stopping:
+                counters["dashboard_disconnects"] += 1
+
+    def dashboard_frame(self, dash: Dashboard, raw: bytes | str) -> None:
+        counters = self.stats.counters
+        frame = orjson.loads(raw)
+        kind = frame.get("type")
+        if kind != "events":
+            counters[f"dashboard_{kind}"] += 1
+            return
+        now = time.time()
+        events = frame.get("events", [])
+        counters["dashboard_events"] += len(events)
+        keys = dash.keys
+        for event in events:
+            keys.append(stream_key(event["id"]))
+            stamp = event.get("timestamp")
+            if isinstance(stamp, int | float):
+                latency = (now - stamp) * 1000
+                if latency > dash.max_latency:
+                    dash.max_latency = latency
+                if dash.sampled:
+                    self.stats.sample("event_ms", latency)
+
+
+def worker_main(spec: WorkerSpec, conn: multiprocessing.connection.Connection) -> None:
+    """Entry point of a worker process."""
+    raise_nofile()
+
+    async def run() -> None:
+        await Worker(spec, conn).main()
+
+    asyncio.run(run())
+
+
+# --- the coordinator's side ---------------------------------------------------------
+class Fleet:
+    """Worker processes and their aggregated, cumulative statistics."""
+
+    def __init__(self, specs: list[WorkerSpec]) -> None:
+        self.specs = specs
+        self.context = multiprocessing.get_context("spawn")
+        self.conns: list[multiprocessing.connection.Connection] = []
+        self.processes: list[multiprocessing.process.BaseProcess] = []
+        self.counters: list[dict[str, int]] = [{} for _ in specs]
+        self.stamps: list[float] = [time.monotonic() for _ in specs]
+        self.errors: list[dict[str, int]] = [{} for _ in specs]
+        self.closes: list[dict[str, int]] = [{} for _ in specs]
+        self.samples: dict[str, list[float]] = {}
+        self.finals: dict[int, dict[str, Any]] = {}
+        self.dropped: dict[str, tuple[float, str]] = {}
+        self.ready: set[int] = set()
+        self.pids: list[int] = []
+        self.changed = asyncio.Event()
+        self.listeners: list[Callable[[str, int, dict[str, Any]], None]] = []
+        self._loop = asyncio.get_running_loop()
+        self._dropped_from: set[int] = set()
+
+    async def start(self, within: float = 60.0) -> None:
+        for spec in self.specs:
+            parent, child = self.context.Pipe()
+            process = self.context.Process(target=worker_main, args=(spec, child), daemon=True)
+            process.start()
+            child.close()
+            self.conns.append(parent)
+            self.processes.append(process)
+            threading.Thread(target=self._listen, args=(parent,), daemon=True).start()
+        async with asyncio.timeout(within):
+            while len(self.ready) < len(self.specs):
+                await self._wait_change()
+
+    def _listen(self, conn: multiprocessing.connection.Connection) -> None:
+        while True:
+            try:
+                message = conn.recv()
+            except (EOFError, OSError):
+                return
+            self._loop.call_soon_threadsafe(self._on_message, *message)
+
+    def _on_message(self, kind: str, index: int, body: dict[str, Any]) -> None:
+        if kind == "ready":
+            self.ready.add(index)
+            self.pids.append(int(body["pid"]))
+        elif kind in ("stats", "final"):
+            self.counters[index] = body["counters"]
+            self.stamps[index] = body["stamp"]
+            self.errors[index] = body["errors"]
+            self.closes[index] = body["closes"]
+            for name, values in body["samples"].items():
+                self.samples.setdefault(name, []).extend(values)
+            if kind == "final":
+                self.finals[index] = body
+        elif kind == "dropped":
+            self.dropped.update(body["devices"])
+            self._dropped_from.add(index)
+        for listener in self.listeners:
+            listener(kind, index, body)
+        self.changed.set()
+
+    async def _wait_change(self, within: float = 1.0) -> None:
+        self.changed.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.changed.wait(), within)
+
+    def command(self, command: str, **params: Any) -> None:
+        for conn in self.conns:
+            with contextlib.suppress(OSError):
+                conn.send((command, params))
+
+    def total(self, name: str) -> int:
+        return sum(c.get(name, 0) for c in self.counters)
+
+    def snapshot(self, *names: str) -> list[tuple[float, int]]:
+        """Per worker: (its clock at its last report, the sum of *names* then)."""
+        return [
+            (stamp, sum(c.get(n, 0) for n in names))
+            for stamp, c in zip(self.stamps, self.counters, strict=True)
+        ]
+
+    @staticmethod
+    def rate(start: list[tuple[float, int]], end: list[tuple[float, int]]) -> float:
+        """Counts per second between two snapshots, each worker on its own report clock."""
+        total = 0.0
+        for (t0, v0), (t1, v1) in zip(start, end, strict=True):
+            if t1 > t0:
+                total += (v1 - v0) / (t1 - t0)
+        return total
+
+    def error_totals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for errors in self.errors:
+            total.update(errors)
+        return total
+
+    def close_totals(self) -> Counter[str]:
+        total: Counter[str] = Counter()
+        for closes in self.closes:
+            total.update(closes)
+        return total
+
+    async def wait_for(self, predicate: Callable[[], bool], within: float) -> bool:
+        """Until *predicate* holds after a report, or *within* seconds: whether it held."""
+        deadline = time.monotonic() + within
+        while time.monotonic() < deadline:
+            if predicate():
+                return True
+            await self._wait_change(min(1.0, max(0.01, deadline - time.monotonic())))
+        return predicate()
+
+    async def drop(self, mode: str, within: float = 10.0) -> dict[str, tuple[float, str]]:
+        self.command("drop", mode=mode)
+        await self.wait_for(lambda: len(self._dropped_from) == len(self.specs), within)
+        return self.dropped
+
+    async def stop(self, within: float = 60.0, **params: Any) -> None:
+        self.command("stop", **params)
+        await self.wait_for(lambda: len(self.finals) == len(self.specs), within)
+        for process in self.processes:
+            await asyncio.to_thread(process.join, 5)
+            if process.is_alive():
+                process.kill()
+                await asyncio.to_thread(process.join, 5)
+        for conn in self.conns:
+            conn.close()
