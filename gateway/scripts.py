@@ -53,6 +53,7 @@ class Scripts:
         self.page = Script("page")
         self.adopt = Script("adopt")
         self.describe = Script("describe")
+        self.stats = Script("stats")
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

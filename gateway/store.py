@@ -546,27 +546,23 @@ class Store:
     async def stats(self) -> dict[str, Any]:
         """Counts from SCARD and maintained counters: O(number of types), never O(fleet)."""
         k = self.keys
-        types = sorted(text(t) for t in await self.redis.smembers(k.types))
-        async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.scard(k.registered)
-            pipe.scard(k.online)
-            pipe.hgetall(k.online_by_type)
-            for device_type in types:
-                pipe.scard(k.type_set(device_type))
-            registered, online, by_type, *type_counts = await pipe.execute()
-        online_by_type = {text(key): _int(value) for key, value in by_type.items()}
+        reply = await SCRIPTS.stats(
+            self.redis, [k.registered, k.online, k.types, k.online_by_type], [k.type_set("")]
+        )
+        registered, online = int(reply[0]), int(reply[1])
+        by_type = {}
+        for index in range(2, len(reply), 3):
+            count, online_count = int(reply[index + 1]), max(int(reply[index + 2]), 0)
+            by_type[text(reply[index])] = {
+                "registered": count,
+                "online": online_count,
+                "offline": max(count - online_count, 0),
+            }
         return {
             "registered": registered,
             "online": online,
             "offline": max(registered - online, 0),
-            "by_type": {
-                device_type: {
-                    "registered": count,
-                    "online": online_by_type.get(device_type, 0),
-                    "offline": max(count - online_by_type.get(device_type, 0), 0),
-                }
-                for device_type, count in zip(types, type_counts, strict=True)
-            },
+            "by_type": dict(sorted(by_type.items())),
         }
 
     # --- reconciliation with other writers ----------------------------------
