@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 from starlette.applications import Starlette
 from starlette.routing import Mount
@@ -35,4 +36,17 @@ def create_app(settings: Settings) -> Starlette:
     handlers = api.exception_handlers()
     app = Starlette(routes=routes, lifespan=lifespan, exception_handlers=handlers)
     app.state.gateway = gateway
+    app.add_middleware(RawSend)
     return app
+
+
+class RawSend:
+    """Keep the server's own ASGI send in the scope: Starlette wraps it, and abort needs it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "websocket":
+            scope["gateway.raw_send"] = send
+        await self.app(scope, receive, send)

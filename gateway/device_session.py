@@ -47,7 +47,7 @@ class DeviceSession:
         self.malformed = 0
         self.refused = 0
         self.close_reason: str | None = None
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()
 
     def _slow(self) -> None:
         self.close_reason = "slow_consumer"
@@ -92,7 +92,7 @@ class DeviceSession:
     def receive(self, data: str | bytes | None, binary: bool) -> None:
         """Handle one frame; every frame renews presence, even one that is refused."""
         presence = self.gateway.presence
-        self.last_activity = time.monotonic()
+        self.last_activity = time.time()
         if not self.bucket.take():
             presence.beat(self.device_id, self.session)  # refused, but still a sign of life
             self.refused += 1
@@ -134,8 +134,8 @@ class DeviceSession:
                 waiter.add_done_callback(lambda done: self._acked(request_id, done))
         else:
             self.gateway.metrics.in_get.inc()
-            presence.beat(self.device_id, self.session)
-            asyncio.get_running_loop().create_task(self._answer_get(frame.request_id))
+            written = presence.beat(self.device_id, self.session, ack=True)
+            asyncio.get_running_loop().create_task(self._answer_get(frame.request_id, written))
 
     def _write_reported(
         self, document: shadow.Document, stamps: shadow.Document, ack: bool = False
@@ -154,7 +154,11 @@ class DeviceSession:
             self.send(protocol.ack(request_id, version), "ack")
         # ≤ 0: the session was replaced or the device deleted; the hub is closing the socket
 
-    async def _answer_get(self, request_id: str | int | None) -> None:
+    async def _answer_get(
+        self, request_id: str | int | None, written: asyncio.Future[int] | None = None
+    ) -> None:
+        if written is not None:
+            await asyncio.wait([written])  # earlier reports of this device land first
         device = await self.gateway.store.get(self.device_id)
         if device is None:
             return

@@ -6,24 +6,27 @@ from typing import NamedTuple
 
 
 class Close(NamedTuple):
+    """A close code, its reason token (sent as the close reason, and the presence `reason`
+    when this close ends a session) and whether the peer should reconnect."""
+
     code: int
     reason: str
     reconnect: bool
 
 
 NORMAL = Close(1000, "closed", True)
-POLICY = Close(1008, "policy violation", False)
+POLICY = Close(1008, "policy_violation", False)
 DELETED = Close(1008, "deleted", False)
 TOKEN_ROTATED = Close(1008, "token_rotated", False)
-TOO_BIG = Close(1009, "frame too large", True)
-INTERNAL = Close(1011, "internal error", True)
-RESTARTING = Close(1012, "gateway restarting", True)
-MALFORMED = Close(4400, "too many malformed frames", True)
-AUTH_REQUIRED = Close(4401, "authentication required", False)
-ORIGIN_REFUSED = Close(4403, "origin not allowed", False)
-TOO_SLOW = Close(4408, "too slow: send queue full", True)
+TOO_BIG = Close(1009, "frame_too_large", True)
+INTERNAL = Close(1011, "internal_error", True)
+RESTARTING = Close(1012, "gateway_restarting", True)
+MALFORMED = Close(4400, "malformed_frames", True)
+AUTH_REQUIRED = Close(4401, "auth_required", False)
+ORIGIN_REFUSED = Close(4403, "origin_refused", False)
+TOO_SLOW = Close(4408, "slow_consumer", True)
 REPLACED = Close(4409, "replaced", False)
-RATE_LIMITED = Close(4429, "rate limit exceeded", True)
+RATE_LIMITED = Close(4429, "rate_limited", True)
 
 TABLE: tuple[Close, ...] = (
     NORMAL, POLICY, DELETED, TOKEN_ROTATED, TOO_BIG, INTERNAL, RESTARTING, MALFORMED,

@@ -49,14 +49,14 @@ class DeviceHub(Handlers):
             return True
         return False
 
-    def active_session(self, device_id: str) -> str | None:
-        """The local live session of *device_id* if it sent a frame within the timeout."""
+    def active_session(self, device_id: str) -> tuple[str, float] | None:
+        """(session, last frame time) of *device_id*'s local socket if clearly active."""
         session = self.sessions.get(device_id)
         if session is None or session.writer.closed:
             return None
-        if time.monotonic() - session.last_activity > self.active_window:
+        if time.time() - session.last_activity > self.active_window:
             return None
-        return session.session
+        return session.session, session.last_activity
 
     # --- broker handlers ----------------------------------------------------
     def on_command(self, device_id: str, data: bytes) -> None:

@@ -37,8 +37,9 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 WRITTEN, RESUMED, STALE, UNKNOWN = 1, 2, -1, 0
 
 StaleCallback = Callable[[str, str, int], None]
-# the session id of a device's live local socket that sent a frame within the timeout
-ActiveLookup = Callable[[str], str | None]
+# (session id, wall time of its last frame) of a device's live local socket, if that frame
+# came clearly within the heartbeat timeout
+ActiveLookup = Callable[[str], tuple[str, float] | None]
 
 
 @dataclass(frozen=True)
@@ -147,18 +148,21 @@ class PresenceEngine:
         reported: bytes | None = None,
         reported_meta: bytes = b"{}",
         ack: bool = False,
+        seen_at: float | None = None,
     ) -> asyncio.Future[int] | None:
         """Note activity (and the latest full reported document) for the next tick.
 
         Never awaits Redis. With *ack*, returns a future for the shadow version written.
+        *seen_at* (default now) in the past renews only the TTL left since then.
         """
+        when = time.time() if seen_at is None else seen_at
         pending = self._beats.get(device_id)
         if pending is None or pending.session != session:
             if pending is not None:  # a newer session took over within the tick
                 _settle(pending.waiters, STALE)
-            pending = self._beats[device_id] = _Beat(session, time.time())
+            pending = self._beats[device_id] = _Beat(session, when)
         else:
-            pending.seen_at = time.time()
+            pending.seen_at = max(pending.seen_at, when)
         if reported is not None:
             pending.reported, pending.reported_meta = reported, reported_meta
         self._wake.set()
@@ -355,13 +359,22 @@ class PresenceEngine:
         A device whose socket is here and sent a frame within the timeout is not silent: its
         key was lost (Redis restarted, or stalled past the TTL), so it is renewed instead.
         """
-        ids = []
+        ids: list[str] = []
+        active: list[tuple[str, tuple[str, float]]] = []
         for device_id in device_ids:
-            session = self.local_active(device_id)
-            if session is None:
+            live = self.local_active(device_id)
+            if live is None:
                 ids.append(device_id)
             else:
-                self.beat(device_id, session)
+                active.append((device_id, live))
+        if active:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for device_id, _ in active:
+                    pipe.exists(self.keys.heartbeat(device_id))
+                present = await pipe.execute()
+            for (device_id, (session, last_frame)), exists in zip(active, present, strict=True):
+                if not exists:  # lost, not lapsed: renew what is left since its last frame
+                    self.beat(device_id, session, seen_at=last_frame)
         if not ids:
             return 0
         k = self.keys
@@ -403,10 +416,10 @@ class PresenceEngine:
         """Pause the sweep, so every process can re-assert its devices after Redis returns."""
         self._sweep_held_until = time.monotonic() + seconds
 
-    def reassert(self, sessions: Iterable[tuple[str, str]]) -> None:
-        """Renew every given live session at the next tick (after Redis came back)."""
-        for device_id, session in sessions:
-            self.beat(device_id, session)
+    def reassert(self, sessions: Iterable[tuple[str, str, float]]) -> None:
+        """Renew live sessions at the next tick (after Redis came back), from their last frame."""
+        for device_id, session, last_frame in sessions:
+            self.beat(device_id, session, seen_at=last_frame)
 
     async def _sweep_loop(self) -> None:
         while True:

@@ -99,9 +99,9 @@ class Gateway:
         moved while no message could arrive."""
         self.presence.hold_sweep(REASSERT_HOLD)
         self.presence.reassert(
-            (s.device_id, s.session)
-            for s in self.hub.sessions.values()
-            if self.hub.active_session(s.device_id) is not None
+            (device_id, *live)
+            for device_id in list(self.hub.sessions)
+            if (live := self.hub.active_session(device_id)) is not None
         )
         sessions = self.hub.resync_targets()
         resent = 0

@@ -11,6 +11,7 @@ import asyncio
 import collections
 import logging
 from collections.abc import Callable
+from typing import Any
 
 from starlette.websockets import WebSocket
 
@@ -51,9 +52,14 @@ class Writer:
         try:
             while self._queue:
                 frame = self._queue.popleft()
-                # relayed command messages are anyone's bytes: never let one stop the queue
-                text = frame.decode(errors="replace")
-                await self.websocket.send({"type": "websocket.send", "text": text})
+                # relayed command messages are anyone's bytes: text when they are UTF-8,
+                # else passed on as they are, in a binary frame
+                message: dict[str, Any]
+                try:
+                    message = {"type": "websocket.send", "text": frame.decode()}
+                except UnicodeDecodeError:
+                    message = {"type": "websocket.send", "bytes": frame}
+                await self.websocket.send(message)
                 self.sent += 1
         except Exception:  # the peer went away: the reader sees the disconnect and cleans up
             self._queue.clear()
@@ -65,24 +71,31 @@ class Writer:
         if self.closed:
             return
         self.closed = True
-        self._queue.clear()
-        if self._task is not None:
-            self._task.cancel()
+        if close.code == disconnect.TOO_SLOW.code:
+            self._queue.clear()
+            if self._task is not None:
+                self._task.cancel()
         self._closing = asyncio.create_task(self._close(close))
 
     async def _close(self, close: disconnect.Close) -> None:
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
+                if self._task is not None:  # frames queued before the close go first
+                    await asyncio.wait([self._task])
                 await self.websocket.close(close.code, close.reason)
         except TimeoutError:
             abort(self.websocket)
         except Exception:  # already closed or gone: nothing left to tell the peer
             abort(self.websocket)
 
+    async def wait_closed(self) -> None:
+        if self._closing is not None:
+            await asyncio.wait([self._closing])
+
 
 def abort(websocket: WebSocket) -> None:
     """Drop the TCP connection now. ASGI has no abort; uvicorn's protocol owns the transport."""
-    protocol = getattr(getattr(websocket, "_send", None), "__self__", None)
+    protocol = getattr(websocket.scope.get("gateway.raw_send"), "__self__", None)
     transport = getattr(protocol, "transport", None)
     if transport is not None:
         transport.abort()

@@ -91,6 +91,7 @@ async def device_socket(websocket: WebSocket) -> None:
         if welcome is not None:
             gateway.presence.end(device_id, session_id, reason)
         session.close(disconnect.NORMAL)
+        await session.writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
 
 
 routes: list[BaseRoute] = [WebSocketRoute("/ws/devices/{device_id}", device_socket)]

@@ -29,7 +29,14 @@ for i = 0, count - 1 do
   elseif current[1] ~= session then
     code, version = -1, 0
   else
-    local lapsed = not redis.call('SET', heartbeat_key, session, 'PX', ttl, 'GET')
+    -- a renewal for a frame seen long ago (re-asserted after Redis returned) gets only the
+    -- TTL left since that frame; a tick's own frames get the whole TTL
+    local px = tonumber(ttl)
+    local age = tonumber(now) - tonumber(seen_at)
+    if age > 1 then
+      px = math.max(1, px - math.floor(age * 1000))
+    end
+    local lapsed = not redis.call('SET', heartbeat_key, session, 'PX', px, 'GET')
     local fields = {'last_seen', seen_at}
     local changed = reported ~= '' and reported ~= current[2]
     if changed then

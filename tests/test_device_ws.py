@@ -1,0 +1,938 @@
+"""The device WebSocket (contract §5) end to end: real uvicorn, real sockets, real Redis engines.
+
+Presence is observed the way any other service would: a subscription to `devices:presence`.
+"Exactly once" is decided by a sentinel the test publishes after the fact, never by sleeping
+and hoping; every wait is bounded by a multiple of TIMEOUT or by a deadline from the contract.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from live import LiveGateway, live_gateway
+from prometheus_client.parser import text_string_to_metric_families
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+TIMEOUT = 5.0  # the one bound every wait here is a multiple of
+POLL = 0.02
+PRESENCE = "devices:presence"
+SENTINEL_TYPE = "test_sentinel"
+
+Event = dict[str, Any]
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def register(gw: LiveGateway, device_id: str, device_type: str = "thermo") -> str:
+    async with gw.client() as http:
+        response = await http.post(
+            "/api/devices", json={"device_id": device_id, "device_type": device_type}
+        )
+    assert response.status_code == 201, response.text
+    return str(response.json()["token"])
+
+
+async def rest(gw: LiveGateway, method: str, path: str, body: Any = None) -> Any:
+    async with gw.client() as http:
+        response = await http.request(method, path, json=body)
+    assert response.status_code < 300, (response.status_code, response.text)
+    return response.json() if response.content else None
+
+
+async def device_doc(gw: LiveGateway, device_id: str) -> dict[str, Any]:
+    return dict(await rest(gw, "GET", f"/api/devices/{device_id}"))
+
+
+def open_device(gw: LiveGateway, device_id: str, token: str, **kwargs: Any) -> connect:
+    return connect(
+        f"{gw.ws_url}/ws/devices/{device_id}",
+        additional_headers=bearer(token),
+        open_timeout=TIMEOUT,
+        **kwargs,
+    )
+
+
+async def receive(ws: ClientConnection, within: float = TIMEOUT) -> Event:
+    raw = await asyncio.wait_for(ws.recv(), within)
+    return dict(orjson.loads(raw))
+
+
+async def receive_type(ws: ClientConnection, kind: str) -> Event:
+    """The next frame of *kind*, skipping others (bounded)."""
+    async with asyncio.timeout(TIMEOUT):
+        while True:
+            frame = await receive(ws)
+            if frame.get("type") == kind:
+                return frame
+
+
+async def connected(gw: LiveGateway, device_id: str, token: str, **kwargs: Any) -> ClientConnection:
+    """An open device socket whose welcome frame has been read."""
+    ws = await open_device(gw, device_id, token, **kwargs)
+    welcome = await receive(ws)
+    assert welcome["type"] == "welcome", welcome
+    return ws
+
+
+async def close_code(ws: ClientConnection, within: float = TIMEOUT) -> int | None:
+    """Read until the gateway closes the socket; the close code it sent."""
+    async with asyncio.timeout(within):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.recv()
+    return ws.close_code
+
+
+async def eventually(
+    check: Callable[[], Awaitable[bool]], what: str, within: float = TIMEOUT
+) -> None:
+    deadline = time.monotonic() + within
+    while not await check():
+        assert time.monotonic() < deadline, f"not within {within} s: {what}"
+        await asyncio.sleep(POLL * 5)
+
+
+async def dump(client: aioredis.Redis) -> dict[bytes, Any]:
+    """Every key with its type and content (TTLs left out: they tick)."""
+    snapshot: dict[bytes, Any] = {}
+    async for key in client.scan_iter(count=1000):
+        raw_kind: bytes | str = await client.type(key)
+        kind = raw_kind.decode() if isinstance(raw_kind, bytes) else raw_kind
+        if kind == "string":
+            value: Any = await client.get(key)
+        elif kind == "hash":
+            value = await client.hgetall(key)
+        elif kind == "set":
+            value = sorted(await client.smembers(key))
+        elif kind == "zset":
+            value = await client.zrange(key, 0, -1, withscores=True)
+        elif kind == "list":
+            value = await client.lrange(key, 0, -1)
+        elif kind == "stream":
+            value = await client.xrange(key)
+        else:
+            value = kind
+        snapshot[key] = (kind, value)
+    return snapshot
+
+
+class PresenceFeed:
+    """Everything published on `devices:presence`, in order, with the time it arrived."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self.pubsub = client.pubsub()
+        self.events: list[tuple[float, Event]] = []
+        self._sentinels: dict[str, asyncio.Event] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> PresenceFeed:
+        await self.pubsub.subscribe(PRESENCE)
+        message = await self.pubsub.get_message(timeout=TIMEOUT)
+        assert message is not None and message["type"] == "subscribe"
+        self._task = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+    async def _read(self) -> None:
+        while True:
+            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
+            if message is None:
+                continue
+            event = orjson.loads(message["data"])
+            if event.get("type") == SENTINEL_TYPE:
+                self._sentinels.pop(event["nonce"], asyncio.Event()).set()
+            else:
+                self.events.append((time.monotonic(), event))
+
+    def of(self, device_id: str, status: str | None = None) -> list[Event]:
+        return [
+            e
+            for _, e in self.events
+            if e.get("device_id") == device_id and (status is None or e.get("status") == status)
+        ]
+
+    def timed(self, device_id: str, status: str) -> list[tuple[float, Event]]:
+        return [
+            (t, e)
+            for t, e in self.events
+            if e.get("device_id") == device_id and e.get("status") == status
+        ]
+
+    async def wait(
+        self, device_id: str, status: str, count: int = 1, within: float = TIMEOUT
+    ) -> list[Event]:
+        deadline = time.monotonic() + within
+        while len(found := self.of(device_id, status)) < count:
+            assert time.monotonic() < deadline, (
+                f"{device_id}: wanted {count} {status} events within {within} s, "
+                f"got {self.of(device_id)}"
+            )
+            await asyncio.sleep(POLL)
+        return found
+
+    async def settle(self) -> None:
+        """Return once everything published before this call has been read."""
+        nonce = os.urandom(8).hex()
+        arrived = self._sentinels[nonce] = asyncio.Event()
+        await self.client.publish(PRESENCE, orjson.dumps({"type": SENTINEL_TYPE, "nonce": nonce}))
+        await asyncio.wait_for(arrived.wait(), TIMEOUT)
+
+
+@contextlib.asynccontextmanager
+async def presence_feed(client: aioredis.Redis) -> AsyncIterator[PresenceFeed]:
+    async with PresenceFeed(client) as feed:
+        yield feed
+
+
+async def metric_samples(gw: LiveGateway) -> dict[str, list[Any]]:
+    async with gw.client(None) as http:
+        response = await http.get("/metrics")
+    assert response.status_code == 200
+    families: dict[str, list[Any]] = {}
+    for family in text_string_to_metric_families(response.text):
+        families[family.name] = list(family.samples)
+    return families
+
+
+def sample(families: dict[str, list[Any]], name: str, **labels: str) -> float:
+    """The value of the one sample called *name* with *labels* (0 when absent)."""
+    for family in families.values():
+        for s in family:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                return float(s.value)
+    return 0.0
+
+
+# --- handshake ----------------------------------------------------------------------
+
+
+async def refused_status(url: str, headers: dict[str, str] | None = None) -> int:
+    with pytest.raises(InvalidStatus) as caught:
+        async with connect(url, additional_headers=headers, open_timeout=TIMEOUT):
+            pass
+    return int(caught.value.response.status_code)
+
+
+async def test_refused_handshakes_write_nothing(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "hs-1")
+        other_token = await register(gw, "hs-2")
+        base = f"{gw.ws_url}/ws/devices"
+        before = await dump(redis_client)
+        cases: list[tuple[str, dict[str, str] | None, int]] = [
+            (f"{base}/hs-1", None, 401),
+            (f"{base}/hs-1", {"Authorization": "Bearer "}, 401),
+            (f"{base}/hs-1", {"Authorization": f"Basic {token}"}, 401),
+            (f"{base}/hs-1", bearer("not-the-token"), 403),
+            (f"{base}/hs-1", bearer(other_token), 403),
+            (f"{base}/hs-1?token=wrong", None, 403),
+            (f"{base}/nobody", bearer(token), 404),
+            (f"{base}/a:b", bearer(token), 404),
+            (f"{base}/a*", bearer(token), 404),
+            (f"{base}/a%3Ab", bearer(token), 404),
+            (f"{base}/a%20b", bearer(token), 404),
+            (f"{base}/a%2Ab", bearer(token), 404),
+            (f"{base}/{'x' * 129}", bearer(token), 404),
+        ]
+        for url, headers, status in cases:
+            assert await refused_status(url, headers) == status, url
+        assert await dump(redis_client) == before
+        assert not gw.gateway.hub.sessions
+        families = await metric_samples(gw)
+        assert sample(families, "gateway_handshakes_refused_total", status="404") == 7
+
+
+async def test_query_token_and_128_character_id(redis_url: str) -> None:
+    longest = "d" * 128
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, longest)
+        async with connect(f"{gw.ws_url}/ws/devices/{longest}?token={token}") as ws:
+            welcome = await receive(ws)
+            assert welcome["type"] == "welcome"
+            assert welcome["device_id"] == longest
+        assert (await device_doc(gw, longest))["device_id"] == longest
+
+
+# --- welcome ------------------------------------------------------------------------
+
+
+async def test_welcome_frame_shape(redis_url: str) -> None:
+    async with live_gateway(redis_url, heartbeat_timeout=7) as gw:
+        token = await register(gw, "w-1")
+        async with open_device(gw, "w-1", token) as ws:
+            welcome = await receive(ws)
+        assert {
+            "type",
+            "device_id",
+            "session",
+            "heartbeat_timeout",
+            "desired_state",
+            "delta",
+            "version",
+        } <= welcome.keys()
+        assert welcome["type"] == "welcome"
+        assert welcome["device_id"] == "w-1"
+        assert isinstance(welcome["session"], str) and welcome["session"]
+        assert welcome["heartbeat_timeout"] == 7
+        assert welcome["desired_state"] == {}
+        assert welcome["delta"] == {}
+        assert isinstance(welcome["version"], int)
+
+
+async def test_desired_change_while_offline_arrives_in_welcome(redis_url: str) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "w-2")
+        async with open_device(gw, "w-2", token) as ws:
+            await receive(ws)
+            await ws.send(
+                orjson.dumps({"type": "report", "reported_state": {"led": "off"}, "id": 1}).decode()
+            )
+            await receive_type(ws, "ack")
+        changed = await rest(
+            gw, "PATCH", "/api/devices/w-2/desired", {"state": {"led": "on", "fan": {"speed": 2}}}
+        )
+        async with open_device(gw, "w-2", token) as ws:
+            welcome = await receive(ws)
+        assert welcome["desired_state"] == {"led": "on", "fan": {"speed": 2}}
+        assert welcome["delta"] == {
+            "led": {"desired": "on", "reported": "off"},
+            "fan": {"speed": {"desired": 2, "reported": None}},
+        }
+        assert welcome["version"] == changed["version"]
+
+
+# --- device frames ------------------------------------------------------------------
+
+
+def text(frame: dict[str, Any]) -> str:
+    return orjson.dumps(frame).decode()
+
+
+async def test_heartbeat_report_and_get(redis_url: str) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "f-1")
+        async with open_device(gw, "f-1", token) as ws:
+            await receive(ws)
+            await ws.send(text({"type": "heartbeat", "reported_state": {"t": 1, "u": 2}}))
+
+            async def reported_is(expected: dict[str, Any]) -> bool:
+                return bool((await device_doc(gw, "f-1"))["reported_state"] == expected)
+
+            await eventually(lambda: reported_is({"t": 1, "u": 2}), "first heartbeat stored")
+            # a heartbeat's reported_state replaces the document (the seed's device_heartbeat)
+            await ws.send(text({"type": "heartbeat", "reported_state": {"t": 3}}))
+            await eventually(lambda: reported_is({"t": 3}), "heartbeat replaced reported")
+            seen_before = (await device_doc(gw, "f-1"))["last_seen"]
+            await ws.send(text({"type": "heartbeat"}))
+
+            async def seen_moved() -> bool:
+                return bool((await device_doc(gw, "f-1"))["last_seen"] > seen_before)
+
+            await eventually(seen_moved, "bare heartbeat renewed last_seen")
+            assert await reported_is({"t": 3})
+            version_before = (await device_doc(gw, "f-1"))["version"]
+
+            # a report merges (null deletes) and is acked with the new shadow version
+            await ws.send(
+                text({"type": "report", "reported_state": {"u": 5, "t": None}, "id": "r1"})
+            )
+            ack = await receive_type(ws, "ack")
+            assert ack == {"type": "ack", "id": "r1", "version": ack["version"]}
+            assert ack["version"] > version_before
+            assert await reported_is({"u": 5})
+
+            await ws.send(text({"type": "get", "id": 9}))
+            shadow = await receive_type(ws, "shadow")
+            assert shadow["id"] == 9
+            assert shadow["reported_state"] == {"u": 5}
+            assert shadow["desired_state"] == {}
+            assert shadow["version"] == ack["version"]
+
+
+async def test_get_right_after_report_sees_the_report(redis_url: str) -> None:
+    """Frames of one device are answered in order: a `get` sent after a `report` reflects it."""
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "f-2")
+        async with open_device(gw, "f-2", token) as ws:
+            await receive(ws)
+            await ws.send(text({"type": "report", "reported_state": {"x": 1}, "id": "a"}))
+            await ws.send(text({"type": "get", "id": "b"}))
+            frames = [await receive(ws), await receive(ws)]
+        shadow = next(f for f in frames if f["type"] == "shadow")
+        ack = next(f for f in frames if f["type"] == "ack")
+        assert shadow["reported_state"] == {"x": 1}, frames
+        assert shadow["version"] >= ack["version"], frames
+
+
+async def test_bad_frames_get_error_frames_and_write_nothing(redis_url: str) -> None:
+    async with live_gateway(redis_url, malformed_tolerance=50) as gw:
+        token = await register(gw, "f-3")
+        async with open_device(gw, "f-3", token) as ws:
+            await receive(ws)
+            await ws.send(text({"type": "report", "reported_state": {"keep": 1}, "id": 0}))
+            version = (await receive_type(ws, "ack"))["version"]
+            bad: list[tuple[str | bytes, str]] = [
+                ("not json", "invalid_json"),
+                ("[1, 2]", "invalid_frame"),
+                (text({"type": "reboot"}), "unknown_type"),
+                (text({"type": 5}), "invalid_frame"),
+                (text({"type": "heartbeat", "reported_state": "hot"}), "invalid_state"),
+                (text({"type": "report", "reported_state": [1], "id": "r"}), "invalid_state"),
+                (text({"type": "report", "id": "r2"}), "invalid_frame"),
+                (text({"type": "get", "id": True}), "invalid_frame"),
+                (b'{"type":"heartbeat","reported_state":{"keep":2}}', "binary_frame"),
+            ]
+            for frame, code in bad:
+                await ws.send(frame)
+                error = await receive(ws)
+                assert error["type"] == "error", (frame, error)
+                assert error["code"] == code, (frame, error)
+                assert isinstance(error["message"], str) and error["message"]
+            await ws.send(text({"type": "report", "reported_state": [1], "id": "r"}))
+            assert (await receive(ws))["id"] == "r"
+            # a state over the section limit (yet under the frame limit) is refused, not stored
+            big = {"type": "report", "reported_state": {"blob": "x" * 40_000}, "id": "big"}
+            await ws.send(text(big))
+            error = await receive(ws)
+            assert (error["code"], error["id"]) == ("state_too_large", "big")
+            await ws.send(text({"type": "get"}))
+            shadow = await receive_type(ws, "shadow")
+        assert shadow["reported_state"] == {"keep": 1}
+        assert shadow["version"] == version
+        stored = await device_doc(gw, "f-3")
+        assert (stored["reported_state"], stored["version"]) == ({"keep": 1}, version)
+
+
+async def test_malformed_beyond_tolerance_closes_4400(redis_url: str) -> None:
+    tolerance = 10
+    async with live_gateway(redis_url, malformed_tolerance=tolerance) as gw:
+        token = await register(gw, "f-4")
+        async with open_device(gw, "f-4", token) as ws:
+            await receive(ws)
+            for index in range(tolerance):
+                await ws.send(b"\x00binary" if index % 2 else "{broken")
+                assert (await receive(ws))["type"] == "error"
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send("{one too many")
+            assert await close_code(ws) == 4400
+        assert (await device_doc(gw, "f-4"))["reported_state"] == {}
+
+
+async def test_frame_over_64_kib_closes_1009(redis_url: str) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "f-5")
+        async with open_device(gw, "f-5", token, max_size=None) as ws:
+            await receive(ws)
+            huge = text({"type": "heartbeat", "reported_state": {"blob": "y" * 70_000}})
+            with contextlib.suppress(ConnectionClosed):
+                await ws.send(huge)
+            assert await close_code(ws) == 1009
+        assert (await device_doc(gw, "f-5"))["reported_state"] == {}
+
+
+async def test_flood_is_refused_then_closed_4429(redis_url: str) -> None:
+    burst = 5
+    async with live_gateway(redis_url, rate_limit=0.5, rate_burst=burst) as gw:
+        token = await register(gw, "f-6")
+        async with open_device(gw, "f-6", token) as ws:
+            await receive(ws)
+            with contextlib.suppress(ConnectionClosed):
+                for n in range(40):
+                    await ws.send(text({"type": "heartbeat", "reported_state": {"n": n}}))
+            frames: list[Event] = []
+            with contextlib.suppress(ConnectionClosed):
+                async with asyncio.timeout(TIMEOUT):
+                    while True:
+                        frames.append(orjson.loads(await ws.recv()))
+            assert ws.close_code == 4429
+        codes = [f.get("code") for f in frames if f["type"] == "error"]
+        assert codes and set(codes) == {"rate_limited"}, frames
+        assert len(codes) <= burst
+
+        async def settled() -> bool:
+            return bool((await device_doc(gw, "f-6"))["status"] == "offline")
+
+        await eventually(settled, "flooding device offline")
+        # only the frames inside the burst were taken: the refused ones wrote nothing
+        assert (await device_doc(gw, "f-6"))["reported_state"] == {"n": burst - 1}
+
+
+# --- presence -----------------------------------------------------------------------
+
+
+async def test_connect_is_online_and_clean_close_is_one_offline(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "p-1")
+        ws = await connected(gw, "p-1", token)
+        online = (await feed.wait("p-1", "online"))[0]
+        assert (online["reason"], online["type"]) == ("connected", "presence")
+        assert isinstance(online["version"], int) and isinstance(online["timestamp"], int | float)
+        assert (await device_doc(gw, "p-1"))["status"] == "online"
+        await ws.close()
+        offline = (await feed.wait("p-1", "offline"))[0]
+        assert offline["reason"] == "closed"
+        assert offline["version"] > online["version"]
+        await asyncio.sleep(gw.gateway.settings.sweep_interval * 2)
+        await feed.settle()
+        assert [e["status"] for e in feed.of("p-1")] == ["online", "offline"]
+        assert (await device_doc(gw, "p-1"))["status"] == "offline"
+        assert not await redis_client.exists("device:heartbeat:p-1")
+        assert not await redis_client.sismember("devices:online", "p-1")
+
+
+async def test_aborted_tcp_connection_is_connection_lost(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
+    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "p-2")
+        ws = await connected(gw, "p-2", token)
+        await feed.wait("p-2", "online")
+        ws.transport.abort()  # no close frame: the peer just vanishes
+        offline = (await feed.wait("p-2", "offline", within=10 + 2))[0]
+        assert offline["reason"] == "connection_lost"
+        await feed.settle()
+        assert len(feed.of("p-2", "offline")) == 1
+
+
+async def test_unresponsive_tcp_peer_is_connection_lost(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """A peer that stops reading (half-open TCP) fails the pings and is dropped."""
+    settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
+    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "p-3")
+        ws = await connected(gw, "p-3", token, ping_interval=None)
+        await feed.wait("p-3", "online")
+        ws.transport.pause_reading()  # pings are never answered; nothing is sent either
+        try:
+            offline = (await feed.wait("p-3", "offline", within=10 + 2))[0]
+        finally:
+            ws.transport.abort()
+        assert offline["reason"] == "connection_lost"
+
+
+async def test_silent_device_expires_within_timeout_plus_two(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    timeout = 3.0
+    settings = {
+        "heartbeat_timeout": timeout,
+        "ws_ping_interval": 0.5,
+        "ws_ping_timeout": 0.5,
+        "sweep_interval": 0.1,  # frequent sweeps must never stretch a silent device's life
+    }
+    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "p-4")
+        started = time.monotonic()
+        ws = await connected(gw, "p-4", token)
+        # pings and pongs flow the whole time: they keep TCP honest, not the device online
+        offline = await feed.wait("p-4", "offline", within=timeout + 2)
+        went = feed.timed("p-4", "offline")[0][0] - started
+        assert offline[0]["reason"] == "expired"
+        assert went >= timeout - 0.5, went
+        assert ws.state.name == "OPEN"
+        # the socket is still there: its next frame brings the device back
+        await ws.send(text({"type": "heartbeat"}))
+        back = (await feed.wait("p-4", "online", count=2))[1]
+        assert back["reason"] == "resumed"
+        assert back["version"] > offline[0]["version"]
+        await ws.close()
+        await feed.wait("p-4", "offline", count=2)
+        await feed.settle()
+        assert [e["status"] for e in feed.of("p-4")] == ["online", "offline", "online", "offline"]
+
+
+async def test_device_sending_within_each_timeout_never_goes_offline(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    timeout = 2.0
+    settings = {"heartbeat_timeout": timeout, "sweep_interval": 0.5}
+    frames: list[str | bytes] = [
+        text({"type": "heartbeat"}),
+        text({"type": "report", "reported_state": {"n": 1}}),
+        b"binary counts as activity",
+        text({"type": "get"}),
+        "not json counts too",
+        text({"type": "heartbeat", "reported_state": {"n": 2}}),
+    ]
+    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "p-5")
+        async with open_device(gw, "p-5", token) as ws:
+            await receive(ws)
+            for frame in frames:  # 6 frames × 0.9 timeout: several timeouts in all
+                await asyncio.sleep(timeout * 0.9)
+                await ws.send(frame)
+            await asyncio.sleep(timeout * 0.5)
+            await feed.settle()
+            assert feed.of("p-5", "offline") == []
+            assert [e["reason"] for e in feed.of("p-5")] == ["connected"]
+            assert (await device_doc(gw, "p-5"))["status"] == "online"
+
+
+async def test_heartbeats_of_many_devices_are_batched(redis_url: str) -> None:
+    count = 200
+    async with live_gateway(redis_url) as gw:
+        ids = [f"b-{i:03d}" for i in range(count)]
+        tokens = [(await gw.gateway.store.register(i, "bulk", {}))[1] for i in ids]
+        sockets: list[ClientConnection] = []
+        for start in range(0, count, 50):  # a few handshakes at a time: see the storm test
+            sockets += await asyncio.gather(
+                *(connected(gw, ids[n], tokens[n]) for n in range(start, start + 50))
+            )
+        try:
+            await asyncio.gather(
+                *(
+                    ws.send(text({"type": "report", "reported_state": {"i": n}, "id": n}))
+                    for n, ws in enumerate(sockets)
+                )
+            )
+            acks = await asyncio.gather(*(receive_type(ws, "ack") for ws in sockets))
+            assert [a["id"] for a in acks] == list(range(count))
+            families = await metric_samples(gw)
+        finally:
+            await asyncio.gather(*(ws.close() for ws in sockets))
+        ticks = sample(families, "gateway_heartbeat_batch_size_count")
+        written = sample(families, "gateway_heartbeat_batch_size_sum")
+        single = sample(families, "gateway_heartbeat_batch_size_bucket", le="1.0")
+        assert written >= count
+        assert ticks < count, (ticks, written)
+        assert single < ticks, "no tick held more than one device"
+
+
+async def test_reconnect_storm_is_admitted(redis_url: str) -> None:
+    """A fleet reconnecting at once (after a restart) is admitted, not refused with 503."""
+    count = 200
+    async with live_gateway(redis_url) as gw:
+        ids = [f"storm-{i:03d}" for i in range(count)]
+        tokens = [(await gw.gateway.store.register(i, "bulk", {}))[1] for i in ids]
+        results = await asyncio.gather(
+            *(connected(gw, i, t) for i, t in zip(ids, tokens, strict=True)),
+            return_exceptions=True,
+        )
+        sockets = [r for r in results if isinstance(r, ClientConnection)]
+        refused = [r for r in results if not isinstance(r, ClientConnection)]
+        await asyncio.gather(*(ws.close() for ws in sockets))
+        assert refused == [], f"{len(refused)} of {count} refused, e.g. {refused[0]!r}"
+
+
+# --- one session per device ---------------------------------------------------------
+
+
+async def test_second_connection_replaces_the_first(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "s-1")
+        first = await connected(gw, "s-1", token)
+        await feed.wait("s-1", "online")
+        second = await connected(gw, "s-1", token)
+        assert await close_code(first) == 4409
+        replaced = (await feed.wait("s-1", "online", count=2))[1]
+        assert replaced["reason"] == "replaced"
+        # the old session ended after the new one started: that must not offline the device
+        await asyncio.sleep(gw.gateway.settings.sweep_interval * 2)
+        await feed.settle()
+        assert feed.of("s-1", "offline") == []
+        assert (await device_doc(gw, "s-1"))["status"] == "online"
+        assert await redis_client.exists("device:heartbeat:s-1")
+        # the new session is the live one: it still works
+        await second.send(text({"type": "report", "reported_state": {"ok": True}, "id": 1}))
+        assert (await receive_type(second, "ack"))["id"] == 1
+        await second.close()
+        assert (await feed.wait("s-1", "offline"))[0]["reason"] == "closed"
+
+
+# --- commands -----------------------------------------------------------------------
+
+
+async def test_desired_patch_reaches_the_socket(redis_url: str) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "c-1")
+        async with open_device(gw, "c-1", token) as ws:
+            await receive(ws)
+            await ws.send(text({"type": "report", "reported_state": {"led": "off"}, "id": 1}))
+            await receive_type(ws, "ack")
+            changed = await rest(gw, "PATCH", "/api/devices/c-1/desired", {"state": {"led": "on"}})
+            update = await receive(ws)
+            delta = await receive(ws)
+        assert update["type"] == "state_update"
+        assert update["desired_state"] == {"led": "on"}
+        assert isinstance(update["timestamp"], int | float)
+        assert delta == {
+            "type": "delta",
+            "delta": {"led": {"desired": "on", "reported": "off"}},
+            "version": changed["version"],
+        }
+
+
+async def test_anything_published_on_the_command_channel_arrives_as_is(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "c-2")
+        async with open_device(gw, "c-2", token) as ws:
+            await receive(ws)
+            custom = b'{"type":"reboot","after": 5}'
+            await redis_client.publish("device:c-2:commands", custom)
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == custom.decode()
+            await redis_client.publish("device:c-2:commands", b"plain words")
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "plain words"
+            seed_style = b'{"type": "state_update", "desired_state": {"a": 1}, "timestamp": 1.5}'
+            await redis_client.publish("device:c-2:commands", seed_style)
+            assert await asyncio.wait_for(ws.recv(), TIMEOUT) == seed_style.decode()
+            delta = await receive(ws)
+            assert delta["type"] == "delta"
+            assert delta["delta"] == {"a": {"desired": 1, "reported": None}}
+
+
+async def test_non_utf8_command_reaches_the_socket(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """Whatever is published reaches the socket: bytes that are not text go as a binary frame."""
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "c-3")
+        async with open_device(gw, "c-3", token) as ws:
+            await receive(ws)
+            payload = b"\xff\xfe\x00firmware"
+            await redis_client.publish("device:c-3:commands", payload)
+            await redis_client.publish("device:c-3:commands", b"after")
+            received = [
+                await asyncio.wait_for(ws.recv(), TIMEOUT),
+                await asyncio.wait_for(ws.recv(), TIMEOUT),
+            ]
+        assert received == [payload, "after"]
+
+
+async def _raw_handshake(gw: LiveGateway, device_id: str, token: str) -> socket.socket:
+    """A TCP socket that completes the WebSocket handshake and then never reads again."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws/devices/{device_id} HTTP/1.1\r\nHost: 127.0.0.1:{gw.port}\r\n"
+        f"Upgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: {key}\r\n"
+        f"Sec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    async with asyncio.timeout(TIMEOUT):
+        while b"\r\n\r\n" not in head:
+            head += await loop.sock_recv(sock, 1)
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def _drained_to_eof(sock: socket.socket) -> bool:
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(TIMEOUT * 2):
+        while True:
+            try:
+                chunk = await loop.sock_recv(sock, 1 << 16)
+            except ConnectionError:
+                return True
+            if not chunk:
+                return True
+
+
+async def test_slow_consumer_is_dropped_and_others_keep_working(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with (
+        live_gateway(redis_url, send_queue_size=32) as gw,
+        presence_feed(redis_client) as feed,
+    ):
+        slow_token = await register(gw, "slow-1")
+        fine_token = await register(gw, "fine-1")
+        fine = await connected(gw, "fine-1", fine_token)
+        sock = await _raw_handshake(gw, "slow-1", slow_token)
+        try:
+            await feed.wait("slow-1", "online")
+            payload = orjson.dumps({"type": "blob", "data": "z" * 16_000})
+            for _ in range(1000):
+                await redis_client.publish("device:slow-1:commands", payload)
+                if feed.of("slow-1", "offline"):
+                    break
+            offline = (await feed.wait("slow-1", "offline", within=TIMEOUT * 2))[0]
+            assert offline["reason"] == "slow_consumer"
+            assert await _drained_to_eof(sock)
+        finally:
+            sock.close()
+        families = await metric_samples(gw)
+        assert sample(families, "gateway_slow_clients_dropped_total", kind="device") == 1
+        # the gateway stays healthy for everyone else
+        await fine.send(text({"type": "get", "id": "still"}))
+        assert (await receive_type(fine, "shadow"))["id"] == "still"
+        await rest(gw, "PATCH", "/api/devices/fine-1/desired", {"state": {"go": 1}})
+        assert (await receive_type(fine, "state_update"))["desired_state"] == {"go": 1}
+        assert feed.of("fine-1", "offline") == []
+        await fine.close()
+
+
+# --- policy closes ------------------------------------------------------------------
+
+
+async def test_token_rotation_closes_the_session_1008(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+        old = await register(gw, "t-1")
+        ws = await connected(gw, "t-1", old)
+        rotated = await rest(gw, "POST", "/api/devices/t-1/token")
+        assert await close_code(ws) == 1008
+        offline = await feed.wait("t-1", "offline")
+        assert len(offline) == 1
+        assert await refused_status(f"{gw.ws_url}/ws/devices/t-1", bearer(old)) == 403
+        again = await connected(gw, "t-1", rotated["token"])
+        await again.close()
+
+
+async def test_deleting_the_device_closes_the_session_1008(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "t-2")
+        ws = await connected(gw, "t-2", token)
+        await feed.wait("t-2", "online")
+        async with gw.client() as http:
+            assert (await http.delete("/api/devices/t-2")).status_code == 204
+        assert await close_code(ws) == 1008
+        offline = (await feed.wait("t-2", "offline"))[0]
+        assert offline["reason"] == "deleted"
+        await asyncio.sleep(gw.gateway.settings.sweep_interval * 2)
+        await feed.settle()
+        assert len(feed.of("t-2", "offline")) == 1
+        assert await refused_status(f"{gw.ws_url}/ws/devices/t-2", bearer(token)) == 404
+        assert not await redis_client.exists("device:state:t-2")
+
+
+# --- offline grace ------------------------------------------------------------------
+
+
+async def test_offline_grace(redis_url: str, redis_client: aioredis.Redis) -> None:
+    grace = 2.0
+    settings = {"offline_grace": grace, "sweep_interval": 0.5}
+    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+        token = await register(gw, "g-1")
+        ws = await connected(gw, "g-1", token)
+        await feed.wait("g-1", "online")
+        await ws.close()
+        await asyncio.sleep(0.3)
+        ws = await connected(gw, "g-1", token)  # back within 1 s: nobody sees a flap
+        await asyncio.sleep(grace + 1)
+        await feed.settle()
+        assert [e["status"] for e in feed.of("g-1")] == ["online"]
+        assert (await device_doc(gw, "g-1"))["status"] == "online"
+
+        await ws.close()
+        closed_at = time.monotonic()
+        offline = await feed.wait("g-1", "offline", within=grace + 2)
+        went = feed.timed("g-1", "offline")[0][0] - closed_at
+        assert offline[0]["reason"] == "closed"
+        assert went >= grace - 0.5, went
+        await asyncio.sleep(gw.gateway.settings.sweep_interval * 2)
+        await feed.settle()
+        assert [e["status"] for e in feed.of("g-1")] == ["online", "offline"]
+
+
+# --- pub/sub resync -----------------------------------------------------------------
+
+
+async def test_desired_change_while_pubsub_reconnects_is_resent(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "r-1")
+        async with open_device(gw, "r-1", token) as ws:
+            await receive(ws)
+            reconnects = gw.gateway.broker.reconnects
+            desired = orjson.dumps({"mode": "eco"})
+            # the kill and the change in one transaction: no subscriber can see a publish, so
+            # only the re-sync after the reconnect can tell the device
+            async with redis_client.pipeline(transaction=True) as pipe:
+                pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
+                pipe.hset("device:state:r-1", "desired_state", desired)
+                pipe.publish("device:r-1:commands", b'{"type":"lost"}')
+                await pipe.execute()
+            update = await receive_type(ws, "state_update")
+            assert update["desired_state"] == {"mode": "eco"}
+            delta = await receive(ws)
+            assert delta["type"] == "delta"
+            assert delta["delta"] == {"mode": {"desired": "eco", "reported": None}}
+            assert gw.gateway.broker.reconnects > reconnects
+            # and the device's channel is subscribed again
+            await rest(gw, "PATCH", "/api/devices/r-1/desired", {"state": {"mode": "boost"}})
+            update = await receive_type(ws, "state_update")
+            assert update["desired_state"] == {"mode": "boost"}
+
+
+# --- metrics ------------------------------------------------------------------------
+
+
+async def test_metrics_describe_the_sockets(redis_url: str) -> None:
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "m-1")
+        ws = await connected(gw, "m-1", token)
+        await ws.send(text({"type": "heartbeat"}))
+        await ws.send(text({"type": "report", "reported_state": {"a": 1}, "id": 1}))
+        await receive_type(ws, "ack")
+        await ws.send(text({"type": "get"}))
+        await receive_type(ws, "shadow")
+        await ws.send("oops")
+        await receive_type(ws, "error")
+        live = await metric_samples(gw)
+        await ws.close()
+
+        async def gone() -> bool:
+            families = await metric_samples(gw)
+            return sample(families, "gateway_presence_transitions_total", status="offline") >= 1
+
+        await eventually(gone, "offline transition counted")
+        after = await metric_samples(gw)
+    assert sample(live, "gateway_devices_connected") == 1
+    assert sample(after, "gateway_devices_connected") == 0
+    for kind in ("heartbeat", "report", "get"):
+        assert sample(live, "gateway_messages_in_total", type=kind) == 1, kind
+    for kind in ("welcome", "ack", "shadow", "error"):
+        assert sample(live, "gateway_messages_out_total", kind=kind) == 1, kind
+    assert sample(live, "gateway_frames_rejected_total", code="invalid_json") == 1
+    assert sample(live, "gateway_heartbeat_batch_size_count") >= 1
+    assert sample(live, "gateway_redis_seconds_count", op="connect") == 1
+    assert sample(live, "gateway_redis_seconds_count", op="heartbeat_batch") >= 1
+    assert (
+        sample(live, "gateway_presence_transitions_total", status="online", reason="connected") == 1
+    )
+    assert (
+        sample(after, "gateway_presence_transitions_total", status="offline", reason="closed") == 1
+    )
+    assert "gateway_slow_clients_dropped" in after
