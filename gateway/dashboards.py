@@ -29,6 +29,7 @@ log = logging.getLogger("gateway.dashboards")
 READ_COUNT = 1000
 FRAME_EVENTS = 1000
 MAX_REPLAY = 50_000
+JOIN_READS = 5
 FEED_BLOCK_MS = 1000
 
 StreamId = tuple[int, int]
@@ -99,14 +100,25 @@ class DashboardHub:
         self.dashboards: set[Dashboard] = set()
         self._tick: list[Event] = []
         self._position = "$"
+        self._delivered: StreamId = (0, 0)
 
     # --- membership -----------------------------------------------------------
     async def join(self, dashboard: Dashboard, cursor: str) -> None:
-        """Start live delivery after *cursor* (the snapshot's), with nothing lost in between."""
-        replay = await self._range(cursor, "+", MAX_REPLAY)
+        """Start live delivery after *cursor* (the snapshot's), with nothing lost in between.
+
+        The replay is read until it reaches what the feed has already delivered to others:
+        an event delivered while a read was in flight is then in the replay.
+        """
+        replay: list[Event] = []
+        position = cursor
+        for _ in range(JOIN_READS):
+            replay += await self._range(position, "+", MAX_REPLAY)
+            position = replay[-1].id if replay else cursor
+            if self._delivered <= parse_id(position):
+                break
         # no await from here on: the feed cannot slip an event between the read and the join
-        dashboard.after = replay[-1].sid if replay else parse_id(cursor)
-        dashboard.after_id = replay[-1].id if replay else cursor
+        dashboard.after = parse_id(position)
+        dashboard.after_id = position
         self.dashboards.add(dashboard)
         self.metrics.dashboards_connected.set(len(self.dashboards))
         if replay:
@@ -121,8 +133,8 @@ class DashboardHub:
         if parse_id(after) >= dashboard.after:
             return True
         oldest = await self.redis.xrange(self.store.keys.events, "-", "+", count=1)
-        if not oldest:
-            return True
+        if not oldest:  # emptied by trimming: whatever came after *after* is gone
+            return False
         if parse_id(after) < parse_id(text(oldest[0][0])):
             return False
         events = await self._range(after, dashboard.after_id, MAX_REPLAY)
@@ -181,6 +193,7 @@ class DashboardHub:
 
     def deliver(self, events: list[Event]) -> None:
         """One coalesced batch to every dashboard; a shared frame for those that want all."""
+        self._delivered = max(self._delivered, events[-1].sid)
         events = coalesce(events)
         shared: list[bytes] | None = None
         for dashboard in list(self.dashboards):

@@ -20,6 +20,7 @@ from typing import Any, Literal, cast
 
 import orjson
 from redis.asyncio import Redis
+from redis.exceptions import ResponseError
 
 from gateway import shadow
 from gateway.auth import hash_token, new_secret, token_matches
@@ -414,8 +415,12 @@ class Store:
         return items, last, gap
 
     async def last_event_id(self) -> str:
-        entries = await self.redis.xrevrange(self.keys.events, "+", "-", count=1)
-        return text(entries[0][0]) if entries else "0-0"
+        """The id of the newest event ever written, even when trimming left the stream empty."""
+        try:
+            info = await self.redis.xinfo_stream(self.keys.events)
+        except ResponseError:  # no stream yet: nothing was ever written
+            return "0-0"
+        return text(info.get("last-generated-id") or b"0-0")
 
     async def _stream_range(
         self, key: str, start: str, end: str, count: int, reverse: bool

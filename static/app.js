@@ -146,6 +146,7 @@ function applyStats(stats) {
 }
 
 function applySnapshot(msg, sock) {
+  signedIn = true;
   const previousLast = state.lastEventId;
   const oldPv = new Map();
   for (const [id, d] of state.devices) if (d.pv !== undefined) oldPv.set(id, d.pv);
@@ -707,6 +708,8 @@ function authRequired(message) {
   setTimeout(() => $("login-key").focus(), 0);
 }
 
+let signedIn = false;
+
 function start() {
   $("login-form").hidden = true;
   $("login-overlay").hidden = true;
@@ -836,7 +839,8 @@ function everySecond() {
 }
 
 async function boot() {
-  setAuthHandler((message) => authRequired(message));
+  // a first visit without a session just asks to sign in; a session that ended says so
+  setAuthHandler(() => authRequired(signedIn ? "Your session ended: sign in again." : ""));
   bindFilters();
   $("login-form").addEventListener("submit", login);
   $("logout").addEventListener("click", logout);

@@ -66,6 +66,7 @@ async def dashboard_socket(websocket: WebSocket) -> None:
     finally:
         hub.leave(dashboard)
         writer.close(disconnect.NORMAL)
+        await writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
 
 
 def _slow(gateway: Gateway) -> None:

@@ -1,0 +1,728 @@
+"""The dashboard WebSocket (contract §6, docs/dashboard.md) over real sockets and real engines.
+
+"Every event, exactly once" is always judged against the fleet stream itself: the ids a
+dashboard received after its snapshot cursor must equal an XRANGE of `devices:events` over the
+same span. Waits are bounded by multiples of TIMEOUT; nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import socket
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import redis.asyncio as aioredis
+from live import ADMIN_KEY, READ_KEY, LiveGateway, live_gateway
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+TIMEOUT = 5.0
+Frame = dict[str, Any]
+StreamId = tuple[int, int]
+
+
+# --- helpers ------------------------------------------------------------------------
+
+
+def sid(value: str) -> StreamId:
+    ms, _, seq = value.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def open_dashboard(gw: LiveGateway, key: str | None = ADMIN_KEY, **kwargs: Any) -> connect:
+    query = f"?token={key}" if key is not None else ""
+    kwargs.setdefault("max_size", None)
+    return connect(f"{gw.ws_url}/ws/dashboard{query}", open_timeout=TIMEOUT, **kwargs)
+
+
+def open_device(gw: LiveGateway, device_id: str, token: str) -> connect:
+    return connect(
+        f"{gw.ws_url}/ws/devices/{device_id}",
+        additional_headers={"Authorization": f"Bearer {token}"},
+        open_timeout=TIMEOUT,
+    )
+
+
+async def receive(ws: ClientConnection, within: float = TIMEOUT) -> Frame:
+    return dict(orjson.loads(await asyncio.wait_for(ws.recv(), within)))
+
+
+async def snapshot(ws: ClientConnection) -> Frame:
+    first = await receive(ws)
+    assert first["type"] == "snapshot", first
+    return first
+
+
+async def close_code(ws: ClientConnection, within: float = TIMEOUT) -> int | None:
+    """Read until the gateway closes the socket; its close code."""
+    async with asyncio.timeout(within):
+        with contextlib.suppress(ConnectionClosed):
+            while True:
+                await ws.recv()
+    return ws.close_code
+
+
+async def events_through(
+    ws: ClientConnection, last_id: str, within: float = 3 * TIMEOUT
+) -> tuple[list[Frame], int]:
+    """Every event up to and including *last_id*, and how many frames carried them."""
+    events: list[Frame] = []
+    frames = 0
+    target = sid(last_id)
+    async with asyncio.timeout(within):
+        while not events or sid(events[-1]["id"]) < target:
+            frame = await receive(ws, within)
+            if frame["type"] != "events":
+                continue
+            frames += 1
+            events += frame["events"]
+    return events, frames
+
+
+class Collector:
+    """Reads a dashboard socket in the background: its events, and how many frames carried them."""
+
+    def __init__(self, ws: ClientConnection) -> None:
+        self.ws = ws
+        self.events: list[Frame] = []
+        self.frames = 0
+        self.others: list[Frame] = []
+        self._changed = asyncio.Event()
+        self._task = asyncio.create_task(self._run())
+
+    async def _run(self) -> None:
+        try:
+            async for raw in self.ws:
+                frame = orjson.loads(raw)
+                if frame["type"] == "events":
+                    self.frames += 1
+                    self.events += frame["events"]
+                else:
+                    self.others.append(frame)
+                self._changed.set()
+        except ConnectionClosed:
+            pass
+        finally:
+            self._changed.set()
+
+    def reached(self, last_id: str) -> bool:
+        return bool(self.events) and sid(self.events[-1]["id"]) >= sid(last_id)
+
+    async def through(self, last_id: str, within: float = 3 * TIMEOUT) -> list[Frame]:
+        """Wait until the event *last_id* has arrived; every event so far."""
+        async with asyncio.timeout(within):
+            while not self.reached(last_id):
+                if self._task.done():
+                    raise AssertionError(f"socket closed ({self.ws.close_code}) before {last_id}")
+                self._changed.clear()
+                await self._changed.wait()
+        return self.events
+
+    async def stop(self) -> None:
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+
+
+async def stream_ids(
+    redis: aioredis.Redis, gw: LiveGateway, after: str, end: str = "+"
+) -> list[str]:
+    entries = await redis.xrange(gw.gateway.store.keys.events, f"({after}", end)
+    return [text(entry_id) for entry_id, _ in entries]
+
+
+async def stream_events(
+    redis: aioredis.Redis, gw: LiveGateway, after: str, end: str = "+"
+) -> list[Frame]:
+    entries = await redis.xrange(gw.gateway.store.keys.events, f"({after}", end)
+    return [{"id": text(i), **orjson.loads(fields[b"event"])} for i, fields in entries]
+
+
+async def last_id(gw: LiveGateway) -> str:
+    return await gw.gateway.store.last_event_id()
+
+
+async def wait_stream_growth(
+    redis: aioredis.Redis, gw: LiveGateway, after: str, count: int
+) -> list[str]:
+    """Wait until at least *count* events follow *after* in the fleet stream."""
+    deadline = time.monotonic() + 3 * TIMEOUT
+    while len(ids := await stream_ids(redis, gw, after)) < count:
+        assert time.monotonic() < deadline, f"the stream did not grow by {count} events"
+        await asyncio.sleep(0.02)
+    return ids
+
+
+async def cycle(gw: LiveGateway, device_id: str, token: str) -> None:
+    """Connect a device and close it: an online and an offline presence event."""
+    async with open_device(gw, device_id, token) as ws:
+        assert (await receive(ws))["type"] == "welcome"
+
+
+def assert_delivered(received: list[Frame], written: list[Frame]) -> None:
+    """Live delivery: every event in order, except that within a batch a state event may be
+    superseded by a later one for the same device and section (it carries the whole section).
+    So: an ordered subset of the stream holding every non-state event and, per device and
+    section, the last state event."""
+    ids = [e["id"] for e in received]
+    assert_increasing(ids)
+    by_id = {e["id"]: e for e in written}
+    assert set(ids) <= set(by_id), "received events that are not in the stream"
+    for event in received:
+        assert event == by_id[event["id"]]
+    must = [e["id"] for e in written if e["type"] != "state"]
+    last_state: dict[tuple[str, str], str] = {}
+    for e in written:
+        if e["type"] == "state":
+            last_state[(e["device_id"], e["section"])] = e["id"]
+    must += last_state.values()
+    missing = sorted(set(must) - set(ids), key=sid)
+    assert not missing, f"{len(missing)} events never delivered, first {missing[:3]}"
+
+
+def assert_increasing(ids: list[str]) -> None:
+    parsed = [sid(i) for i in ids]
+    assert parsed == sorted(set(parsed)), "stream ids must strictly increase"
+
+
+@pytest.fixture
+async def gw(redis_url: str) -> AsyncIterator[LiveGateway]:
+    async with live_gateway(redis_url) as live:
+        yield live
+
+
+# --- snapshot and live events ------------------------------------------------------
+
+
+async def test_snapshot_comes_first_with_devices_cursor_and_stats(gw: LiveGateway) -> None:
+    store = gw.gateway.store
+    tokens = {}
+    for name in ("dash-a", "dash-b", "dash-c"):
+        _, tokens[name] = await store.register(name, "thermo", {})
+    async with open_device(gw, "dash-b", tokens["dash-b"]) as device:
+        await receive(device)
+        async with open_dashboard(gw) as ws:
+            first = await snapshot(ws)
+        assert first["cursor"] == await last_id(gw)
+    by_id = {d["device_id"]: d for d in first["devices"]}
+    assert set(by_id) == {"dash-a", "dash-b", "dash-c"}
+    assert by_id["dash-b"]["status"] == "online"
+    assert by_id["dash-a"]["status"] == by_id["dash-c"]["status"] == "offline"
+    assert by_id["dash-a"]["device_type"] == "thermo"
+    assert first["truncated"] is False
+    stats = first["stats"]
+    assert (stats["registered"], stats["online"], stats["offline"]) == (3, 1, 2)
+    assert stats["by_type"]["thermo"]["online"] == 1
+
+
+async def test_snapshot_cursor_is_the_stream_position(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    await gw.gateway.store.register("pos-1", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        first = await snapshot(ws)
+    assert first["cursor"] == await last_id(gw)
+    assert await stream_ids(redis_client, gw, first["cursor"]) == []
+
+
+async def test_live_presence_and_state_events_arrive_batched_with_increasing_ids(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    _, token = await gw.gateway.store.register("live-1", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        cursor = (await snapshot(ws))["cursor"]
+        async with open_device(gw, "live-1", token) as device:
+            await receive(device)
+            await device.send(
+                orjson.dumps({"type": "report", "reported_state": {"t": 21.5}}).decode()
+            )
+            assert (await receive(device))["type"] == "ack"
+        ids = await wait_stream_growth(redis_client, gw, cursor, 3)
+        events, _ = await events_through(ws, ids[-1])
+
+    assert [e["id"] for e in events] == ids
+    assert_increasing([e["id"] for e in events])
+    online, state, offline = events
+    assert (online["type"], online["device_id"], online["status"]) == (
+        "presence",
+        "live-1",
+        "online",
+    )
+    assert online["reason"] == "connected"
+    assert (state["type"], state["section"], state["state"]) == ("state", "reported", {"t": 21.5})
+    assert (offline["type"], offline["status"], offline["reason"]) == (
+        "presence",
+        "offline",
+        "closed",
+    )
+    assert offline["version"] > online["version"]
+
+
+async def test_ping_is_answered_with_pong(gw: LiveGateway) -> None:
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send('{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}
+
+
+# --- subscribe ------------------------------------------------------------------------
+
+
+async def test_subscribe_filters_by_types_and_ids(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    _, token_a = await store.register("sub-a", "thermo", {})
+    _, token_b = await store.register("sub-b", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send(
+            orjson.dumps({"type": "subscribe", "types": ["presence"], "ids": ["sub-a"]}).decode()
+        )
+        assert await receive(ws) == {"type": "subscribed", "types": ["presence"], "ids": ["sub-a"]}
+        start = await last_id(gw)
+        await cycle(gw, "sub-b", token_b)  # other device: filtered out
+        await store.patch_section("sub-a", "reported", {"x": 1})  # other type: filtered out
+        await cycle(gw, "sub-a", token_a)
+        await wait_stream_growth(redis_client, gw, start, 5)
+        written = await stream_events(redis_client, gw, start)
+        wanted = [e for e in written if e["type"] == "presence" and e["device_id"] == "sub-a"]
+        # ordered delivery: once sub-a's last event is in, everything before it was judged
+        events, _ = await events_through(ws, wanted[-1]["id"])
+        await ws.send('{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}  # and nothing after it slipped through
+
+    assert len(written) == 5
+    assert events == wanted
+    assert [e["status"] for e in events] == ["online", "offline"]
+
+
+async def test_subscribe_by_type_only_then_clear(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    _, token = await store.register("sub-t", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send('{"type":"subscribe","types":["state"]}')
+        assert await receive(ws) == {"type": "subscribed", "types": ["state"], "ids": None}
+        start = await last_id(gw)
+        await cycle(gw, "sub-t", token)
+        await store.patch_section("sub-t", "desired", {"led": "on"})
+        await wait_stream_growth(redis_client, gw, start, 3)
+        wanted = [e for e in await stream_events(redis_client, gw, start) if e["type"] == "state"]
+        events, _ = await events_through(ws, wanted[-1]["id"])
+        await ws.send('{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}
+        assert events == wanted
+        assert [e["section"] for e in events] == ["desired"]
+
+        await ws.send('{"type":"subscribe"}')  # no lists: everything again
+        assert await receive(ws) == {"type": "subscribed", "types": None, "ids": None}
+        start = await last_id(gw)
+        await cycle(gw, "sub-t", token)
+        ids = await wait_stream_growth(redis_client, gw, start, 2)
+        events, _ = await events_through(ws, ids[-1])
+        assert [e["id"] for e in events] == ids
+
+
+async def test_subscribe_with_too_many_ids_is_refused(gw: LiveGateway) -> None:
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        ids = [f"d{i}" for i in range(5000)]
+        await ws.send(orjson.dumps({"type": "subscribe", "ids": ids}).decode())
+        reply = await receive(ws)
+        assert reply["type"] == "error" and reply["code"] == "too_many_ids", reply
+        await ws.send('{"type":"ping"}')  # still usable
+        assert await receive(ws) == {"type": "pong"}
+
+
+async def test_subscribe_with_unknown_type_is_an_error(gw: LiveGateway) -> None:
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send('{"type":"subscribe","types":["weather"]}')
+        reply = await receive(ws)
+        assert reply["type"] == "error" and reply["code"] == "invalid_frame", reply
+
+
+# --- resume ---------------------------------------------------------------------------
+
+
+async def test_resume_after_reconnect_replays_exactly_the_missed_events(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    tokens = {}
+    for i in range(4):
+        _, tokens[f"res-{i}"] = await store.register(f"res-{i}", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        seen = (await snapshot(ws))["cursor"]
+        await cycle(gw, "res-0", tokens["res-0"])  # events this dashboard does see live
+        ids = await wait_stream_growth(redis_client, gw, seen, 2)
+        events, _ = await events_through(ws, ids[-1])
+        seen = events[-1]["id"]
+
+    # away: N events, all of them missed
+    for _ in range(2):
+        before = await last_id(gw)
+        await asyncio.gather(*(cycle(gw, name, token) for name, token in tokens.items()))
+        await wait_stream_growth(redis_client, gw, before, 8)  # all offline before the next
+    await store.patch_section("res-1", "reported", {"fw": "2.0"})
+    missed = await wait_stream_growth(redis_client, gw, seen, 2 * 2 * 4 + 1)
+    assert len(missed) == 17
+
+    async with open_dashboard(gw) as ws:
+        fresh = await snapshot(ws)
+        assert fresh["cursor"] == missed[-1]
+        await ws.send(orjson.dumps({"type": "resume", "after": seen}).decode())
+        replayed, _ = await events_through(ws, fresh["cursor"])
+        await ws.send('{"type":"ping"}')  # nothing else queued before the pong: no duplicates
+        assert await receive(ws) == {"type": "pong"}
+
+    assert [e["id"] for e in replayed] == missed
+    assert sum(e["type"] == "presence" for e in replayed) == 16
+
+
+async def test_resume_from_the_cursor_replays_nothing(gw: LiveGateway) -> None:
+    await gw.gateway.store.register("res-now", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        first = await snapshot(ws)
+        await ws.send(orjson.dumps({"type": "resume", "after": first["cursor"]}).decode())
+        await ws.send('{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}
+
+
+async def test_resume_from_a_trimmed_id_gets_a_fresh_snapshot(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    _, token = await store.register("gap-1", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        seen = (await snapshot(ws))["cursor"]
+    await cycle(gw, "gap-1", token)
+    await wait_stream_growth(redis_client, gw, seen, 2)
+    await redis_client.xtrim(store.keys.events, maxlen=0)  # the missed events are gone
+    await store.patch_section("gap-1", "reported", {"after": "trim"})
+
+    async with open_dashboard(gw) as ws:
+        fresh = await snapshot(ws)
+        await ws.send(orjson.dumps({"type": "resume", "after": seen}).decode())
+        again = await receive(ws)
+        assert again["type"] == "snapshot" and again["reason"] == "resume_gap", again
+        assert [d["device_id"] for d in again["devices"]] == ["gap-1"]
+        assert again["cursor"] == fresh["cursor"]
+
+        # an id from before the stream's oldest: the same answer
+        await ws.send('{"type":"resume","after":"1-0"}')
+        third = await receive(ws)
+        assert third["type"] == "snapshot" and third["reason"] == "resume_gap", third
+
+        # and live delivery goes on after the fresh snapshot
+        start = await last_id(gw)
+        await cycle(gw, "gap-1", token)
+        ids = await wait_stream_growth(redis_client, gw, start, 2)
+        events, _ = await events_through(ws, ids[-1])
+        assert [e["id"] for e in events] == ids
+
+
+async def test_resume_when_the_whole_stream_was_trimmed_gets_a_fresh_snapshot(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    _, token = await store.register("gap-2", "thermo", {})
+    async with open_dashboard(gw) as ws:
+        seen = (await snapshot(ws))["cursor"]
+    await cycle(gw, "gap-2", token)
+    await wait_stream_growth(redis_client, gw, seen, 2)
+    await redis_client.xtrim(store.keys.events, maxlen=0)  # nothing after the trim
+
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send(orjson.dumps({"type": "resume", "after": seen}).decode())
+        await ws.send('{"type":"ping"}')
+        reply = await receive(ws)
+        assert reply["type"] == "snapshot" and reply.get("reason") == "resume_gap", reply
+
+
+@pytest.mark.parametrize("after", ["yesterday", "12-x", "", "-1", "1-2-3"])
+async def test_resume_from_an_invalid_id_is_an_error(gw: LiveGateway, after: str) -> None:
+    async with open_dashboard(gw) as ws:
+        await snapshot(ws)
+        await ws.send(orjson.dumps({"type": "resume", "after": after}).decode())
+        reply = await receive(ws)
+        assert reply["type"] == "error" and reply["code"] == "invalid_frame", reply
+        await ws.send('{"type":"ping"}')
+        assert await receive(ws) == {"type": "pong"}
+
+
+# --- delivery under load --------------------------------------------------------------
+
+
+async def test_dashboards_joining_during_a_burst_each_get_every_event_after_their_cursor(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    store = gw.gateway.store
+    names = [f"join-{i}" for i in range(8)]
+    for name in names:
+        await store.register(name, "thermo", {})
+    stop = asyncio.Event()
+
+    async def produce(name: str) -> None:
+        n = 0
+        while not stop.is_set():
+            n += 1
+            await store.patch_section(name, "reported", {"n": n})
+            await store.register(f"{name}-new-{n}", "thermo", {})  # never coalesced
+
+    async with contextlib.AsyncExitStack() as stack:
+        producers = [asyncio.create_task(produce(name)) for name in names]
+        await asyncio.sleep(0.2)
+
+        async def join(delay: float) -> ClientConnection:
+            await asyncio.sleep(delay)
+            return await stack.enter_async_context(open_dashboard(gw))
+
+        sockets = await asyncio.gather(*(join(i * 0.015) for i in range(20)))
+        cursors = [(await snapshot(ws))["cursor"] for ws in sockets]
+        await asyncio.sleep(0.3)
+        stop.set()
+        await asyncio.gather(*producers)
+        final = await last_id(gw)
+        received = await asyncio.gather(*(events_through(ws, final) for ws in sockets))
+
+    assert len(set(cursors)) > 1, "the dashboards should have joined at different positions"
+    for cursor, (events, _) in zip(cursors, received, strict=True):
+        written = await stream_events(redis_client, gw, cursor, final)
+        assert written, "events must have flowed after every snapshot"
+        assert_delivered(events, written)
+
+
+async def test_a_high_event_rate_is_coalesced_into_few_frames(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    """2000 registrations (events that are never superseded) arrive whole, in few frames."""
+    store = gw.gateway.store
+
+    async def produce(worker: int) -> None:
+        for n in range(40):
+            await store.register(f"rate-{worker}-{n}", "thermo", {})
+
+    async with open_dashboard(gw) as ws:
+        cursor = (await snapshot(ws))["cursor"]
+        collector = Collector(ws)
+        began = time.monotonic()
+        await asyncio.gather(*(produce(worker) for worker in range(50)))
+        events = await collector.through(await last_id(gw))
+        elapsed = time.monotonic() - began
+        await collector.stop()
+
+    assert len(events) == 2000
+    assert {e["type"] for e in events} == {"registered"}
+    assert [e["id"] for e in events] == await stream_ids(redis_client, gw, cursor)
+    # at most ten batches a second (docs/dashboard.md), with margin for the tick phase
+    assert collector.frames <= 15 * elapsed + 3, (collector.frames, elapsed)
+    assert collector.frames * 10 < len(events)
+
+
+async def test_state_events_within_a_batch_keep_each_devices_latest(
+    gw: LiveGateway, redis_client: aioredis.Redis
+) -> None:
+    """Reports faster than the batch interval: the dashboard may skip superseded state events
+    but always ends with every device's latest section, and never reorders."""
+    store = gw.gateway.store
+    names = [f"burst-{i}" for i in range(10)]
+    for name in names:
+        await store.register(name, "thermo", {})
+
+    async def produce(name: str) -> None:
+        for n in range(50):
+            await store.patch_section(name, "reported", {"n": n})
+
+    async with open_dashboard(gw) as ws:
+        cursor = (await snapshot(ws))["cursor"]
+        collector = Collector(ws)
+        await asyncio.gather(*(produce(name) for name in names))
+        final = await last_id(gw)
+        events = await collector.through(final)
+        await collector.stop()
+
+    written = await stream_events(redis_client, gw, cursor, final)
+    assert len(written) == 500
+    assert_delivered(events, written)
+    latest = {e["device_id"]: e["state"] for e in events}
+    assert latest == {name: {"n": 49} for name in names}
+
+
+# --- auth and origin ------------------------------------------------------------------
+
+
+async def test_missing_or_unknown_key_closes_with_4401(gw: LiveGateway) -> None:
+    for key in (None, "wrong-key", ""):
+        async with open_dashboard(gw, key) as ws:
+            assert await close_code(ws) == 4401
+
+
+async def test_the_read_key_is_enough(gw: LiveGateway) -> None:
+    async with open_dashboard(gw, READ_KEY) as ws:
+        assert (await snapshot(ws))["type"] == "snapshot"
+
+
+async def test_the_login_cookie_authenticates_the_socket(gw: LiveGateway) -> None:
+    async with httpx.AsyncClient(base_url=gw.base_url) as http:
+        response = await http.post("/api/session", json={"api_key": READ_KEY})
+        assert response.status_code == 204
+        cookie = response.cookies["gateway_session"]
+    async with connect(
+        f"{gw.ws_url}/ws/dashboard",
+        additional_headers={"Cookie": f"gateway_session={cookie}"},
+        open_timeout=TIMEOUT,
+    ) as ws:
+        assert (await snapshot(ws))["type"] == "snapshot"
+    async with connect(
+        f"{gw.ws_url}/ws/dashboard",
+        additional_headers={"Cookie": "gateway_session=forged"},
+        open_timeout=TIMEOUT,
+    ) as ws:
+        assert await close_code(ws) == 4401
+
+
+async def test_a_foreign_origin_is_refused_before_the_handshake(gw: LiveGateway) -> None:
+    with pytest.raises(InvalidStatus) as refused:
+        async with open_dashboard(gw, origin="https://evil.example"):  # type: ignore[arg-type]
+            pass
+    assert refused.value.response.status_code == 403
+
+
+async def test_the_page_own_origin_is_accepted(gw: LiveGateway) -> None:
+    async with open_dashboard(gw, origin=gw.base_url) as ws:  # type: ignore[arg-type]
+        assert (await snapshot(ws))["type"] == "snapshot"
+
+
+async def test_allowed_origins_admit_a_listed_origin(redis_url: str) -> None:
+    async with live_gateway(redis_url, allowed_origins=("https://ops.example",)) as gw:
+        async with open_dashboard(gw, origin="https://ops.example") as ws:  # type: ignore[arg-type]
+            assert (await snapshot(ws))["type"] == "snapshot"
+        with pytest.raises(InvalidStatus) as refused:
+            async with open_dashboard(gw, origin="https://evil.example"):  # type: ignore[arg-type]
+                pass
+        assert refused.value.response.status_code == 403
+
+
+# --- misbehaving clients --------------------------------------------------------------
+
+
+BAD_FRAMES: list[str | bytes] = ["not json", b"\x00\x01", '{"type":"launch"}', "[]"]
+
+
+async def test_malformed_frames_are_answered_with_error_frames(redis_url: str) -> None:
+    async with live_gateway(redis_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
+        await snapshot(ws)
+        for frame in BAD_FRAMES[:3]:
+            await ws.send(frame)
+            reply = await receive(ws)
+            assert reply["type"] == "error" and reply["code"] and reply["message"], reply
+        await ws.send('{"type":"ping"}')  # within tolerance: still served
+        assert await receive(ws) == {"type": "pong"}
+        await ws.send(BAD_FRAMES[3])
+        with pytest.raises(ConnectionClosed):  # beyond tolerance: closed, no error frame
+            await receive(ws)
+
+
+async def test_too_many_malformed_frames_close_with_4400(redis_url: str) -> None:
+    async with live_gateway(redis_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
+        await snapshot(ws)
+        for frame in BAD_FRAMES:
+            await ws.send(frame)
+        assert await close_code(ws) == 4400
+
+
+async def _stalled_socket(gw: LiveGateway) -> socket.socket:
+    """A dashboard whose reader never reads: the handshake by hand, then a tiny receive buffer."""
+    loop = asyncio.get_running_loop()
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+    sock.setblocking(False)
+    await loop.sock_connect(sock, ("127.0.0.1", gw.port))
+    key = base64.b64encode(os.urandom(16)).decode()
+    request = (
+        f"GET /ws/dashboard?token={ADMIN_KEY} HTTP/1.1\r\n"
+        f"Host: 127.0.0.1:{gw.port}\r\n"
+        "Upgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    await loop.sock_sendall(sock, request.encode())
+    head = b""
+    async with asyncio.timeout(TIMEOUT):
+        while not head.endswith(b"\r\n\r\n"):
+            chunk = await loop.sock_recv(sock, 1)  # byte by byte: leave the frames unread
+            assert chunk, "connection closed during the handshake"
+            head += chunk
+    assert head.startswith(b"HTTP/1.1 101"), head
+    return sock
+
+
+async def test_a_stalled_dashboard_is_dropped_and_the_others_keep_up(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    async with live_gateway(redis_url, dashboard_batch_interval=0.02) as gw:
+        store = gw.gateway.store
+        hub = gw.gateway.dashboards
+        names = [f"stall-{i}" for i in range(4)]
+        for name in names:
+            await store.register(name, "thermo", {})
+        blob = "x" * 8_000
+        async with open_dashboard(gw) as ws:
+            cursor = (await snapshot(ws))["cursor"]
+            healthy = Collector(ws)
+            stalled = await _stalled_socket(gw)
+            try:
+                async with asyncio.timeout(12 * TIMEOUT):
+                    deadline = time.monotonic() + TIMEOUT
+                    while len(hub.dashboards) < 2:  # the stalled one has joined the feed
+                        assert time.monotonic() < deadline, "the stalled dashboard never joined"
+                        await asyncio.sleep(0.02)
+                    n = 0
+                    while len(hub.dashboards) > 1:  # until the gateway drops the stalled one
+                        n += 1
+                        await asyncio.gather(
+                            *(
+                                store.patch_section(m, "reported", {"b": blob, "n": n})
+                                for m in names
+                            )
+                        )
+                final = await last_id(gw)
+                events = await healthy.through(final, within=2 * TIMEOUT)  # promptly
+                # the dropped socket is closed by the gateway, not left half-open
+                assert await _closed_by_peer(stalled)
+            finally:
+                stalled.close()
+                await healthy.stop()
+        dropped = gw.gateway.metrics.registry.get_sample_value(
+            "gateway_slow_clients_dropped_total", {"kind": "dashboard"}
+        )
+    assert dropped == 1
+    assert_delivered(events, await stream_events(redis_client, gw, cursor, final))
+
+
+async def _closed_by_peer(sock: socket.socket) -> bool:
+    """Drain what the gateway buffered; True once it has closed or reset the connection."""
+    loop = asyncio.get_running_loop()
+    async with asyncio.timeout(3 * TIMEOUT):
+        while True:
+            try:
+                if not await loop.sock_recv(sock, 1 << 20):
+                    return True
+            except ConnectionResetError:
+                return True
