@@ -11,6 +11,7 @@ from starlette.applications import Starlette
 from starlette.routing import Mount
 from starlette.staticfiles import StaticFiles
 
+from gateway import redact
 from gateway.config import Settings
 from gateway.endpoints import api, dashboard, device, health
 from gateway.runtime import Gateway
@@ -20,6 +21,7 @@ STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
 
 def create_app(settings: Settings) -> Starlette:
     """A Starlette app for *settings*; `app.state.gateway` holds the running parts."""
+    redact.install()
     gateway = Gateway(settings)
 
     @contextlib.asynccontextmanager

@@ -93,8 +93,11 @@ class Broker:
             self._pubsub = pubsub
             try:
                 await pubsub.subscribe(*self.base_channels)
-                self._to_subscribe |= set(self._devices)
-                self._changed.set()
+                # every device channel is listened to again before the re-sync reads desired
+                # states: a change published in between is then either read or delivered
+                self._to_subscribe.clear()
+                for chunk in _chunks([self.keys.commands(d) for d in self._devices]):
+                    await pubsub.subscribe(*chunk)
                 self.connected.set()
                 if not first:
                     self.reconnects += 1

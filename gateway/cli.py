@@ -11,7 +11,7 @@ from collections.abc import AsyncIterator, Sequence
 
 import uvicorn
 
-from gateway import __version__
+from gateway import __version__, redact
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings, from_env
 from gateway.embedded import EmbeddedRedis
@@ -113,6 +113,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ConfigError as exc:
         print(f"gateway: {exc}", file=sys.stderr)
         raise SystemExit(2) from exc
+    redact.install()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )

@@ -11,8 +11,12 @@ from typing import Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError
 
 SOCKET_TIMEOUT = 5.0
+NO_RETRY = Retry(NoBackoff(), 0)
 MAX_CONNECTIONS = 64
 
 
@@ -32,7 +36,10 @@ def connect(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) ->
     """
     options.setdefault("socket_timeout", SOCKET_TIMEOUT)
     options.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
-    options.setdefault("health_check_interval", 15)
+    # a connection idle for a second is PINGed before use, and a dead one is replaced once:
+    # after Redis restarts, the first call on each pooled connection must not fail
+    options.setdefault("health_check_interval", 1)
+    options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(ConnectionError,)))
     if url.startswith("redis://"):
         options.setdefault("connection_class", HiredisPackedConnection)
     pool = BlockingConnectionPool.from_url(

@@ -55,7 +55,12 @@ class Gateway:
         )
         self.hub.expired_sink = _ExpiredSink(self.presence)
         self.dashboards = DashboardHub(self.redis, self.store, settings, self.metrics)
-        self.broker = Broker(self.redis, self.keys, self.db, self.hub, self.resync_devices)
+        # pub/sub gets its own client that never reconnects behind the broker's back: the broker
+        # must see every drop, so it can re-send what was published while nobody listened
+        self.pubsub_redis: Redis = redisconn.connect(
+            settings.redis_url, max_connections=4, retry=redisconn.NO_RETRY
+        )
+        self.broker = Broker(self.pubsub_redis, self.keys, self.db, self.hub, self.resync_devices)
         self.notifications = False
         self.draining = False
         self.started = asyncio.Event()
@@ -113,8 +118,9 @@ class Gateway:
                         pipe.hmget(self.keys.state(session.device_id), ["desired_state", "version"])
                     replies = await pipe.execute()
             except REDIS_ERRORS as exc:
+                # the broker reconnects (with backoff) and calls this again: nothing is skipped
                 log.warning("re-sync after reconnect failed: %s", exc)
-                return
+                raise
             for session, (desired, version) in zip(chunk, replies, strict=True):
                 if self.hub.resync_one(session, desired, int(version or 0)):
                     resent += 1
@@ -172,6 +178,7 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
         await self.redis.aclose()
+        await self.pubsub_redis.aclose()
 
 
 def _safe_url(url: str) -> str:
