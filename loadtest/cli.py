@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import secrets
 import shlex
 import sys
@@ -136,8 +137,20 @@ def print_summary(path: Path) -> None:
         console.print(f"plot:   {path.parent / plot}")
 
 
+# benchmarks with their own options, run as `python -m loadtest NAME [options]`
+BENCHMARKS = {
+    "bench-store": "loadtest.bench_store",
+    "bench-api": "loadtest.bench_api",
+    "baseline": "loadtest.baseline",
+    "fleet": "loadtest.fleet",
+}
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in BENCHMARKS:
+        importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
+        return
     args = build_parser().parse_args(argv)
     if args.scenario == "report":
         written = report.generate(args.out, args.docs)

@@ -64,9 +64,7 @@ def parse_both(data: str | bytes) -> None:
             assert exc.code and isinstance(exc.message, str)
 
 
-@settings(
-    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much]
-)
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.filter_too_much])
 @given(st.text() | st.binary())
 def test_arbitrary_text_and_bytes_only_raise_frame_error(data: str | bytes) -> None:
     parse_both(data)
