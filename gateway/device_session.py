@@ -23,6 +23,13 @@ if TYPE_CHECKING:
 
 
 class DeviceSession:
+    # thousands per process: no per-instance __dict__
+    __slots__ = (
+        "bucket", "close_reason", "desired", "device_id", "gateway", "last_activity", "limits",
+        "malformed", "refused", "reported", "reported_meta", "session", "token_hash", "version",
+        "websocket", "writer",
+    )  # fmt: skip
+
     def __init__(
         self,
         gateway: Gateway,

@@ -22,6 +22,17 @@ CLOSE_TIMEOUT = 2.0
 
 
 class Writer:
+    __slots__ = (
+        "_closing",
+        "_queue",
+        "_task",
+        "closed",
+        "limit",
+        "on_overflow",
+        "sent",
+        "websocket",
+    )
+
     def __init__(
         self, websocket: WebSocket, limit: int, on_overflow: Callable[[], None] | None = None
     ) -> None:

@@ -146,8 +146,37 @@ BENCHMARKS = {
 }
 
 
+# every figure in docs/benchmarks.md, at the sizes the issues set: `python -m loadtest suite`
+SUITE: tuple[tuple[str, ...], ...] = (
+    ("bench-store", "--devices", "10000", "--seconds", "10"),
+    ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
+    ("idle", "--devices", "15000", "--duration", "30"),
+    ("connect-storm", "--devices", "10000"),
+    ("ingest", "--devices", "5000", "--rate", "25000", "--duration", "30"),
+    ("desired-latency", "--devices", "10000", "--rate", "1000", "--duration", "60"),
+    ("fanout", "--devices", "1000", "--dashboards", "500", "--rate", "1000", "--duration", "300"),
+    ("offline-lag", "--devices", "1000", "--heartbeat-timeout", "5"),
+    ("reconnect-storm", "--devices", "10000", "--start-gateways", "2"),
+    ("moonshot",),
+)
+
+
+def suite() -> None:
+    """Run every benchmark in turn (about 45 minutes here), then regenerate the page."""
+    for command in SUITE:
+        print(f"\n=== python -m loadtest {' '.join(command)}", flush=True)
+        try:
+            main(list(command))
+        except SystemExit as exc:  # one failed run is reported; the others still run
+            print(f"=== exit {exc.code}", flush=True)
+    print(f"wrote {report.generate(report.RESULTS_DIR, report.BENCHMARKS_MD)}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["suite"]:
+        suite()
+        return
     if argv and argv[0] in BENCHMARKS:
         importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
         return
