@@ -185,6 +185,14 @@ class PresenceEngine:
         self._expired.add(device_id)
         self._wake.set()
 
+    def _offline_keys(self) -> list[str]:
+        """The fleet-wide keys every offline-capable script (disconnect, expire) takes first."""
+        k = self.keys
+        return [
+            k.online, k.index_online, k.online_seen, k.online_by_type, k.events,
+            k.presence_channel,
+        ]  # fmt: skip
+
     # --- the tick -----------------------------------------------------------
     async def run(self) -> None:
         """Flush ticks and sweep until cancelled."""
@@ -309,14 +317,7 @@ class PresenceEngine:
             return
         k = self.keys
         items = list(ends.items())
-        head = [
-            k.online,
-            k.index_online,
-            k.online_seen,
-            k.online_by_type,
-            k.events,
-            k.presence_channel,
-        ]
+        head = self._offline_keys()
         for start in range(0, len(items), CHUNK):
             chunk = items[start : start + CHUNK]
             keys = list(head)
@@ -378,14 +379,7 @@ class PresenceEngine:
         if not ids:
             return 0
         k = self.keys
-        head = [
-            k.online,
-            k.index_online,
-            k.online_seen,
-            k.online_by_type,
-            k.events,
-            k.presence_channel,
-        ]
+        head = self._offline_keys()
         went = 0
         for start in range(0, len(ids), CHUNK):
             chunk = ids[start : start + CHUNK]

@@ -62,7 +62,7 @@ class Limits:
 def validate_patch(patch: object, limits: Limits) -> Document:
     """Return *patch* as a document, or raise the ShadowError that says what is wrong."""
     if not isinstance(patch, dict):
-        raise NotAnObject(f"state must be a JSON object, got {_json_type(patch)}")
+        raise NotAnObject(f"state must be a JSON object, got {json_type(patch)}")
     _check_tree(patch, limits, depth=1, path="")
     check_size(patch, limits)
     return patch
@@ -206,7 +206,8 @@ def decode_document(raw: bytes | str | None) -> Document:
     return value if isinstance(value, dict) else {}
 
 
-def _json_type(value: object) -> str:
+def json_type(value: object) -> str:
+    """The JSON name of a value's type, for error messages that say what arrived."""
     if value is None:
         return "null"
     if isinstance(value, bool):
@@ -217,4 +218,4 @@ def _json_type(value: object) -> str:
         return "string"
     if isinstance(value, list):
         return "array"
-    return type(value).__name__
+    return "object" if isinstance(value, dict) else type(value).__name__

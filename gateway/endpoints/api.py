@@ -195,22 +195,8 @@ async def _read_object(request: Request) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise Problem("invalid-json", f"the body is not valid JSON: {exc}") from exc
     if not isinstance(value, dict):
-        raise _invalid("body", f"the body must be a JSON object, got {_json_type(value)}")
+        raise _invalid("body", f"the body must be a JSON object, got {shadow.json_type(value)}")
     return value
-
-
-def _json_type(value: object) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "boolean"
-    if isinstance(value, int | float):
-        return "number"
-    if isinstance(value, str):
-        return "string"
-    if isinstance(value, list):
-        return "array"
-    return "object"
 
 
 def _only(body: dict[str, Any], allowed: Iterable[str]) -> None:
@@ -225,7 +211,7 @@ def _required_string(body: dict[str, Any], name: str) -> str:
         raise _invalid(name, f"{name} is required")
     value = body[name]
     if not isinstance(value, str):
-        raise _invalid(name, f"{name} must be a string, got {_json_type(value)}")
+        raise _invalid(name, f"{name} must be a string, got {shadow.json_type(value)}")
     return value
 
 
@@ -236,7 +222,7 @@ def _object_field(body: dict[str, Any], name: str, required: bool) -> dict[str, 
         return {}
     value = body[name]
     if not isinstance(value, dict):
-        raise _invalid(name, f"{name} must be a JSON object, got {_json_type(value)}")
+        raise _invalid(name, f"{name} must be a JSON object, got {shadow.json_type(value)}")
     return value
 
 
@@ -381,7 +367,9 @@ async def patch_desired(request: Request, store: Store) -> Response:
     if version is not None and (
         isinstance(version, bool) or not isinstance(version, int) or version < 0
     ):
-        raise _invalid("version", f"version must be an integer ≥ 0, got {_json_type(version)}")
+        raise _invalid(
+            "version", f"version must be an integer ≥ 0, got {shadow.json_type(version)}"
+        )
     new_version, desired = await store.patch_section(device_id, "desired", patch, version)
     device = await store.require(device_id)
     return ORJSONResponse(
