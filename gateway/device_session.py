@@ -26,7 +26,7 @@ class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
         "bucket", "close_reason", "desired", "device_id", "gateway", "last_activity", "limits",
-        "malformed", "refused", "reported", "reported_meta", "session", "token_hash", "version",
+        "malformed", "refused", "reported", "reported_meta", "session", "version",
         "websocket", "writer",
     )  # fmt: skip
 
@@ -36,14 +36,12 @@ class DeviceSession:
         websocket: WebSocket,
         device_id: str,
         session: str,
-        token_hash: str,
     ) -> None:
         settings = gateway.settings
         self.gateway = gateway
         self.websocket = websocket
         self.device_id = device_id
         self.session = session
-        self.token_hash = token_hash
         self.writer = Writer(websocket, settings.send_queue_size, self._slow)
         self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
         self.limits = gateway.store.limits

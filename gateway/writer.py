@@ -39,7 +39,8 @@ class Writer:
         self.websocket = websocket
         self.limit = limit
         self.on_overflow = on_overflow
-        self._queue: collections.deque[bytes] = collections.deque()
+        # made on first use: most device sockets are idle, and an empty deque costs 600 bytes
+        self._queue: collections.deque[bytes] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.closed = False
@@ -49,6 +50,8 @@ class Writer:
         """Queue a frame; False (and the socket dropped) when the queue is full."""
         if self.closed:
             return False
+        if self._queue is None:
+            self._queue = collections.deque()
         if len(self._queue) >= self.limit:
             self.close(disconnect.TOO_SLOW)
             if self.on_overflow:
@@ -73,9 +76,11 @@ class Writer:
                 await self.websocket.send(message)
                 self.sent += 1
         except Exception:  # the peer went away: the reader sees the disconnect and cleans up
-            self._queue.clear()
+            self._queue = None
         finally:
             self._task = None
+            if not self._queue:
+                self._queue = None
 
     def close(self, close: disconnect.Close) -> None:
         """Close once: queued frames are dropped; a stalled peer is aborted, not awaited."""
@@ -83,7 +88,7 @@ class Writer:
             return
         self.closed = True
         if close.code == disconnect.TOO_SLOW.code:
-            self._queue.clear()
+            self._queue = None
             if self._task is not None:
                 self._task.cancel()
         self._closing = asyncio.create_task(self._close(close))

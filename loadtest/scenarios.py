@@ -43,6 +43,7 @@ EVENTS = "devices:events"
 ONLINE = "devices:online"
 READY_TIMEOUT = 30.0
 STOP_TIMEOUT = 20.0
+INGEST_CONVERGE_S = 10.0
 
 
 @dataclass
@@ -648,7 +649,7 @@ async def idle(ctx: Ctx) -> None:
     )
     ctx.result.targets += [
         report.at_least("devices online", len(ctx.ids), online, "devices"),
-        report.at_most("gateway RSS per connection", 64, round(per_conn, 2), "KiB"),
+        report.at_most("gateway RSS per connection", 20, round(per_conn, 2), "KiB"),
     ]
     ctx.plot("memory", "idle: RSS", ["gateway_rss_mib", "redis_rss_mib"], "MiB", ["online"],
              "devices online")  # fmt: skip
@@ -721,18 +722,29 @@ async def ingest(ctx: Ctx) -> None:
     for final in fleet.finals.values():
         last_seq.update(final["last_seq"])
     verified, checked, behind = 0, 0, 0
+    converged_s: float | None = None
     redis = ctx.redis
     if redis is not None:
+        # a saturated gateway still has frames queued when the devices stop: poll until its
+        # batches have written the last state of every device (bounded), and say how long
         ids = list(last_seq)[:5000]
-        async with redis.pipeline(transaction=False) as pipe:
-            for device_id in ids:
-                pipe.hget(f"device:state:{device_id}", "reported_state")
-            stored = await pipe.execute()
-        for device_id, raw in zip(ids, stored, strict=True):
-            checked += 1
-            seq = orjson.loads(raw).get("seq", 0) if raw else 0
-            verified += int(seq == last_seq[device_id])
-            behind += int(seq < last_seq[device_id])
+        stopped = time.monotonic()
+        while True:
+            verified, checked, behind = 0, 0, 0
+            async with redis.pipeline(transaction=False) as pipe:
+                for device_id in ids:
+                    pipe.hget(f"device:state:{device_id}", "reported_state")
+                stored = await pipe.execute()
+            for device_id, raw in zip(ids, stored, strict=True):
+                checked += 1
+                seq = orjson.loads(raw).get("seq", 0) if raw else 0
+                verified += int(seq == last_seq[device_id])
+                behind += int(seq < last_seq[device_id])
+            if behind == 0 or time.monotonic() - stopped > INGEST_CONVERGE_S:
+                break
+            await asyncio.sleep(0.5)
+        if behind == 0:
+            converged_s = round(time.monotonic() - stopped + 0.5, 2)
     m.update(
         {
             "requested_rate": opts.rate,
@@ -744,11 +756,12 @@ async def ingest(ctx: Ctx) -> None:
             "reported_state_checked": checked,
             "reported_state_verified": verified,
             "reported_state_behind": behind,
+            "reported_state_converged_after_stop_s": converged_s,
             **cost,
         }
     )
     ctx.result.targets += [
-        report.at_least("achieved rate", round(0.95 * opts.rate, 1), round(achieved, 1), "msgs/s"),
+        report.at_least("achieved rate", opts.rate, round(achieved, 1), "msgs/s"),
         report.at_least("gateway counted every frame", total_sent, in_after - in_before, "frames"),
         report.at_least("last reported_state in Redis", checked, verified, "devices"),
     ]
@@ -799,6 +812,53 @@ async def command_load(ctx: Ctx, rate: float, duration: float) -> dict[str, int]
     return dict(statuses)
 
 
+async def store_command_load(ctx: Ctx, rate: float, duration: float) -> dict[str, int]:
+    """Desired changes at *rate*, made the way the API makes them (`Store.patch_section`: the
+    compare-and-set script, which publishes on the device's command channel), from this
+    process. The HTTP layer in front is measured by bench-api; one Python process cannot both
+    drive 1,000 HTTP requests/s and stay out of the latency it measures."""
+    from gateway import redisconn
+    from gateway.config import Settings
+    from gateway.store import Store
+
+    assert ctx.cluster.redis_url is not None
+    statuses: Counter[str] = Counter()
+    ids = ctx.ids
+    redis = redisconn.connect(ctx.cluster.redis_url)
+    store = Store(redis, Settings(redis_url=ctx.cluster.redis_url))
+    gate = asyncio.Semaphore(200)
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def change(k: int) -> None:
+        try:
+            await store.patch_section(
+                ids[k % len(ids)], "desired", {"probe": time.time_ns(), "seq": k}
+            )
+            statuses["200"] += 1
+        except Exception as exc:  # counted, never fatal: the lost count says what matters
+            statuses[type(exc).__name__] += 1
+        finally:
+            gate.release()
+
+    try:
+        start = time.monotonic()
+        k = 0
+        while time.monotonic() - start < duration:
+            delay = start + k / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            await gate.acquire()
+            task = asyncio.create_task(change(k))
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+            k += 1
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+    finally:
+        await redis.aclose()
+    return dict(statuses)
+
+
 async def desired_latency(ctx: Ctx) -> None:
     opts, m = ctx.opts, ctx.result.metrics
     await connect_phase(ctx)
@@ -806,16 +866,18 @@ async def desired_latency(ctx: Ctx) -> None:
     assert fleet is not None
     ctx.progress_key = "desired_ms"
     mark = ctx.mark()
-    statuses = await command_load(ctx, opts.rate, opts.duration)
+    statuses = await store_command_load(ctx, opts.rate, opts.duration)
     sent_ok = sum(v for k, v in statuses.items() if k.startswith("2"))
     await fleet.wait_for(lambda: fleet.total("probes") >= sent_ok, 5.0)
     received = fleet.total("probes")
     cost = ctx.cost(mark, sent_ok)
     samples = fleet.samples.get("desired_ms", [])
     stats = report.summary(samples, "desired_ms")
+    stats.update(report.summary(fleet.samples.get("commit_ms", []), "commit_ms"))
     m.update(
         {
             "rate": opts.rate,
+            "changes_via": "Store.patch_section (the API's write path, without HTTP)",
             "patches_ok": sent_ok,
             "patch_statuses": ",".join(f"{k}:{v}" for k, v in sorted(statuses.items())),
             "state_updates_received": received,
@@ -826,7 +888,7 @@ async def desired_latency(ctx: Ctx) -> None:
     )
     ctx.result.targets += [
         report.at_most("lost desired changes", 0, max(0, sent_ok - received), ""),
-        report.at_most("desired → device p99", 50, stats["desired_ms_p99"], "ms"),
+        report.at_most("desired → device p99", 10, stats["desired_ms_p99"], "ms"),
         report.at_most("non-2xx PATCH", 0, sum(statuses.values()) - sent_ok, ""),
     ]
     ctx.histogram("latency", "desired-latency: PATCH → state_update", samples, "ms")
@@ -910,7 +972,7 @@ async def fanout(ctx: Ctx) -> None:
     )
     ctx.result.targets += [
         report.at_least("dashboards with every event", opts.dashboards, complete, "dashboards"),
-        report.at_most("event → dashboard p99", 500, stats["event_ms_p99"], "ms"),
+        report.at_most("event → dashboard p99", 100, stats["event_ms_p99"], "ms"),
         report.at_most("gateway RSS growth in window", 50, m["gateway_rss_growth_mib"], "MiB"),
     ]
     ctx.plot("rss", "fanout: gateway RSS", ["gateway_rss_mib"], "MiB", ["dash_events"],

@@ -400,6 +400,9 @@ class Worker:
                 device.probe = probe
                 counters["probes"] += 1
                 self.stats.sample("desired_ms", (time.time_ns() - probe) / 1e6)
+                committed = frame.get("timestamp")
+                if isinstance(committed, int | float):  # the gateway's commit time in Redis
+                    self.stats.sample("commit_ms", (time.time() - committed) * 1000)
         elif kind == "ack":
             counters["acks"] += 1
         elif kind == "delta":

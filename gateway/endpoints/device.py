@@ -54,7 +54,7 @@ async def device_socket(websocket: WebSocket) -> None:
 
     await websocket.accept()
     session_id = secrets.token_urlsafe(12)
-    session = DeviceSession(gateway, websocket, device_id, session_id, token_hash)
+    session = DeviceSession(gateway, websocket, device_id, session_id)
     gateway.hub.add(session)
     gateway.broker.subscribe_device(device_id)
     try:
@@ -65,14 +65,17 @@ async def device_socket(websocket: WebSocket) -> None:
     except REDIS_ERRORS:
         welcome = None
         session.close(disconnect.RESTARTING)
+    accepted = welcome is not None
     if welcome is None:
         session.close(disconnect.DELETED)
     else:
         session.welcome(welcome.desired, welcome.reported, welcome.reported_meta, welcome.version)
+    # this frame lives as long as the socket: keep nothing in it that is no longer needed
+    del welcome, token, token_hash
     gateway.metrics.devices_connected.inc()
     code = 1000
     try:
-        while welcome is not None and not session.writer.closed:
+        while accepted and not session.writer.closed:
             message = await websocket.receive()
             kind = message["type"]
             if kind == "websocket.receive":
@@ -88,7 +91,7 @@ async def device_socket(websocket: WebSocket) -> None:
         reason = session.close_reason or (
             "connection_lost" if code in disconnect.LOST_CODES else "closed"
         )
-        if welcome is not None:
+        if accepted:
             gateway.presence.end(device_id, session_id, reason)
         session.close(disconnect.NORMAL)
         await session.writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
