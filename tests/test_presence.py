@@ -655,3 +655,22 @@ async def test_a_renewed_lapse_puts_the_device_back_in_the_seeds_online_set(
     assert await redis_client.get("device:heartbeat:d1") == b"s1"
     assert online == ["d1"]
     assert await redis_client.hget("device:state:d1", "status") == b"online"
+
+
+async def test_frames_that_arrive_while_a_tick_is_written_land_before_the_session_ends(
+    engine: PresenceEngine, redis_client: aioredis.Redis
+) -> None:
+    """A device's last frames and its close arrive while the previous tick is in flight: the
+    close must not overtake them (it would clear the session the frames still need)."""
+    await register(engine, "d1")
+    await engine.connect("d1", "s1", "")
+    engine.beat("d1", "s1", orjson.dumps({"seq": 1}))
+    in_flight = asyncio.create_task(engine.flush())
+    await asyncio.sleep(0)  # the tick has taken its batch and is waiting for Redis
+    engine.beat("d1", "s1", orjson.dumps({"seq": 2}))
+    ended = engine.end("d1", "s1", "closed")
+    await in_flight
+    await engine.flush()
+    assert await ended == 1
+    stored = await redis_client.hget("device:state:d1", "reported_state")
+    assert orjson.loads(stored or b"{}") == {"seq": 2}
