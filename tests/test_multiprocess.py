@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import signal
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -20,12 +18,11 @@ import orjson
 import redis.asyncio as aioredis
 from conftest import GatewayFactory, GatewayProcess
 from live import ADMIN_KEY
+from presence_feed import presence_feed
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
 TIMEOUT = 5.0
-POLL = 0.02
-PRESENCE = "devices:presence"
 HEARTBEAT_TIMEOUT = 3.0
 # uvicorn re-raises SIGTERM after its graceful shutdown: killed-by-signal is a clean stop
 STOPPED = (0, -signal.SIGTERM)
@@ -74,68 +71,6 @@ async def close_code(ws: ClientConnection, within: float = TIMEOUT) -> int | Non
             while True:
                 await ws.recv()
     return ws.close_code
-
-
-class Feed:
-    """Presence events as they arrive, with arrival times; `settle()` orders by a sentinel."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self.pubsub = client.pubsub()
-        self.events: list[tuple[float, dict[str, Any]]] = []
-        self.marks: dict[str, asyncio.Event] = {}
-
-    async def run(self) -> None:
-        while True:
-            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                event = orjson.loads(message["data"])
-                if event.get("type") == "test_sentinel":
-                    self.marks.pop(event["nonce"], asyncio.Event()).set()
-                else:
-                    self.events.append((time.monotonic(), event))
-
-    def of(self, device_id: str, status: str | None = None) -> list[dict[str, Any]]:
-        return [
-            e
-            for _, e in self.events
-            if e.get("device_id") == device_id and status in (None, e.get("status"))
-        ]
-
-    def first(self, device_id: str, status: str) -> float:
-        return next(
-            t
-            for t, e in self.events
-            if e.get("device_id") == device_id and e.get("status") == status
-        )
-
-    async def wait_all(self, ids: list[str], status: str, within: float) -> None:
-        deadline = time.monotonic() + within
-        while missing := [i for i in ids if not self.of(i, status)]:
-            assert time.monotonic() < deadline, f"no {status} within {within} s for {missing}"
-            await asyncio.sleep(POLL)
-
-    async def settle(self) -> None:
-        nonce = os.urandom(8).hex()
-        arrived = self.marks[nonce] = asyncio.Event()
-        await self.client.publish(PRESENCE, orjson.dumps({"type": "test_sentinel", "nonce": nonce}))
-        await asyncio.wait_for(arrived.wait(), TIMEOUT)
-
-
-@contextlib.asynccontextmanager
-async def presence_feed(client: aioredis.Redis) -> AsyncIterator[Feed]:
-    feed = Feed(client)
-    await feed.pubsub.subscribe(PRESENCE)
-    confirmation = await feed.pubsub.get_message(timeout=TIMEOUT)
-    assert confirmation is not None and confirmation["type"] == "subscribe"
-    task = asyncio.create_task(feed.run())
-    try:
-        yield feed
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await feed.pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def keep_alive(sockets: list[ClientConnection], seconds: float) -> None:

@@ -7,11 +7,8 @@ event loop keeps serving); the gateway must detect, version and deliver what it 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
 import time
 import types
-from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
@@ -19,71 +16,16 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from live import LiveGateway, live_gateway
+from presence_feed import presence_feed
 from websockets.asyncio.client import ClientConnection, connect
 
 pytestmark = pytest.mark.seed
 
 TIMEOUT = 5.0
-POLL = 0.02
-PRESENCE = "devices:presence"
 
 
 async def receive(ws: ClientConnection) -> dict[str, Any]:
     return dict(orjson.loads(await asyncio.wait_for(ws.recv(), TIMEOUT)))
-
-
-class Feed:
-    """Presence events as they arrive; `settle()` proves everything before it was read."""
-
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self.pubsub = client.pubsub()
-        self.events: list[dict[str, Any]] = []
-        self.marks: dict[str, asyncio.Event] = {}
-
-    async def run(self) -> None:
-        while True:
-            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is not None:
-                event = orjson.loads(message["data"])
-                if event.get("type") == "test_sentinel":
-                    self.marks.pop(event["nonce"], asyncio.Event()).set()
-                else:
-                    self.events.append(event)
-
-    def of(self, device_id: str, status: str) -> list[dict[str, Any]]:
-        return [
-            e for e in self.events if e.get("device_id") == device_id and e.get("status") == status
-        ]
-
-    async def wait(self, device_id: str, status: str, within: float) -> dict[str, Any]:
-        deadline = time.monotonic() + within
-        while not (found := self.of(device_id, status)):
-            assert time.monotonic() < deadline, f"no {status} for {device_id}: {self.events}"
-            await asyncio.sleep(POLL)
-        return found[0]
-
-    async def settle(self) -> None:
-        nonce = os.urandom(8).hex()
-        arrived = self.marks[nonce] = asyncio.Event()
-        await self.client.publish(PRESENCE, orjson.dumps({"type": "test_sentinel", "nonce": nonce}))
-        await asyncio.wait_for(arrived.wait(), TIMEOUT)
-
-
-@contextlib.asynccontextmanager
-async def presence_feed(client: aioredis.Redis) -> AsyncIterator[Feed]:
-    feed = Feed(client)
-    await feed.pubsub.subscribe(PRESENCE)
-    confirmation = await feed.pubsub.get_message(timeout=TIMEOUT)
-    assert confirmation is not None and confirmation["type"] == "subscribe"
-    task = asyncio.create_task(feed.run())
-    try:
-        yield feed
-    finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await feed.pubsub.aclose()  # type: ignore[no-untyped-call]
 
 
 async def device_doc(gw: LiveGateway, device_id: str) -> dict[str, Any]:
