@@ -9,13 +9,16 @@ import gc
 import logging
 import sys
 from collections.abc import AsyncIterator, Sequence
+from typing import Any
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from gateway import __version__, redact
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings, from_env
 from gateway.embedded import EmbeddedRedis
+from gateway.wsprotocol import WebSocketProtocol
 
 log = logging.getLogger("gateway")
 GC_THRESHOLDS = (50_000, 20, 100)
@@ -88,6 +91,22 @@ class GatewayServer(uvicorn.Server):
         await super().shutdown(sockets)  # type: ignore[arg-type]
 
 
+def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
+    """How the gateway is served: its WebSocket protocol, frame limit, pings and compression."""
+    options: dict[str, Any] = {
+        "host": settings.host,
+        "port": settings.port,
+        "log_level": settings.log_level,
+        "lifespan": "on",
+        "ws": WebSocketProtocol,
+        "ws_max_size": settings.max_frame_bytes,
+        "ws_ping_interval": settings.ws_ping_interval,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+        "ws_per_message_deflate": settings.device_compression,
+    }
+    return uvicorn.Config(app, **(options | overrides))
+
+
 async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     # thousands of long-lived socket objects make every full collection walk them all: a
     # pause felt by every device at once. Freeze what start-up made and collect less often.
@@ -95,20 +114,10 @@ async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str |
     gc.set_threshold(*GC_THRESHOLDS)
     async with redis_for(settings) as ready:
         app = create_app(ready)
-        config = uvicorn.Config(
-            app,
-            host=ready.host,
-            port=ready.port,
-            log_level=ready.log_level,
-            ws_max_size=ready.max_frame_bytes,
-            ws_ping_interval=ready.ws_ping_interval,
-            ws_ping_timeout=ready.ws_ping_timeout,
-            ws_per_message_deflate=ready.device_compression,
-            ssl_certfile=ssl_certfile,
-            ssl_keyfile=ssl_keyfile,
-            lifespan="on",
+        config = uvicorn_config(
+            app, ready, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
             timeout_graceful_shutdown=10,
-        )
+        )  # fmt: skip
         await GatewayServer(config).serve()
 
 

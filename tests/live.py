@@ -15,7 +15,7 @@ import httpx
 import uvicorn
 
 from gateway.app import create_app
-from gateway.cli import GatewayServer
+from gateway.cli import GatewayServer, uvicorn_config
 from gateway.config import Settings
 from gateway.embedded import find_free_port
 from gateway.runtime import Gateway
@@ -51,17 +51,7 @@ async def live_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[LiveGa
         **overrides,
     )
     app = create_app(settings)
-    config = uvicorn.Config(
-        app,
-        host="127.0.0.1",
-        port=port,
-        log_level="warning",
-        lifespan="on",
-        ws_max_size=settings.max_frame_bytes,
-        ws_ping_interval=settings.ws_ping_interval,
-        ws_ping_timeout=settings.ws_ping_timeout,
-        ws_per_message_deflate=settings.device_compression,
-    )
+    config = uvicorn_config(app, settings, log_level="warning")
     server = GatewayServer(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined,unused-ignore]
     task = asyncio.create_task(server.serve())
