@@ -204,10 +204,20 @@ class PresenceEngine:
             group.create_task(self._sweep_loop())
 
     async def _flush_loop(self) -> None:
+        # a tick gathers for one interval; when frames kept arriving while the previous tick
+        # was being written, the next starts one interval after that one started, so under
+        # load Redis is not left idle for an interval after every tick that took long
+        loop = asyncio.get_running_loop()
+        interval = self.settings.batch_interval
         backoff = 0.0
+        tick_started = 0.0
         while True:
+            busy = self._wake.is_set()
             await self._wake.wait()
-            await asyncio.sleep(backoff or self.settings.batch_interval)
+            delay = backoff or (tick_started + interval - loop.time() if busy else interval)
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tick_started = loop.time()
             self._wake.clear()
             try:
                 await self.flush()
