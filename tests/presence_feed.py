@@ -17,6 +17,10 @@ import orjson
 import redis.asyncio as aioredis
 
 PRESENCE = "devices:presence"
+CONTROL = "gateway:control"
+SENTINEL = b"__test_sentinel__"
+LISTEN_TIMEOUT = 10.0
+Message = tuple[str, dict[str, Any]]
 TIMEOUT = 5.0
 POLL = 0.02
 
@@ -87,3 +91,48 @@ async def presence_feed(client: aioredis.Redis) -> AsyncIterator[Feed]:
         with contextlib.suppress(asyncio.CancelledError):
             await task
         await feed.pubsub.aclose()  # type: ignore[no-untyped-call]
+
+
+class Listener:
+    """A real pub/sub subscription; `drain()` returns everything published before now."""
+
+    def __init__(self, client: aioredis.Redis, *channels: str) -> None:
+        self.client = client
+        self.channels = channels or (PRESENCE, CONTROL)
+        self.pubsub = client.pubsub()
+
+    async def __aenter__(self) -> Listener:
+        await self.pubsub.subscribe(*self.channels)
+        confirmed = 0
+        while confirmed < len(self.channels):
+            message = await self.pubsub.get_message(timeout=LISTEN_TIMEOUT)
+            assert message is not None, "no subscribe confirmation"
+            confirmed += message["type"] == "subscribe"
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.pubsub.aclose()
+
+    async def next(self) -> Message:
+        """The next message, waiting at most LISTEN_TIMEOUT."""
+        async with asyncio.timeout(LISTEN_TIMEOUT):
+            while True:
+                message = await self.pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                if message is not None and message["type"] == "message":
+                    return message["channel"].decode(), orjson.loads(message["data"])
+
+    async def drain(self) -> list[Message]:
+        """(channel, JSON body) of every message published so far, in order."""
+        await self.client.publish(self.channels[0], SENTINEL)
+        received: list[Message] = []
+        async with asyncio.timeout(LISTEN_TIMEOUT):
+            while True:
+                message = await self.pubsub.get_message(timeout=LISTEN_TIMEOUT)
+                if message is None or message["type"] != "message":
+                    continue
+                if message["data"] == SENTINEL:
+                    return received
+                received.append((message["channel"].decode(), orjson.loads(message["data"])))
+
+    async def presence(self) -> list[dict[str, Any]]:
+        return [body for channel, body in await self.drain() if channel == PRESENCE]

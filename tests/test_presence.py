@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from presence_feed import CONTROL, PRESENCE, Listener
 from servers import RedisServer
 
 from gateway.config import Settings
@@ -26,56 +27,8 @@ from gateway.presence import RESUMED, STALE, UNKNOWN, WRITTEN, PresenceEngine, c
 from gateway.store import Store
 
 TIMEOUT = 10.0  # the one generous bound every wait here is a multiple of
-SENTINEL = b"__test_sentinel__"
-PRESENCE, CONTROL = "devices:presence", "gateway:control"
 
-Message = tuple[str, dict[str, Any]]
 EngineFactory = Callable[..., PresenceEngine]
-
-
-class Listener:
-    """A real pub/sub subscription; `drain()` returns everything published before now."""
-
-    def __init__(self, client: aioredis.Redis, *channels: str) -> None:
-        self.client = client
-        self.channels = channels or (PRESENCE, CONTROL)
-        self.pubsub = client.pubsub()
-
-    async def __aenter__(self) -> Listener:
-        await self.pubsub.subscribe(*self.channels)
-        confirmed = 0
-        while confirmed < len(self.channels):
-            message = await self.pubsub.get_message(timeout=TIMEOUT)
-            assert message is not None, "no subscribe confirmation"
-            confirmed += message["type"] == "subscribe"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pubsub.aclose()
-
-    async def next(self) -> Message:
-        """The next message, waiting at most TIMEOUT."""
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                message = await self.pubsub.get_message(timeout=TIMEOUT)
-                if message is not None and message["type"] == "message":
-                    return message["channel"].decode(), orjson.loads(message["data"])
-
-    async def drain(self) -> list[Message]:
-        """(channel, JSON body) of every message published so far, in order."""
-        await self.client.publish(self.channels[0], SENTINEL)
-        received: list[Message] = []
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                message = await self.pubsub.get_message(timeout=TIMEOUT)
-                if message is None or message["type"] != "message":
-                    continue
-                if message["data"] == SENTINEL:
-                    return received
-                received.append((message["channel"].decode(), orjson.loads(message["data"])))
-
-    async def presence(self) -> list[dict[str, Any]]:
-        return [body for channel, body in await self.drain() if channel == PRESENCE]
 
 
 def brief(events: list[dict[str, Any]]) -> list[tuple[str, str, int | None, str | None]]:

@@ -18,6 +18,7 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from presence_feed import Listener
 
 from gateway.config import Settings
 from gateway.metrics import Metrics
@@ -27,41 +28,6 @@ from gateway.shadow import BadKey, VersionConflict
 from gateway.store import Store
 
 TIMEOUT = 10.0  # the one generous bound every wait here is a multiple of
-SENTINEL = b"__test_sentinel__"
-
-
-class Listener:
-    """A real pub/sub subscription; `drain()` returns everything published before now."""
-
-    def __init__(self, client: aioredis.Redis, *channels: str) -> None:
-        self.client = client
-        self.channels = channels
-        self.pubsub = client.pubsub()
-
-    async def __aenter__(self) -> Listener:
-        await self.pubsub.subscribe(*self.channels)
-        confirmed = 0
-        while confirmed < len(self.channels):
-            message = await self.pubsub.get_message(timeout=TIMEOUT)
-            assert message is not None, "no subscribe confirmation"
-            confirmed += message["type"] == "subscribe"
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        await self.pubsub.aclose()
-
-    async def drain(self) -> list[tuple[str, dict[str, Any]]]:
-        """(channel, JSON body) of every message so far, in order."""
-        await self.client.publish(self.channels[0], SENTINEL)
-        received: list[tuple[str, dict[str, Any]]] = []
-        async with asyncio.timeout(TIMEOUT):
-            while True:
-                message = await self.pubsub.get_message(timeout=TIMEOUT)
-                if message is None or message["type"] != "message":
-                    continue
-                if message["data"] == SENTINEL:
-                    return received
-                received.append((message["channel"].decode(), orjson.loads(message["data"])))
 
 
 @pytest.fixture
