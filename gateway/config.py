@@ -46,7 +46,7 @@ class Settings:
     history_maxlen: int = 1000
     events_maxlen: int = 100_000
     dashboard_snapshot_limit: int = 10_000
-    dashboard_batch_interval: float = 0.1
+    dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
     log_level: str = "info"
     extra: Mapping[str, str] = field(default_factory=dict)
 

@@ -1,16 +1,20 @@
 """Dashboards: one fleet-event feed per process, fanned out in coalesced batches.
 
 The feed is a blocking XREAD on the fleet stream (`devices:events`), so every event carries
-its stream id and a dashboard that reconnects can resume exactly where it left off. Events
-are gathered for one batch interval and sent as one `events` frame per dashboard (≤ 10/s),
-the frame shared by every dashboard that wants everything. Each dashboard has a bounded send
-queue: one that cannot keep up is closed (4408), never buffered without limit.
+its stream id and a dashboard that reconnects can resume exactly where it left off. Batches
+are throttled, not ticked: an event that follows a quiet interval goes out at once, and the
+events behind it are gathered until one batch interval (50 ms by default) has passed since
+that batch. So a dashboard gets at most one `events` frame per interval (≤ 20/s), and no
+event waits longer than one interval for its batch. The frame is shared by every dashboard
+that wants everything. Each dashboard has a bounded send queue: one that cannot keep up is
+closed (4408), never buffered without limit.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -99,6 +103,7 @@ class DashboardHub:
         self.metrics = metrics
         self.dashboards: set[Dashboard] = set()
         self._tick: list[Event] = []
+        self._arrived = asyncio.Event()  # set whenever the feed adds to the tick
         self._position = "$"
         self._delivered: StreamId = (0, 0)
 
@@ -183,12 +188,27 @@ class DashboardHub:
                 if events:
                     self._position = events[-1].id
                     self._tick += events
+                    self._arrived.set()
 
     async def _flush_loop(self) -> None:
+        """Deliver the tick at most once per interval, at once when the last batch is older.
+
+        A fixed ticker would hold a lone event for up to a whole interval; throttling from the
+        previous batch bounds the frame rate just as well without that wait.
+        """
+        interval = self.settings.dashboard_batch_interval
+        loop = asyncio.get_running_loop()
+        last = -math.inf
         while True:
-            await asyncio.sleep(self.settings.dashboard_batch_interval)
-            if self._tick:
-                events, self._tick = self._tick, []
+            await self._arrived.wait()
+            wait = last + interval - loop.time()
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # cleared only now: whatever arrives from here on is in the next batch and wakes it
+            self._arrived.clear()
+            events, self._tick = self._tick, []
+            last = loop.time()
+            if events:
                 self.deliver(events)
 
     def deliver(self, events: list[Event]) -> None:

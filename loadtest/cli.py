@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-stalled-dashboard", action="store_true", help="fanout: no stalled dashboard"
     )
+    parser.add_argument(
+        "--events", choices=["presence", "state"], default="presence",
+        help="fanout: presence transitions written to Redis (default), or device state reports",
+    )  # fmt: skip
     parser.add_argument("--no-live", action="store_true", help="no live progress view")
     parser.add_argument("--docs", type=Path, default=report.BENCHMARKS_MD, help="(report) output")
     return parser
@@ -107,6 +111,7 @@ def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         drop=args.drop,
         frame=args.frame,
         stalled_dashboard=not args.no_stalled_dashboard,
+        fanout_events=args.events,
         live=not args.no_live,
         command=shlex.join(["python", "-m", "loadtest", *argv]),
     )
@@ -140,6 +145,7 @@ def print_summary(path: Path) -> None:
 # benchmarks with their own options, run as `python -m loadtest NAME [options]`
 BENCHMARKS = {
     "bench-store": "loadtest.bench_store",
+    "redis-cost": "loadtest.redis_cost",
     "bench-api": "loadtest.bench_api",
     "baseline": "loadtest.baseline",
     "fleet": "loadtest.fleet",
@@ -149,6 +155,7 @@ BENCHMARKS = {
 # every figure in docs/benchmarks.md, at the sizes the issues set: `python -m loadtest suite`
 SUITE: tuple[tuple[str, ...], ...] = (
     ("bench-store", "--devices", "10000", "--seconds", "10"),
+    ("redis-cost", "--devices", "2000", "--rounds", "5"),
     ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
     ("idle", "--devices", "15000", "--duration", "30"),
     ("connect-storm", "--devices", "10000"),

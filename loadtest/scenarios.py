@@ -31,12 +31,18 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
+from gateway.config import Settings
+from gateway.keys import Keys
+from gateway.scripts import SCRIPTS
 from loadtest import procstat, report
-from loadtest.sim import Fleet, WorkerSpec, raise_nofile, stream_key
+from loadtest.sim import LATENCY_DASHBOARDS, Fleet, WorkerSpec, raise_nofile, stream_key
 
 PER_WORKER = 15_000  # sockets per worker process, under the 20,000 open-files limit
 PER_SOURCE = 25_000  # devices per loopback source address (~28,000 ephemeral ports)
 PER_GATEWAY = 16_000  # device sockets per gateway process (same open-files limit)
+# dashboards per worker process: a batch reaches every dashboard at once, and one process
+# reads its dashboards' frames one after another, so fewer per process keeps that queue short
+DASHBOARDS_PER_WORKER = 125
 REGISTER_CONCURRENCY = 64
 PRESENCE = "devices:presence"
 EVENTS = "devices:events"
@@ -70,6 +76,7 @@ class Options:
     live: bool
     command: str
     device_type: str = "loadtest"
+    fanout_events: str = "presence"  # fanout: presence transitions in Redis, or device state
 
 
 # name → defaults applied when the option was not given
@@ -341,10 +348,12 @@ class Ctx:
                 f"loadtest: registered only {len(self.ids)}/{count} devices ({dict(failures)})"
             )
 
-    def worker_count(self, sockets: int) -> int:
+    def worker_count(self, sockets: int, dashboards: int = 0) -> int:
         if self.opts.workers > 0:
             return self.opts.workers
-        return max(1, math.ceil(sockets / PER_WORKER))
+        return max(
+            1, math.ceil(sockets / PER_WORKER), math.ceil(dashboards / DASHBOARDS_PER_WORKER)
+        )
 
     def source_addrs(self, sockets: int) -> list[str]:
         k = self.opts.source_addrs
@@ -360,9 +369,11 @@ class Ctx:
         reconnect: bool = True,
         rotate: bool = False,
         heartbeat_interval: float | None = None,
+        with_devices: bool = True,
     ) -> Fleet:
-        sockets = len(self.ids) + dashboards + int(stalled)
-        workers = self.worker_count(sockets)
+        devices = self.ids if with_devices else []
+        sockets = len(devices) + dashboards + int(stalled)
+        workers = self.worker_count(sockets, dashboards)
         sources = self.source_addrs(sockets) or [""]
         gateways = [("127.0.0.1", port) for port in self.cluster.ports]
         if not self.cluster.started:
@@ -386,14 +397,17 @@ class Ctx:
             )
             for w in range(workers)
         ]
-        for i, device_id in enumerate(self.ids):
+        for i, device_id in enumerate(devices):
             specs[i % workers].devices.append(
                 (device_id, self.tokens[device_id], i % len(gateways), sources[i % len(sources)])
             )
+        sampled_every = max(1, dashboards // LATENCY_DASHBOARDS)
         for j in range(dashboards + int(stalled)):
+            stalled_one = j == dashboards
             specs[j % workers].dashboards.append(
-                (j % len(gateways), sources[j % len(sources)], j == dashboards)
-            )
+                (j % len(gateways), sources[j % len(sources)], stalled_one,
+                 not stalled_one and j % sampled_every == 0)
+            )  # fmt: skip
         self.phase = f"starting {workers} workers"
         self.fleet = Fleet(specs)
         await self.fleet.start()
@@ -894,74 +908,220 @@ async def desired_latency(ctx: Ctx) -> None:
     ctx.histogram("latency", "desired-latency: PATCH → state_update", samples, "ms")
 
 
-async def last_event_id(redis: aioredis.Redis) -> str:
-    entries = await redis.xrevrange(EVENTS, "+", "-", count=1)
-    if not entries:
-        return "0-0"
-    raw = entries[0][0]
-    return raw.decode() if isinstance(raw, bytes) else str(raw)
+FANOUT_WARMUP_S = 2.0  # producing before the window opens, so it starts in a steady state
+FANOUT_SETTLE_S = 30.0  # at most, after the window closes, for its last batches to arrive
+PRODUCER_TICK_S = 0.005
+STREAM_READ_S = 2.0  # the fleet stream is counted this often while the window runs
 
 
-async def count_events(redis: aioredis.Redis, low: str, high: str) -> int:
-    total, start = 0, f"({low}"
-    while True:
-        entries = await redis.xrange(EVENTS, start, high, count=10_000)
-        total += len(entries)
-        if len(entries) < 10_000:
-            return total
-        last = entries[-1][0]
-        start = f"({last.decode() if isinstance(last, bytes) else last}"
+class PresenceProducer:
+    """Flips registered devices online and offline at *rate*/s with the gateway's own scripts.
+
+    Each transition is one `connect` of an offline device (`connected`) or one `disconnect`
+    of an online one without grace (`closed`), so each writes exactly one presence event to
+    `devices:events` straight into Redis: the gateways under test only fan them out. Devices
+    take turns, each online for len(ids) / rate seconds under a heartbeat key that outlives the
+    run, so none expires by itself and adds an event nobody produced. The rate is kept by a
+    clock, not by sleeps: a late tick writes what fell due, pipelined in one round trip.
+    """
+
+    SESSION = "loadtest-producer"
+
+    def __init__(self, redis: aioredis.Redis, ids: list[str], rate: float, ttl_s: float) -> None:
+        self.redis = redis
+        self.ids = ids
+        self.rate = rate
+        self.keys = Keys()
+        defaults = Settings()
+        self.limits = (int(ttl_s * 1000), defaults.history_maxlen, defaults.events_maxlen)
+        self.online: set[str] = set()
+        self.done = 0  # transitions written
+
+    async def run(self) -> None:
+        for script in (SCRIPTS.connect, SCRIPTS.disconnect):  # pipelined by SHA: load first
+            await self.redis.script_load(script.source)
+        started = time.perf_counter()
+        while True:
+            due = int((time.perf_counter() - started) * self.rate) - self.done
+            if due > 0:
+                await self.flip([self.ids[(self.done + i) % len(self.ids)] for i in range(due)])
+                self.done += due
+            await asyncio.sleep(PRODUCER_TICK_S)
+
+    async def flip(self, ids: list[str]) -> None:
+        k, (ttl_ms, history_maxlen, events_maxlen) = self.keys, self.limits
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for device_id in ids:
+                now = f"{time.time():.6f}"
+                own = [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+                if device_id in self.online:
+                    self.online.discard(device_id)
+                    keys = [k.online, k.index_online, k.online_seen, k.online_by_type, k.events,
+                            k.presence_channel, *own]  # fmt: skip
+                    args: list[Any] = [now, 0, ttl_ms, history_maxlen, events_maxlen,
+                                       device_id, self.SESSION, "closed"]  # fmt: skip
+                    pipe.evalsha(SCRIPTS.disconnect.sha, len(keys), *keys, *args)
+                else:
+                    self.online.add(device_id)
+                    keys = [*own, k.online, k.index_online, k.online_seen, k.seen,
+                            k.online_by_type, k.events, k.presence_channel,
+                            k.control_channel]  # fmt: skip
+                    args = [device_id, self.SESSION, now, ttl_ms, history_maxlen,
+                            events_maxlen, ""]  # fmt: skip
+                    pipe.evalsha(SCRIPTS.connect.sha, len(keys), *keys, *args)
+            await pipe.execute()
+
+    async def finish(self) -> None:
+        """Take every device it left online offline (after the window: not counted)."""
+        online = sorted(self.online)
+        for start in range(0, len(online), 500):
+            await self.flip(online[start : start + 500])
+
+
+class WindowCount:
+    """The fleet stream's entries with ids in [start_ms, end_ms), counted as they are written.
+
+    The stream keeps only the newest ~100,000 entries (`GATEWAY_EVENTS_MAXLEN`), fewer than a
+    long window holds, so it is read while the window runs; `lost` says whether the trim ever
+    overtook the reading (the count would then be short, and no dashboard could match it).
+    """
+
+    def __init__(self, redis: aioredis.Redis, start_ms: int, end_ms: int) -> None:
+        self.redis = redis
+        self.end = str(end_ms - 1)  # an end of only milliseconds takes every sequence in it
+        self.start = f"{start_ms}-0"
+        self.last: str | None = None
+        self.count = 0
+        self.lost = False
+
+    async def read(self) -> None:
+        oldest = await self.redis.xrange(EVENTS, "-", "+", count=1)
+        if oldest and stream_key(_text(oldest[0][0])) > stream_key(self.last or self.start):
+            self.lost = True
+        while True:
+            start = self.start if self.last is None else f"({self.last}"
+            entries = await self.redis.xrange(EVENTS, start, self.end, count=10_000)
+            if not entries:
+                return
+            self.count += len(entries)
+            self.last = _text(entries[-1][0])
+            if len(entries) < 10_000:
+                return
+
+    async def follow(self) -> None:
+        while True:
+            await asyncio.sleep(STREAM_READ_S)
+            await self.read()
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def sleep_until(wall: float) -> None:
+    await asyncio.sleep(max(0.0, wall - time.time()))
 
 
 async def fanout(ctx: Ctx) -> None:
+    """D dashboards and a stalled one; presence events at `--rate` (or device state events).
+
+    The window is fixed in stream-id milliseconds (Redis's clock, this machine's) before it
+    opens and sent to the workers, so each dashboard counts its in-window events as frames
+    arrive, and the stream is counted over exactly the same ids.
+    """
     opts, m = ctx.opts, ctx.result.metrics
     redis = ctx.need_redis()
     slow_before = await ctx.cluster.metric("gateway_slow_clients_dropped_total", 'kind="dashboard"')
-    await connect_phase(
-        ctx,
-        send_interval=opts.devices / opts.rate,
-        dashboards=opts.dashboards,
-        stalled=opts.stalled_dashboard,
-    )
+    producer: PresenceProducer | None = None
+    if opts.fanout_events == "presence":
+        await ctx.register(opts.devices)
+        await ctx.start_fleet(
+            dashboards=opts.dashboards, stalled=opts.stalled_dashboard, with_devices=False
+        )
+        ctx.go()
+        m["devices"] = len(ctx.ids)
+        producer = PresenceProducer(redis, ctx.ids, opts.rate, opts.duration + 600)
+    else:
+        await connect_phase(
+            ctx,
+            send_interval=opts.devices / opts.rate,
+            dashboards=opts.dashboards,
+            stalled=opts.stalled_dashboard,
+        )
     fleet = ctx.fleet
     assert fleet is not None
-    await fleet.wait_for(lambda: fleet.total("dashboards_online") >= opts.dashboards, 30)
+    # joined, not only connected: the snapshot (with its cursor) has arrived, and the events
+    # after the cursor are then all sent as events
+    await fleet.wait_for(
+        lambda: fleet.total("dashboard_snapshot") >= opts.dashboards, 30 + opts.dashboards / 10
+    )
+    ctx.phase = f"producing {opts.fanout_events} events"
     ctx.progress_key = "event_ms"
-    await asyncio.sleep(1.0)
-    low = await last_event_id(redis)
-    events0 = fleet.total("dashboard_events")
-    sent0 = fleet.total("sent_payload")
+    producing = asyncio.create_task(producer.run()) if producer is not None else None
+    start_ms = int((time.time() + FANOUT_WARMUP_S) * 1000)
+    end_ms = start_ms + int(opts.duration * 1000)
+    low, high = stream_key(f"{start_ms}-0") - 1, stream_key(f"{end_ms}-0") - 1
+    fleet.command("window", low=low, high=high)
+    stream = WindowCount(redis, start_ms, end_ms)
+    await sleep_until(start_ms / 1000)
+    ctx.phase = "measuring"
     rss0 = ctx.sampler.snapshot()["gateway"].rss_bytes
     mark = ctx.mark()
-    await asyncio.sleep(opts.duration)
-    high = await last_event_id(redis)
-    sent = fleet.total("sent_payload") - sent0
-    await asyncio.sleep(2.0)  # let the last batches arrive
-    delivered = fleet.total("dashboard_events") - events0
-    cost = ctx.cost(mark, sent + delivered)
+    following = asyncio.create_task(stream.follow())
+    await sleep_until(end_ms / 1000)
+    cost = ctx.cost(mark, 0)
     rss1 = ctx.sampler.snapshot()["gateway"].rss_bytes
-    expected = await count_events(redis, low, high)
+    ctx.phase = "settling"
+    # until every dashboard has had an event past the window (the producer runs on), so a
+    # late event is counted with its real latency rather than missed
+    caught_up = await fleet.wait_for(
+        lambda: fleet.total("dashboards_past_window") >= opts.dashboards, FANOUT_SETTLE_S
+    )
+    settle_s = time.perf_counter() - mark.at - cost["window_s"]
+    for task in (following, producing):
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    await stream.read()
+    expected = stream.count
     slow_after = await ctx.cluster.metric("gateway_slow_clients_dropped_total", 'kind="dashboard"')
     dashboards_online = fleet.total("dashboards_online")
-    await fleet.stop(window=(stream_key(low), stream_key(high)))
+    await fleet.stop()
+    if producer is not None:
+        await producer.finish()
     counts: list[int] = []
     max_latency = 0.0
     for final in fleet.finals.values():
         counts += final["dash_counts"]
         max_latency = max(max_latency, final["dash_max_latency_ms"])
     complete = sum(1 for c in counts if c == expected)
+    delivered = sum(counts)
+    messages = expected + delivered
+    cost["messages"] = messages
+    for who in ("gateway", "redis"):
+        cost[f"{who}_cpu_s_per_1k_msgs"] = round(cost[f"{who}_cpu_s"] * 1000 / max(messages, 1), 5)
     samples = fleet.samples.get("event_ms", [])
     stats = report.summary(samples, "event_ms")
     rss_timeline = [p["gateway_rss_mib"] for p in ctx.sampler.timeline]
+    errors = fleet.error_totals()
+    rate = round(expected / opts.duration, 1)
     m.update(
         {
+            "events": opts.fanout_events,
             "dashboards": opts.dashboards,
             "dashboards_online_at_end": dashboards_online,
-            "event_rate": round(expected / opts.duration, 1),
+            "event_rate": rate,
             "events_in_window": expected,
+            "stream_trimmed_before_counted": stream.lost,
+            "events_delivered_in_window": delivered,
             "dashboards_with_every_event": complete,
             "min_events_per_dashboard": min(counts) if counts else 0,
+            "max_events_per_dashboard": max(counts) if counts else 0,
+            "dashboard_frames_out_of_order": errors.get("dashboard_out_of_order", 0),
             "event_ms_max_all_dashboards": round(max_latency, 3),
+            "all_past_window_at_stop": caught_up,
+            "settle_s": round(settle_s, 3),
             "stalled_dashboard": opts.stalled_dashboard,
             "stalled_dropped_by_gateway": slow_after - slow_before,
             "gateway_rss_growth_mib": round((rss1 - rss0) / 2**20, 2),
@@ -972,12 +1132,18 @@ async def fanout(ctx: Ctx) -> None:
     )
     ctx.result.targets += [
         report.at_least("dashboards with every event", opts.dashboards, complete, "dashboards"),
+        report.at_least("events/s produced (stream)", round(0.95 * opts.rate, 1), rate, "/s"),
         report.at_most("event → dashboard p99", 100, stats["event_ms_p99"], "ms"),
         report.at_most("gateway RSS growth in window", 50, m["gateway_rss_growth_mib"], "MiB"),
+        report.at_most("frames out of order", 0, m["dashboard_frames_out_of_order"], ""),
     ]
+    if opts.stalled_dashboard:
+        ctx.result.targets.append(
+            report.at_least("stalled dashboard dropped", 1, slow_after - slow_before, "")
+        )
     ctx.plot("rss", "fanout: gateway RSS", ["gateway_rss_mib"], "MiB", ["dash_events"],
              "events received (all dashboards)")  # fmt: skip
-    ctx.histogram("latency", "fanout: event → dashboard", samples, "ms")
+    ctx.histogram("latency", "fanout: event stream id → dashboard", samples, "ms")
 
 
 async def offline_lag(ctx: Ctx) -> None:

@@ -531,9 +531,26 @@ async def test_a_high_event_rate_is_coalesced_into_few_frames(
     assert len(events) == 2000
     assert {e["type"] for e in events} == {"registered"}
     assert [e["id"] for e in events] == await stream_ids(redis_client, gw, cursor)
-    # at most ten batches a second (docs/dashboard.md), with margin for the tick phase
-    assert collector.frames <= 15 * elapsed + 3, (collector.frames, elapsed)
+    # at most one batch per interval (docs/dashboard.md): the first at once, then one per
+    # interval that passed; one frame of margin for the clocks' granularity
+    interval = gw.gateway.settings.dashboard_batch_interval
+    assert collector.frames <= elapsed / interval + 2, (collector.frames, elapsed)
     assert collector.frames * 10 < len(events)
+
+
+async def test_an_event_after_a_quiet_spell_is_sent_at_once(redis_url: str) -> None:
+    """Batches are throttled from the previous one, not ticked: a lone event does not wait
+    for the interval, and the next one within the interval waits for it."""
+    async with live_gateway(redis_url, dashboard_batch_interval=60.0) as gw:
+        store = gw.gateway.store
+        async with open_dashboard(gw) as ws:
+            await snapshot(ws)
+            await store.register("quiet-1", "thermo", {})
+            first = await receive(ws)  # within TIMEOUT: far less than the 60 s interval
+            assert [e["device_id"] for e in first["events"]] == ["quiet-1"]
+            await store.register("quiet-2", "thermo", {})
+            with pytest.raises(TimeoutError):  # held for the rest of the interval
+                await receive(ws, within=1.0)
 
 
 async def test_state_events_within_a_batch_keep_each_devices_latest(

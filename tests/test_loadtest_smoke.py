@@ -57,3 +57,16 @@ def test_ingest_run_writes_every_reported_state(tmp_path: Path) -> None:
     assert metrics["reported_state_checked"] == DEVICES
     assert metrics["reported_state_verified"] == DEVICES
     assert metrics["gateway_counted_frames"] == metrics["fleet_sent_frames"]
+
+
+@pytest.mark.timeout(RUN_TIMEOUT + 30)
+def test_fanout_run_counts_every_presence_event_on_every_dashboard(tmp_path: Path) -> None:
+    data = run_loadtest(tmp_path, "fanout", "--dashboards", "5", "--rate", "100", "--duration", "3")
+    metrics = data["metrics"]
+    assert isinstance(metrics, dict)
+    assert metrics["events"] == "presence"
+    assert metrics["events_in_window"] > 0  # the producer wrote presence events in the window
+    assert metrics["stream_trimmed_before_counted"] is False
+    assert metrics["dashboards_with_every_event"] == 5
+    assert metrics["dashboard_frames_out_of_order"] == 0
+    assert metrics["event_ms_count"] > 0  # the sampled dashboard measured latencies
