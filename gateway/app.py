@@ -68,7 +68,7 @@ class GatewayApp:
             if device_id is not None:
                 scope["app"] = self.app
                 scope["path_params"] = {"device_id": device_id}
-                await device.device_socket(WebSocket(scope, receive, send))
+                await device.device_socket(WebSocket(scope, receive, send), receive)
                 return
         await self.app(scope, receive, send)
 

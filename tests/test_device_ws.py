@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import gc
 import os
 import socket
 import time
@@ -22,6 +23,7 @@ import redis.asyncio as aioredis
 from live import LiveGateway, live_gateway
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 TIMEOUT = 5.0  # the one bound every wait here is a multiple of
@@ -276,6 +278,47 @@ async def test_query_token_and_128_character_id(redis_url: str) -> None:
             assert welcome["type"] == "welcome"
             assert welcome["device_id"] == longest
         assert (await device_doc(gw, longest))["device_id"] == longest
+
+
+async def test_open_socket_keeps_no_handshake_state(redis_url: str) -> None:
+    """An accepted socket drops its upgrade request (headers, token) and keeps working."""
+    async with live_gateway(redis_url) as gw:
+        token = await register(gw, "h-1")
+        ws = await connect(
+            f"{gw.ws_url}/ws/devices/h-1?token={token}",
+            additional_headers={"X-Probe": "x" * 512},
+            open_timeout=TIMEOUT,
+        )
+        assert (await receive(ws))["type"] == "welcome"
+        session = gw.gateway.hub.sessions["h-1"]
+        scope = session.websocket.scope
+        for key in ("headers", "query_string", "raw_path", "subprotocols", "extensions"):
+            assert key not in scope, key
+        assert "_headers" not in vars(session.websocket)
+        assert "_query_params" not in vars(session.websocket)
+        server_protocol = scope["gateway.raw_send"].__self__
+        assert server_protocol.request is None
+        assert server_protocol.response is None
+        assert token not in repr(scope)
+        # nothing on the server side keeps the request headers (the client's copy is its own)
+        kept = [
+            headers
+            for headers in gc.get_objects()
+            if type(headers) is Headers and "X-Probe" in headers
+            and headers is not ws.request.headers
+        ]  # fmt: skip
+        assert kept == []
+        # the session goes on as before: frames in, acks out, a clean close
+        await ws.send(text({"type": "report", "reported_state": {"a": 1}, "id": "r"}))
+        ack = await receive_type(ws, "ack")
+        assert ack["id"] == "r"
+        await ws.close()
+        assert ws.close_code == 1000
+
+        async def offline() -> bool:
+            return (await device_doc(gw, "h-1"))["status"] == "offline"
+
+        await eventually(offline, "clean close is offline")
 
 
 # --- welcome ------------------------------------------------------------------------

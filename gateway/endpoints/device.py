@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import logging
 import secrets
+from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, WebSocketRoute
+from starlette.types import Receive
 from starlette.websockets import WebSocket
 
 from gateway import disconnect
@@ -17,6 +19,10 @@ from gateway.presence import REDIS_ERRORS, Revoked
 from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway.device")
+# what only the handshake reads; an accepted socket lives for days without it
+HANDSHAKE_SCOPE_KEYS = (
+    "headers", "query_string", "raw_path", "subprotocols", "extensions", "state", "asgi",
+)  # fmt: skip
 
 
 async def _deny(websocket: WebSocket, gateway: Gateway, status: int, detail: str) -> None:
@@ -27,7 +33,12 @@ async def _deny(websocket: WebSocket, gateway: Gateway, status: int, detail: str
     )
 
 
-async def device_socket(websocket: WebSocket) -> None:
+async def device_socket(websocket: WebSocket, receive: Receive | None = None) -> None:
+    """One device's socket, from the handshake to the end of its session.
+
+    *receive* is the server's own, when the caller has it (the app's short path): awaiting it
+    directly keeps Starlette's receive wrapper off the stack of every idle socket.
+    """
     gateway: Gateway = websocket.app.state.gateway
     device_id = websocket.path_params["device_id"]
     if gateway.draining:
@@ -53,6 +64,7 @@ async def device_socket(websocket: WebSocket) -> None:
         return
 
     await websocket.accept()
+    release_handshake(websocket)
     session_id = secrets.token_urlsafe(12)
     session = DeviceSession(gateway, websocket, device_id, session_id)
     gateway.hub.add(session)
@@ -66,6 +78,7 @@ async def device_socket(websocket: WebSocket) -> None:
         welcome = None
         session.close(disconnect.RESTARTING)
     accepted = welcome is not None
+    next_message = receive if receive is not None else websocket.receive
     if welcome is None:
         session.close(disconnect.DELETED)
     else:
@@ -76,7 +89,7 @@ async def device_socket(websocket: WebSocket) -> None:
     code = 1000
     try:
         while accepted and not session.writer.closed:
-            message = await websocket.receive()
+            message = await next_message()
             kind = message["type"]
             if kind == "websocket.receive":
                 text = message.get("text")
@@ -95,6 +108,30 @@ async def device_socket(websocket: WebSocket) -> None:
             gateway.presence.end(device_id, session_id, reason)
         session.close(disconnect.NORMAL)
         await session.writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
+
+
+def release_handshake(websocket: WebSocket) -> None:
+    """Drop what the handshake needed and an open socket never reads again (~5 KiB a socket).
+
+    uvicorn keeps the parsed upgrade request and the 101 response on its protocol object, and
+    the scope (shared with that object) keeps a copy of the request headers, which Starlette's
+    cached `headers` and `query_params` also hold. Nothing reads them after `accept`. Scope
+    keys are deleted, not emptied, so a later reader fails loudly instead of seeing nothing.
+    """
+    scope = websocket.scope
+    for key in HANDSHAKE_SCOPE_KEYS:
+        scope.pop(key, None)
+    for cached in ("_headers", "_query_params"):
+        websocket.__dict__.pop(cached, None)
+    server_protocol: Any = getattr(scope.get("gateway.raw_send"), "__self__", None)
+    request = getattr(server_protocol, "request", None)
+    if request is not None:
+        # websockets' frame parser keeps the request alive too (a local of its suspended
+        # generator): empty its headers, the bulk of it and the token, in place
+        request.headers.clear()
+        server_protocol.request = None
+    if getattr(server_protocol, "response", None) is not None:
+        server_protocol.response = None
 
 
 routes: list[BaseRoute] = [WebSocketRoute("/ws/devices/{device_id}", device_socket)]
