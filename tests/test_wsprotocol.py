@@ -66,8 +66,11 @@ async def serving(app: Probe) -> AsyncIterator[int]:
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
     task = asyncio.create_task(server.serve())
     try:
-        while not server.started:
-            await asyncio.sleep(0.01)
+        async with asyncio.timeout(10):
+            while not server.started:
+                if task.done():
+                    task.result()  # the server failed to start: say why
+                await asyncio.sleep(0.01)
         yield port
     finally:
         server.should_exit = True
