@@ -10,7 +10,7 @@ import datetime as dt
 import math
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -107,10 +107,10 @@ def write_result(result: dict[str, Any], out_dir: Path, stem: str) -> Path:
 def plot_series(
     path: Path,
     title: str,
-    series: dict[str, tuple[Sequence[float], Sequence[float]]],
+    series: Mapping[str, tuple[Sequence[float], Sequence[float]]],
     xlabel: str,
     ylabel: str,
-    secondary: dict[str, tuple[Sequence[float], Sequence[float]]] | None = None,
+    secondary: Mapping[str, tuple[Sequence[float], Sequence[float]]] | None = None,
     secondary_label: str = "",
 ) -> Path:
     """Line plot of named (x, y) series, optionally some on a right-hand axis."""

@@ -492,7 +492,7 @@ class Ctx:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-            await pubsub.aclose()
+            await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
 
         return stop
 
