@@ -31,9 +31,11 @@ import httpx
 import orjson
 import redis.asyncio as aioredis
 
+from gateway import redisconn
 from gateway.config import Settings
-from gateway.keys import Keys
-from gateway.scripts import SCRIPTS
+from gateway.metrics import Metrics
+from gateway.presence import PresenceEngine
+from gateway.store import Store, text
 from loadtest import procstat, report
 from loadtest.sim import LATENCY_DASHBOARDS, Fleet, WorkerSpec, raise_nofile, stream_key
 
@@ -831,10 +833,6 @@ async def store_command_load(ctx: Ctx, rate: float, duration: float) -> dict[str
     compare-and-set script, which publishes on the device's command channel), from this
     process. The HTTP layer in front is measured by bench-api; one Python process cannot both
     drive 1,000 HTTP requests/s and stay out of the latency it measures."""
-    from gateway import redisconn
-    from gateway.config import Settings
-    from gateway.store import Store
-
     assert ctx.cluster.redis_url is not None
     statuses: Counter[str] = Counter()
     ids = ctx.ids
@@ -915,31 +913,30 @@ STREAM_READ_S = 2.0  # the fleet stream is counted this often while the window r
 
 
 class PresenceProducer:
-    """Flips registered devices online and offline at *rate*/s with the gateway's own scripts.
+    """Flips registered devices online and offline at *rate*/s with the gateway's own engine.
 
-    Each transition is one `connect` of an offline device (`connected`) or one `disconnect`
-    of an online one without grace (`closed`), so each writes exactly one presence event to
-    `devices:events` straight into Redis: the gateways under test only fan them out. Devices
-    take turns, each online for len(ids) / rate seconds under a heartbeat key that outlives the
-    run, so none expires by itself and adds an event nobody produced. The rate is kept by a
-    clock, not by sleeps: a late tick writes what fell due, pipelined in one round trip.
+    Each transition is one `PresenceEngine.connect` of an offline device (`connected`) or one
+    `end` of an online one without grace (`closed`, written by the engine's batched
+    `disconnect`), so each writes exactly one presence event to `devices:events` straight into
+    Redis: the gateways under test only fan them out. Devices take turns, each online for
+    len(ids) / rate seconds under a heartbeat key that outlives the run, so none expires by
+    itself and adds an event nobody produced. The rate is kept by a clock, not by sleeps: a
+    late tick writes what fell due.
     """
 
     SESSION = "loadtest-producer"
 
     def __init__(self, redis: aioredis.Redis, ids: list[str], rate: float, ttl_s: float) -> None:
-        self.redis = redis
         self.ids = ids
         self.rate = rate
-        self.keys = Keys()
-        defaults = Settings()
-        self.limits = (int(ttl_s * 1000), defaults.history_maxlen, defaults.events_maxlen)
+        settings = Settings(heartbeat_timeout=ttl_s, offline_grace=0)
+        self.engine = PresenceEngine(
+            redis, Store(redis, settings), settings, Metrics(), _producer_refused
+        )
         self.online: set[str] = set()
         self.done = 0  # transitions written
 
     async def run(self) -> None:
-        for script in (SCRIPTS.connect, SCRIPTS.disconnect):  # pipelined by SHA: load first
-            await self.redis.script_load(script.source)
         started = time.perf_counter()
         while True:
             due = int((time.perf_counter() - started) * self.rate) - self.done
@@ -949,33 +946,27 @@ class PresenceProducer:
             await asyncio.sleep(PRODUCER_TICK_S)
 
     async def flip(self, ids: list[str]) -> None:
-        k, (ttl_ms, history_maxlen, events_maxlen) = self.keys, self.limits
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for device_id in ids:
-                now = f"{time.time():.6f}"
-                own = [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
-                if device_id in self.online:
-                    self.online.discard(device_id)
-                    keys = [k.online, k.index_online, k.online_seen, k.online_by_type, k.events,
-                            k.presence_channel, *own]  # fmt: skip
-                    args: list[Any] = [now, 0, ttl_ms, history_maxlen, events_maxlen,
-                                       device_id, self.SESSION, "closed"]  # fmt: skip
-                    pipe.evalsha(SCRIPTS.disconnect.sha, len(keys), *keys, *args)
-                else:
-                    self.online.add(device_id)
-                    keys = [*own, k.online, k.index_online, k.online_seen, k.seen,
-                            k.online_by_type, k.events, k.presence_channel,
-                            k.control_channel]  # fmt: skip
-                    args = [device_id, self.SESSION, now, ttl_ms, history_maxlen,
-                            events_maxlen, ""]  # fmt: skip
-                    pipe.evalsha(SCRIPTS.connect.sha, len(keys), *keys, *args)
-            await pipe.execute()
+        connecting = [device_id for device_id in ids if device_id not in self.online]
+        for device_id in ids:
+            if device_id in self.online:
+                self.online.discard(device_id)
+                self.engine.end(device_id, self.SESSION, "closed")
+            else:
+                self.online.add(device_id)
+        await asyncio.gather(
+            *(self.engine.connect(device_id, self.SESSION, "") for device_id in connecting)
+        )
+        await self.engine.flush()
 
     async def finish(self) -> None:
         """Take every device it left online offline (after the window: not counted)."""
         online = sorted(self.online)
         for start in range(0, len(online), 500):
             await self.flip(online[start : start + 500])
+
+
+def _producer_refused(device_id: str, session: str, code: int) -> None:
+    raise RuntimeError(f"the producer's own session of {device_id} was refused ({code})")
 
 
 class WindowCount:
@@ -996,7 +987,7 @@ class WindowCount:
 
     async def read(self) -> None:
         oldest = await self.redis.xrange(EVENTS, "-", "+", count=1)
-        if oldest and stream_key(_text(oldest[0][0])) > stream_key(self.last or self.start):
+        if oldest and stream_key(text(oldest[0][0])) > stream_key(self.last or self.start):
             self.lost = True
         while True:
             start = self.start if self.last is None else f"({self.last}"
@@ -1004,7 +995,7 @@ class WindowCount:
             if not entries:
                 return
             self.count += len(entries)
-            self.last = _text(entries[-1][0])
+            self.last = text(entries[-1][0])
             if len(entries) < 10_000:
                 return
 
@@ -1012,10 +1003,6 @@ class WindowCount:
         while True:
             await asyncio.sleep(STREAM_READ_S)
             await self.read()
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 async def sleep_until(wall: float) -> None:
