@@ -80,6 +80,29 @@ async def setup_devices(redis_url: str, device_ids: list[str]) -> dict[str, floa
 VARIANTS = ("changing", "unchanged", "bare")
 
 
+def beat_round(
+    engine: PresenceEngine,
+    device_ids: list[str],
+    variant: str,
+    round_no: int,
+    seen_at: float | None = None,
+) -> dict[str, int]:
+    """Note one heartbeat of every device on *engine* (written by its next flush).
+
+    The reported state is `{"temp": round_no, "hum": 40}` for `changing`, the same every
+    round for `unchanged`, none for `bare`; returned so the caller can check what landed.
+    """
+    state = {"temp": round_no if variant == "changing" else 0, "hum": 40}
+    meta = orjson.dumps(shadow.merge_stamps({}, state, time.time()))
+    for device_id in device_ids:
+        # encoded per device, as a gateway encodes each device's own frame
+        if variant == "bare":
+            engine.beat(device_id, SESSION, seen_at=seen_at)
+        else:
+            engine.beat(device_id, SESSION, orjson.dumps(state), meta, seen_at=seen_at)
+    return state
+
+
 async def run_batched_heartbeats(
     redis_url: str,
     device_ids: list[str],
@@ -115,14 +138,7 @@ async def run_batched_heartbeats(
         while True:
             rounds += 1
             round_started = time.perf_counter()
-            state = {"temp": rounds if variant == "changing" else 0, "hum": 40}
-            meta = orjson.dumps(shadow.merge_stamps({}, state, time.time()))
-            for device_id in device_ids:
-                # encoded per device, as a gateway encodes each device's own frame
-                if variant == "bare":
-                    engine.beat(device_id, SESSION)
-                else:
-                    engine.beat(device_id, SESSION, orjson.dumps(state), meta)
+            state = beat_round(engine, device_ids, variant, rounds)
             await engine.flush()
             beats += len(device_ids)
             round_times.append(time.perf_counter() - round_started)

@@ -29,17 +29,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import orjson
 import redis
 
-from gateway import redisconn, shadow
+from gateway import redisconn
 from gateway.config import Settings
 from gateway.embedded import find_free_port, valkey_executable
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.store import Store
 from loadtest import fleet
-from loadtest.bench_store import SESSION, VARIANTS, bench_device_id, setup_devices
+from loadtest.bench_store import VARIANTS, beat_round, bench_device_id, setup_devices
 from loadtest.seedload import add_seed_argument, load_seed
 
 HOST = "127.0.0.1"
@@ -129,14 +128,7 @@ async def gateway_rounds(url: str, device_ids: list[str], rounds: int, variant: 
         for index in range(first_round, first_round + rounds + 1):
             if index == first_round + 1:
                 measure()
-            state = {"temp": index if variant == "changing" else 0, "hum": 40}
-            meta = orjson.dumps(shadow.merge_stamps({}, state, time.time()))
-            seen_at = epoch + BEAT_SPACING * index
-            for device_id in device_ids:
-                if variant == "bare":
-                    engine.beat(device_id, SESSION, seen_at=seen_at)
-                else:
-                    engine.beat(device_id, SESSION, orjson.dumps(state), meta, seen_at=seen_at)
+            beat_round(engine, device_ids, variant, index, seen_at=epoch + BEAT_SPACING * index)
             await engine.flush()
     finally:
         await client.aclose()
