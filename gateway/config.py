@@ -8,14 +8,46 @@ module sees the same values for the life of the process.
 from __future__ import annotations
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+
+# settings that have a flag on `gateway serve` as well as an environment variable
+FLAGS = {
+    "host": "--host",
+    "port": "--port",
+    "redis_url": "--redis-url",
+    "api_key": "--api-key",
+    "heartbeat_timeout": "--heartbeat-timeout",
+    "offline_grace": "--offline-grace",
+    "data_dir": "--data-dir",
+    "log_level": "--log-level",
+}
+
 
 class ConfigError(ValueError):
-    """A setting has a value the gateway cannot run with."""
+    """A setting has a value the gateway cannot run with; the message names the setting."""
+
+    def __init__(self, message: str, setting: str | None = None) -> None:
+        super().__init__(f"{option_name(setting)}: {message}" if setting else message)
+        self.setting = setting
+
+
+class StartupError(RuntimeError):
+    """The gateway cannot start as configured: a one-line message saying which option and what
+    to do, for the console, never a traceback."""
+
+
+def option_name(setting: str) -> str:
+    """How a user sets *setting*: `--port / PORT`, or just the variable when there is no flag."""
+    flag = FLAGS.get(setting)
+    variable = env_name(setting)
+    return f"{flag} / {variable}" if flag else variable
 
 
 @dataclass(frozen=True)
@@ -48,21 +80,41 @@ class Settings:
     dashboard_snapshot_limit: int = 10_000
     dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
     log_level: str = "info"
+    # where people reach the gateway, for the start-up banner (default: from host and port)
+    public_url: str | None = None
+    new_admin_key: bool = False  # `--new-admin-key` only: no environment variable
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not self.host:
+            raise ConfigError("the bind address is empty", "host")
+        if not 1 <= self.port <= 65535:
+            raise ConfigError(f"a port is 1–65535, got {self.port}", "port")
+        if self.redis_url is not None:
+            check_redis_url(self.redis_url)
+        if self.log_level.lower() not in LOG_LEVELS:
+            raise ConfigError(
+                f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}",
+                "log_level",
+            )
         if self.heartbeat_timeout < 1:
             raise ConfigError(
-                f"heartbeat timeout must be at least 1 s, got {self.heartbeat_timeout}"
+                f"heartbeat timeout must be at least 1 s, got {self.heartbeat_timeout}",
+                "heartbeat_timeout",
             )
         if self.offline_grace < 0:
-            raise ConfigError(f"offline grace must be ≥ 0, got {self.offline_grace}")
+            raise ConfigError(
+                f"offline grace must be ≥ 0, got {self.offline_grace}", "offline_grace"
+            )
         if not 0.001 <= self.batch_interval <= 0.02:
             raise ConfigError(
-                f"batch interval must be 1–20 ms, got {self.batch_interval * 1000} ms"
+                f"batch interval must be 1–20 ms, got {self.batch_interval * 1000:g} ms",
+                "batch_interval",
             )
         if self.max_frame_bytes < 1024:
-            raise ConfigError(f"max frame bytes must be ≥ 1024, got {self.max_frame_bytes}")
+            raise ConfigError(
+                f"max frame bytes must be ≥ 1024, got {self.max_frame_bytes}", "max_frame_bytes"
+            )
 
     @property
     def ttl_ms(self) -> int:
@@ -98,6 +150,7 @@ _PARSERS: dict[type | str, Any] = {
 }
 
 PLATFORM_VARIABLES = {"REDIS_URL": "redis_url", "PORT": "port"}
+CLI_ONLY = frozenset({"new_admin_key", "extra"})
 
 
 def env_name(field_name: str) -> str:
@@ -112,7 +165,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for f in fields(Settings):
-        if f.name == "extra":
+        if f.name in CLI_ONLY:
             continue
         name = env_name(f.name)
         raw = env.get(name)
@@ -123,6 +176,30 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
             raise ConfigError(f"no parser for setting {f.name} ({f.type})")
         try:
             values[f.name] = parser(raw)
+        except ConfigError as exc:
+            raise ConfigError(str(exc), f.name) from exc
         except ValueError as exc:
-            raise ConfigError(f"{name}: {exc}") from exc
+            expected = _EXPECTED.get(str(f.type), "a valid value")
+            raise ConfigError(f"expected {expected}, got {raw!r}", f.name) from exc
     return Settings(**values)
+
+
+_EXPECTED = {"int": "an integer", "float": "a number"}
+
+
+def check_redis_url(url: str) -> None:
+    """Refuse what redis-py would misread: `localhost:6379` parses as scheme `localhost`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
+        raise ConfigError(
+            f"{url!r} is not a Redis URL; write it as redis://HOST:PORT/DB "
+            "(rediss:// for TLS, unix:///path/to/socket)",
+            "redis_url",
+        )
+    try:
+        _ = parts.port  # a port that is not a number raises here
+    except ValueError:
+        raise ConfigError(f"{url!r} has a port that is not a number", "redis_url") from None
+    database = parts.path.strip("/")
+    if parts.scheme != "unix" and database and not database.isdigit():
+        raise ConfigError(f"{url!r}: the database after the / must be a number", "redis_url")

@@ -71,6 +71,10 @@ def test_empty_values_mean_unset() -> None:
         ("GATEWAY_OFFLINE_GRACE", "-1", "offline grace"),
         ("GATEWAY_BATCH_INTERVAL", "0.5", "batch interval"),
         ("GATEWAY_MAX_FRAME_BYTES", "10", "max frame bytes"),
+        ("PORT", "99999", "--port / PORT: a port is 1–65535"),
+        ("REDIS_URL", "localhost:6379", "--redis-url / REDIS_URL: 'localhost:6379' is not a Redis"),
+        ("REDIS_URL", "redis://h:1/x", "database after the / must be a number"),
+        ("GATEWAY_LOG_LEVEL", "loud", "--log-level / GATEWAY_LOG_LEVEL: log level must be one of"),
     ],
 )
 def test_bad_values_raise_config_error_naming_the_problem(
@@ -107,3 +111,18 @@ def test_settings_are_frozen() -> None:
 def test_process_environment_is_the_default(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GATEWAY_HEARTBEAT_TIMEOUT", "7")
     assert from_env().heartbeat_timeout == 7.0
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:1/3", "rediss://user:pw@h:6380/0", "unix:///run/redis.sock", "redis://h"]
+)
+def test_redis_urls_of_every_kind_are_accepted(url: str) -> None:
+    assert from_env({"REDIS_URL": url}).redis_url == url
+
+
+def test_log_levels_are_case_blind() -> None:
+    assert from_env({"GATEWAY_LOG_LEVEL": "DEBUG"}).log_level == "DEBUG"
+
+
+def test_new_admin_key_has_no_environment_variable() -> None:
+    assert from_env({"GATEWAY_NEW_ADMIN_KEY": "true"}).new_admin_key is False
