@@ -1,33 +1,59 @@
-"""The `gateway` console script."""
+"""The `gateway` console script.
+
+`gateway serve` checks everything it can before it starts anything (settings, the listening
+socket, the data directory), so a mistake costs one line on stderr naming the flag or variable
+and leaves nothing running. Once up, SIGTERM and SIGINT (Ctrl-C) both shut down the same way:
+devices are ended (grace or `gateway_shutdown`), sockets closed with 1012, and the embedded
+Redis stopped with its own SHUTDOWN; the exit status is 0. A second Ctrl-C stops waiting for
+open connections.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
+import signal
+import socket
 import sys
-from collections.abc import AsyncIterator, Sequence
-from typing import Any
+from collections.abc import AsyncIterator, Iterator, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
 
 import uvicorn
 from starlette.types import ASGIApp
 
 from gateway import __version__, redact
 from gateway.app import create_app
-from gateway.config import ConfigError, Settings, from_env
+from gateway.config import ConfigError, Settings, StartupError, from_env, option_name
 from gateway.embedded import EmbeddedRedis
 from gateway.wsprotocol import WebSocketProtocol
 
 log = logging.getLogger("gateway")
 GC_THRESHOLDS = (50_000, 20, 100)
+GRACEFUL_SHUTDOWN_SECONDS = 10
+BACKLOG = 2048
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage mistake is one line, like every other start-up mistake."""
+
+    def error(self, message: str) -> NoReturn:
+        fail(f"{message} (see `{self.prog} --help`)")
+
+
+def fail(message: str, status: int = 2) -> NoReturn:
+    print(f"gateway: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(status)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gateway", description="IoT presence gateway")
+    parser = _Parser(prog="gateway", description="IoT presence gateway")
     parser.add_argument("--version", action="version", version=f"gateway {__version__}")
-    commands = parser.add_subparsers(dest="command", required=True)
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     serve = commands.add_parser("serve", help="run the gateway (embedded Redis without a URL)")
     serve.add_argument("--host", help="bind address (GATEWAY_HOST, default 127.0.0.1)")
     serve.add_argument("--port", type=int, help="port (PORT, default 8000)")
@@ -46,40 +72,119 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--log-level", help="debug, info, warning (GATEWAY_LOG_LEVEL)")
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM); serves https/wss")
     serve.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
+    serve.add_argument(
+        "--new-admin-key",
+        action="store_true",
+        help="replace the generated admin API key with a new one, printed once",
+    )
     return parser
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     base = from_env()
-    return base.with_overrides(
+    settings = base.with_overrides(
         host=args.host,
         port=args.port,
         redis_url=args.redis_url,
         api_key=args.api_key,
         heartbeat_timeout=args.heartbeat_timeout,
         offline_grace=args.offline_grace,
-        data_dir=None if args.data_dir is None else __import__("pathlib").Path(args.data_dir),
+        data_dir=None if args.data_dir is None else Path(args.data_dir),
         log_level=args.log_level,
+        new_admin_key=args.new_admin_key or None,
     )
+    if settings.new_admin_key and settings.api_key:
+        raise ConfigError(
+            "an admin key is configured, so none is generated; change the configured one",
+            "api_key",
+        )
+    for flag, path in (("--ssl-certfile", args.ssl_certfile), ("--ssl-keyfile", args.ssl_keyfile)):
+        if path is not None and not Path(path).is_file():
+            raise ConfigError(f"{flag}: no such file: {path}")
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise ConfigError("--ssl-certfile and --ssl-keyfile go together; pass both")
+    return settings
+
+
+class Stop:
+    """SIGINT and SIGTERM, from the first moment of `serve`: the first asks for a clean
+    shutdown at whatever stage start-up is in; a second SIGINT stops waiting for connections."""
+
+    def __init__(self) -> None:
+        self.requested = asyncio.Event()
+        self.server: uvicorn.Server | None = None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[Stop]:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, self._received, signum)
+        try:
+            yield self
+        finally:
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(signum)
+
+    def _received(self, signum: int) -> None:
+        if self.requested.is_set():
+            if self.server is not None and signum == signal.SIGINT:
+                self.server.force_exit = True
+            return
+        log.info("%s received: shutting down", signal.Signals(signum).name)
+        self.requested.set()
+        if self.server is not None:
+            self.server.should_exit = True
+
+    async def racing(self, start: Any) -> bool:
+        """Run the coroutine *start* unless a stop comes first (then it is cancelled, and
+        its own cleanup runs); True when it finished."""
+        task = asyncio.ensure_future(start)
+        stopped = asyncio.ensure_future(self.requested.wait())
+        try:
+            await asyncio.wait({task, stopped}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stopped.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            return False
+        task.result()
+        return True
 
 
 @contextlib.asynccontextmanager
-async def redis_for(settings: Settings) -> AsyncIterator[Settings]:
-    """Settings with a Redis URL: the configured one, or a private embedded server's."""
+async def redis_for(settings: Settings, stop: Stop) -> AsyncIterator[Settings | None]:
+    """Settings with a Redis URL: the configured one, or a private embedded server's.
+
+    Yields None when a stop arrived while the embedded server was starting.
+    """
     if settings.redis_url:
         yield settings
         return
-    async with EmbeddedRedis(settings.data_dir, log=log) as embedded:
+    embedded = EmbeddedRedis(settings.data_dir, log=log)
+    if not await stop.racing(embedded.start()):
+        yield None
+        return
+    try:
         log.info(
             "no REDIS_URL: using embedded valkey at %s (data in %s)",
             embedded.url,
-            settings.data_dir,
+            embedded.data_dir,
         )
         yield settings.with_overrides(redis_url=embedded.url)
+    finally:
+        await embedded.stop()
 
 
 class GatewayServer(uvicorn.Server):
-    """uvicorn, but sessions end (grace or `gateway_shutdown`) before sockets are closed."""
+    """uvicorn, but sessions end (grace or `gateway_shutdown`) before sockets are closed, and
+    signals belong to `Stop`: uvicorn would re-raise them after shutting down, which kills the
+    process (status 143, an orphaned embedded Redis) or ends in a KeyboardInterrupt traceback."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
     async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
         app = self.config.loaded_app
@@ -96,7 +201,7 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicor
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
-        "log_level": settings.log_level,
+        "log_level": settings.log_level.lower(),
         "lifespan": "on",
         "ws": WebSocketProtocol,
         "ws_max_size": settings.max_frame_bytes,
@@ -107,18 +212,79 @@ def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicor
     return uvicorn.Config(app, **(options | overrides))
 
 
+def listen(settings: Settings) -> socket.socket:
+    """Bind the server's socket before anything else starts: a taken port is found at once."""
+    try:
+        infos = socket.getaddrinfo(
+            settings.host, settings.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise StartupError(
+            f"{option_name('host')}: cannot resolve {settings.host!r} ({exc.strerror})"
+        ) from None
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(address)
+        sock.listen(BACKLOG)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(_bind_problem(settings, exc)) from None
+    sock.set_inheritable(True)
+    return sock
+
+
+def _bind_problem(settings: Settings, exc: OSError) -> str:
+    where = f"{settings.host}:{settings.port}"
+    if exc.errno == errno.EADDRINUSE:
+        return (
+            f"{option_name('port')}: {where} is already in use (another gateway?); "
+            "pass another --port or set PORT"
+        )
+    if exc.errno == errno.EACCES:
+        return (
+            f"{option_name('port')}: not allowed to listen on {where} "
+            "(ports below 1024 need privileges)"
+        )
+    if exc.errno == errno.EADDRNOTAVAIL:
+        return f"{option_name('host')}: {settings.host} is not an address of this machine"
+    return f"{option_name('port')}: cannot listen on {where}: {exc.strerror}"
+
+
+def dashboard_url(settings: Settings, scheme: str = "http") -> str:
+    """Where a browser on this machine finds the dashboard (a wildcard bind means loopback)."""
+    host = {"0.0.0.0": "127.0.0.1", "::": "[::1]"}.get(settings.host, settings.host)
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    return f"{scheme}://{host}:{settings.port}/"
+
+
 async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str | None) -> None:
     # thousands of long-lived socket objects make every full collection walk them all: a
     # pause felt by every device at once. Freeze what start-up made and collect less often.
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    async with redis_for(settings) as ready:
-        app = create_app(ready)
-        config = uvicorn_config(
-            app, ready, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
-            timeout_graceful_shutdown=10,
-        )  # fmt: skip
-        await GatewayServer(config).serve()
+    scheme = "https" if ssl_certfile else "http"
+    stop = Stop()
+    with stop.installed(), contextlib.closing(listen(settings)) as listener:
+        async with redis_for(settings, stop) as ready:
+            if ready is None:
+                return
+            ready = ready.with_overrides(
+                public_url=ready.public_url or dashboard_url(ready, scheme)
+            )
+            app = create_app(ready)
+            config = uvicorn_config(
+                app, ready, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile,
+                timeout_graceful_shutdown=GRACEFUL_SHUTDOWN_SECONDS,
+            )  # fmt: skip
+            server = GatewayServer(config)
+            stop.server = server
+            if stop.requested.is_set():
+                return
+            log.info("serving the gateway and its dashboard at %s", ready.public_url)
+            await server.serve(sockets=[listener])
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -126,10 +292,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         settings = settings_from(args)
     except ConfigError as exc:
-        print(f"gateway: {exc}", file=sys.stderr)
-        raise SystemExit(2) from exc
+        fail(str(exc))
     redact.install()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    asyncio.run(serve(settings, args.ssl_certfile, args.ssl_keyfile))
+    try:
+        asyncio.run(serve(settings, args.ssl_certfile, args.ssl_keyfile))
+    except StartupError as exc:
+        fail(str(exc), status=1)
+    except KeyboardInterrupt:  # only before the signal handlers are in place
+        raise SystemExit(130) from None

@@ -87,6 +87,14 @@ class Gateway:
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
         log.info("using Redis at %s (db %d)", _safe_url(self.settings.redis_url or ""), self.db)
+        if self.db and not self.settings.key_prefix:
+            log.warning(
+                "Redis database %d is selected but no GATEWAY_KEY_PREFIX is set: pub/sub channels "
+                "are shared by every database of a server, so deployments on other databases of "
+                "this Redis see this one's presence events and commands; set GATEWAY_KEY_PREFIX to "
+                "isolate it",
+                self.db,
+            )
         await self.on_redis_ready()
         self.started.set()
 
@@ -128,22 +136,40 @@ class Gateway:
             log.info("re-sent desired state to %d devices after reconnect", resent)
 
     async def _ensure_admin_key(self) -> None:
+        """With no admin key configured, one is generated at the first start and printed once
+        (only its hash is kept); `--new-admin-key` replaces it."""
         if self.settings.api_key:
             return
-        key = new_secret()
         name = generated_admin_key(self.keys)
-        if await self.redis.set(name, hash_token(key), nx=True):
-            # printed, never logged: the one time anyone sees this key
-            print(
-                f"\n  No GATEWAY_API_KEY configured: generated admin API key (shown once):\n"
-                f"    {key}\n",
-                file=sys.stderr,
-                flush=True,
+        key = new_secret()
+        if self.settings.new_admin_key:
+            await self.redis.set(name, hash_token(key))
+            self._announce_admin_key(key, "replaced the admin API key")
+        elif await self.redis.set(name, hash_token(key), nx=True):
+            self._announce_admin_key(
+                key, "no GATEWAY_API_KEY configured: generated an admin API key"
+            )
+        else:
+            log.info(
+                "admin API key: the one generated and printed at the first start (only its hash "
+                "is kept); lost it? `gateway serve --new-admin-key` prints a new one"
             )
         stored = await self.redis.get(name)
         if stored:
             digest = stored.decode() if isinstance(stored, bytes) else str(stored)
             self.api_keys = ApiKeys(self.api_keys.admin | {digest}, self.api_keys.read)
+
+    def _announce_admin_key(self, key: str, what: str) -> None:
+        # printed, never logged: the one time anyone sees this key
+        url = self.settings.public_url or f"http://{self.settings.host}:{self.settings.port}/"
+        print(
+            f"\n  {what} (shown once, keep it):\n"
+            f"    {key}\n"
+            f"  Dashboard: {url}  (sign in with this key)\n"
+            f"  Lost it? `gateway serve --new-admin-key` prints a new one.\n",
+            file=sys.stderr,
+            flush=True,
+        )
 
     async def drain(self) -> None:
         """Before uvicorn closes sockets: end every local session, then close them with 1012.
