@@ -39,7 +39,10 @@ def load_seed() -> types.SimpleNamespace:
     """
     path = seed_path()
     if not path.is_file():
-        skip_or_fail(f"seed document not found at {path} (set GATEWAY_SEED_DOC to its path)")
+        skip_or_fail(
+            f'"How to Implement Device State Management with Redis" not found at {path}: '
+            "its classes are what the compatibility tests run (set GATEWAY_SEED_DOC to its path)"
+        )
     blocks = python_blocks(path.read_text(encoding="utf-8"))
     if not blocks:
         raise AssertionError(f"seed document {path} holds no ```python blocks")
