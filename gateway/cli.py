@@ -29,6 +29,7 @@ from starlette.types import ASGIApp
 from gateway import __version__, redact
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings, StartupError, from_env, option_name
+from gateway.devcluster import LocalCluster, run_forever
 from gateway.embedded import EmbeddedRedis
 from gateway.wsprotocol import WebSocketProtocol
 
@@ -77,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="replace the generated admin API key with a new one, printed once",
     )
+    cluster = commands.add_parser(
+        "dev-cluster", help="run a local Valkey Cluster to try the gateway on (Ctrl-C stops it)"
+    )
+    cluster.add_argument("--data-dir", default="dev-cluster", help="node data (./dev-cluster)")
+    cluster.add_argument("--port", type=int, default=7000, help="first node's port (7000)")
+    cluster.add_argument("--primaries", type=int, default=3, help="primaries (3)")
+    cluster.add_argument("--replicas", type=int, default=1, help="replicas per primary (1)")
     return parser
 
 
@@ -289,6 +297,9 @@ async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str |
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.command == "dev-cluster":
+        dev_cluster(args)
+        return
     try:
         settings = settings_from(args)
     except ConfigError as exc:
@@ -303,3 +314,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         fail(str(exc), status=1)
     except KeyboardInterrupt:  # only before the signal handlers are in place
         raise SystemExit(130) from None
+
+
+def dev_cluster(args: argparse.Namespace) -> None:
+    logging.basicConfig(level="INFO", format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        cluster = LocalCluster(
+            Path(args.data_dir), args.primaries, args.replicas, base_port=args.port
+        )
+        asyncio.run(run_forever(cluster))
+    except StartupError as exc:
+        fail(str(exc), status=1)

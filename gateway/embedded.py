@@ -245,18 +245,7 @@ class EmbeddedRedis:
                 self._log.info("port %d was taken before valkey-server bound it; another", port)
 
     async def _spawn(self, binary: Path, port: int) -> None:
-        process = await asyncio.create_subprocess_exec(
-            str(binary),
-            *self._arguments(port),
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.DEVNULL,
-            # Only errors before the log file opens land here; read only if startup fails.
-            stderr=asyncio.subprocess.PIPE,
-            # Own process group: a Ctrl-C meant for the gateway must not reach the server, which
-            # the gateway stops itself once its devices are marked offline.
-            start_new_session=True,
-            preexec_fn=_terminate_with_parent,
-        )
+        process = await spawn_valkey(binary, self._arguments(port))
         self._process = process
         self.url = f"redis://{HOST}:{port}/0"
         try:
@@ -309,6 +298,22 @@ class EmbeddedRedis:
 
 class _PortTaken(Exception):
     pass
+
+
+async def spawn_valkey(binary: Path, arguments: list[str]) -> asyncio.subprocess.Process:
+    """A valkey-server child that never outlives the gateway and never gets its Ctrl-C."""
+    return await asyncio.create_subprocess_exec(
+        str(binary),
+        *arguments,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL,
+        # Only errors before the log file opens land here; read only if startup fails.
+        stderr=asyncio.subprocess.PIPE,
+        # Own process group: a Ctrl-C meant for the gateway must not reach the server, which
+        # the gateway stops itself once its devices are marked offline.
+        start_new_session=True,
+        preexec_fn=_terminate_with_parent,
+    )
 
 
 def _first_error(what: str, output: str) -> str:

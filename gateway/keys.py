@@ -1,21 +1,46 @@
-"""Every Redis key and channel name, and the id rules that keep them safe.
+"""Every Redis key, channel and hash-field name, for each data layout; the id rules that keep
+them safe. This is the only module that formats a key or names a field of the device hash.
 
-This is the only module that formats a key. The seed document's names hold as written
-when no prefix is configured; a prefix, when set, goes in front of every name.
+Three layouts, one seam:
+
+- `python` (the default, single node): the names of "How to Implement Device State Management
+  with Redis" byte for byte, with its Python classes' hash fields (`device_id`, `last_seen`, …).
+- `node` (single node): the same keys, with its Node.js classes' hash fields (`deviceId`,
+  `lastSeen` in milliseconds, …), so those classes and the gateway read each other's devices.
+- `cluster`: each device belongs to one of `partitions` partitions by a stable hash of its id;
+  a partition's keys (its devices' hashes and heartbeats, and its sets, indexes, counters and
+  event stream) share one hash tag, so every transition touches one slot and stays one atomic
+  script. Tags are chosen so partitions fall evenly over the 16384 slots, hence evenly over
+  primaries that split the slots in equal ranges. Channels are sharded (SPUBLISH).
+
+On a single node there is one partition, tagged with nothing: every name is the plain one. A
+prefix, when set, goes in front of every name.
 """
 
 from __future__ import annotations
 
+import functools
 import re
+import zlib
 from dataclasses import dataclass
+from typing import Any, Literal
+
+from redis.crc import key_slot
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TYPE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._:-]{0,64}")
+SLOTS = 16384
+TAG_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
+DEFAULT_PARTITIONS = 64
+
+Schema = Literal["python", "node", "cluster"]
+SCHEMAS: tuple[Schema, ...] = ("python", "node", "cluster")
 
 
 def is_device_id(value: object) -> bool:
-    """True when *value* may be a device id (contract §1): it can never form a foreign key."""
+    """True when *value* may be a device id: it can never form a foreign key or channel."""
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
 
@@ -24,100 +49,227 @@ def is_device_type(value: object) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Keys:
-    """Key and channel names under an optional namespace prefix."""
+class Fields:
+    """The device hash's fields that other programs read and write, in one schema's names.
 
-    prefix: str = ""
+    The gateway's own fields (`version`, `session`, `token_hash`, …) are the same everywhere.
+    `millis`: the schema writes `registered_at` and `last_seen` in milliseconds, not seconds.
+    """
 
-    # --- the seed's names -------------------------------------------------
-    def state(self, device_id: str) -> str:
-        return f"{self.prefix}device:state:{device_id}"
+    device_id: str = "device_id"
+    device_type: str = "device_type"
+    registered_at: str = "registered_at"
+    status: str = "status"
+    last_seen: str = "last_seen"
+    reported: str = "reported_state"
+    desired: str = "desired_state"
+    metadata: str = "metadata"
+    millis: bool = False
 
-    def heartbeat(self, device_id: str) -> str:
-        return f"{self.prefix}device:heartbeat:{device_id}"
+    def section(self, section: str) -> str:
+        """The field of a shadow section: `desired`, `reported` or `metadata`."""
+        return {"desired": self.desired, "reported": self.reported}.get(section, self.metadata)
 
-    @property
-    def heartbeat_prefix(self) -> str:
-        return f"{self.prefix}device:heartbeat:"
+
+PYTHON_FIELDS = Fields()
+NODE_FIELDS = Fields(
+    device_id="deviceId",
+    device_type="deviceType",
+    registered_at="registeredAt",
+    last_seen="lastSeen",
+    reported="reportedState",
+    desired="desiredState",
+    millis=True,
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Partition:
+    """The fleet-wide names of one partition (on a single node: of the whole fleet)."""
+
+    number: int
+    base: str  # prefix and hash tag: what every name of this partition starts with
 
     @property
     def online(self) -> str:
-        return f"{self.prefix}devices:online"
+        return f"{self.base}devices:online"
 
     @property
     def registered(self) -> str:
-        return f"{self.prefix}devices:registered"
+        return f"{self.base}devices:registered"
 
     def type_set(self, device_type: str) -> str:
-        return f"{self.prefix}devices:type:{device_type}"
+        return f"{self.base}devices:type:{device_type}"
 
     @property
     def presence_channel(self) -> str:
-        return f"{self.prefix}devices:presence"
+        return f"{self.base}devices:presence"
 
-    def commands(self, device_id: str) -> str:
-        return f"{self.prefix}device:{device_id}:commands"
-
-    def device_from_commands(self, channel: str) -> str | None:
-        head, tail = f"{self.prefix}device:", ":commands"
-        if channel.startswith(head) and channel.endswith(tail):
-            device_id = channel[len(head) : -len(tail)]
-            return device_id if is_device_id(device_id) else None
-        return None
-
-    # --- the gateway's own ------------------------------------------------
     @property
     def index(self) -> str:
-        return f"{self.prefix}devices:index"
+        return f"{self.base}devices:index"
 
     @property
     def index_online(self) -> str:
-        return f"{self.prefix}devices:index:online"
+        return f"{self.base}devices:index:online"
 
     def index_type(self, device_type: str) -> str:
-        return f"{self.prefix}devices:index:type:{device_type}"
+        return f"{self.base}devices:index:type:{device_type}"
 
     @property
     def seen(self) -> str:
-        return f"{self.prefix}devices:seen"
+        return f"{self.base}devices:seen"
 
     @property
     def online_seen(self) -> str:
-        return f"{self.prefix}devices:online:seen"
+        return f"{self.base}devices:online:seen"
 
     @property
     def types(self) -> str:
-        return f"{self.prefix}devices:types"
+        return f"{self.base}devices:types"
 
     @property
     def online_by_type(self) -> str:
-        return f"{self.prefix}devices:stats:online_by_type"
+        return f"{self.base}devices:stats:online_by_type"
 
     @property
     def retired_versions(self) -> str:
-        return f"{self.prefix}devices:presence:retired"
-
-    def history(self, device_id: str) -> str:
-        return f"{self.prefix}device:history:{device_id}"
+        return f"{self.base}devices:presence:retired"
 
     @property
     def events(self) -> str:
-        return f"{self.prefix}devices:events"
+        return f"{self.base}devices:events"
 
     @property
     def control_channel(self) -> str:
-        return f"{self.prefix}gateway:control"
+        return f"{self.base}gateway:control"
 
-    def expired_channel(self, db: int) -> str:
+    def probe_channel(self, process: str) -> str:
+        """Where one process checks that its subscriptions in this partition still deliver."""
+        return f"{self.base}gateway:probe:{process}"
+
+
+@dataclass(frozen=True)
+class Keys:
+    """Names for one layout; see the module docstring."""
+
+    prefix: str = ""
+    schema: Schema = "python"
+    partitions: int = 1
+
+    def __post_init__(self) -> None:
+        if not PREFIX_PATTERN.fullmatch(self.prefix):
+            raise ValueError(
+                f"a key prefix is up to 64 of A-Z a-z 0-9 . _ : -, got {self.prefix!r}"
+            )
+        if self.schema != "cluster" and self.partitions != 1:
+            raise ValueError("only the cluster layout has more than one partition")
+        if not 1 <= self.partitions <= 4096:
+            raise ValueError(f"partitions must be 1–4096, got {self.partitions}")
+
+    @property
+    def fields(self) -> Fields:
+        return NODE_FIELDS if self.schema == "node" else PYTHON_FIELDS
+
+    @classmethod
+    def cluster(cls, prefix: str = "", partitions: int = DEFAULT_PARTITIONS) -> Keys:
+        return cls(prefix, "cluster", partitions)
+
+    @property
+    def sharded(self) -> bool:
+        """Channels are sharded (SSUBSCRIBE/SPUBLISH): the cluster layout."""
+        return self.schema == "cluster"
+
+    # --- partitions -----------------------------------------------------------
+    def partition(self, device_id: str) -> int:
+        """The device's partition: a stable hash of its id (part of the data layout)."""
+        if self.partitions == 1:
+            return 0
+        return zlib.crc32(device_id.encode()) % self.partitions
+
+    @functools.cached_property
+    def parts(self) -> tuple[Partition, ...]:
+        if self.schema != "cluster":
+            return (Partition(0, self.prefix),)
+        return tuple(
+            Partition(number, f"{self.prefix}{{{tag}}}")
+            for number, tag in enumerate(spread_tags(self.partitions))
+        )
+
+    def part(self, number: int) -> Partition:
+        return self.parts[number]
+
+    def of(self, device_id: str) -> Partition:
+        """The partition that holds *device_id*."""
+        return self.parts[self.partition(device_id)]
+
+    # --- one device's names -----------------------------------------------------
+    def state(self, device_id: str) -> str:
+        return f"{self.of(device_id).base}device:state:{device_id}"
+
+    def heartbeat(self, device_id: str) -> str:
+        return f"{self.of(device_id).base}device:heartbeat:{device_id}"
+
+    def history(self, device_id: str) -> str:
+        return f"{self.of(device_id).base}device:history:{device_id}"
+
+    def commands(self, device_id: str) -> str:
+        return f"{self.of(device_id).base}device:{device_id}:commands"
+
+    # --- names read back --------------------------------------------------------
+    def device_from_heartbeat(self, key: str) -> str | None:
+        """The id in a heartbeat key (from a keyspace notification), if it is one of ours."""
+        return self._read_back(key, "device:heartbeat:", "")
+
+    def device_from_commands(self, channel: str) -> str | None:
+        return self._read_back(channel, "device:", ":commands")
+
+    def _read_back(self, name: str, head: str, tail: str) -> str | None:
+        if not name.startswith(self.prefix):
+            return None
+        rest = name[len(self.prefix) :]
+        if self.schema == "cluster":
+            tag, brace, rest = rest.partition("}")
+            if not brace or not tag.startswith("{"):
+                return None
+        if not (rest.startswith(head) and rest.endswith(tail)):
+            return None
+        device_id = rest[len(head) : len(rest) - len(tail)]
+        if not is_device_id(device_id) or self.of(device_id).base + head + device_id + tail != name:
+            return None
+        return device_id
+
+    @staticmethod
+    def expired_channel(db: int) -> str:
         """Keyspace `expired` events of database *db* (the URL's database, never assumed 0)."""
         return f"__keyevent@{db}__:expired"
 
-    def device_from_heartbeat(self, key: str) -> str | None:
-        head = self.heartbeat_prefix
-        if key.startswith(head):
-            device_id = key[len(head) :]
-            return device_id if is_device_id(device_id) else None
-        return None
+    # --- the single-node names, for code that runs only there -------------------
+    @property
+    def online(self) -> str:
+        return self._single().online
+
+    @property
+    def registered(self) -> str:
+        return self._single().registered
+
+    @property
+    def presence_channel(self) -> str:
+        return self._single().presence_channel
+
+    def type_set(self, device_type: str) -> str:
+        return self._single().type_set(device_type)
+
+    def _single(self) -> Partition:
+        if self.partitions != 1:
+            raise ValueError("a fleet-wide name needs a partition on the cluster layout")
+        return self.parts[0]
+
+    def __getattr__(self, name: str) -> Any:
+        # transitional: the single node's fleet names, until every caller names its partition
+        if name.startswith("_") or not hasattr(Partition, name):
+            raise AttributeError(name)
+        return getattr(self._single(), name)
 
 
 def generated_admin_key(keys: Keys) -> str:
@@ -128,3 +280,32 @@ def generated_admin_key(keys: Keys) -> str:
 def login_session(keys: Keys, session_hash: str) -> str:
     """A dashboard login session, by the hash of its cookie value."""
     return f"{keys.prefix}gateway:login:{session_hash}"
+
+
+@functools.cache
+def spread_tags(count: int) -> tuple[str, ...]:
+    """One short hash tag per partition, partition i's in the i-th of *count* equal slot ranges.
+
+    `valkey-cli --cluster create` and managed clusters give primaries equal, contiguous slot
+    ranges, so partitions spread evenly over any number of primaries that divides them well
+    (naive tags like `0`…`63` hash to arbitrary slots and pile up on some primaries).
+    """
+    tags: list[str | None] = [None] * count
+    missing = count
+    for tag in _candidate_tags():
+        slot = key_slot(tag.encode())
+        index = slot * count // SLOTS
+        if tags[index] is None:
+            tags[index] = tag
+            missing -= 1
+            if missing == 0:
+                return tuple(t for t in tags if t is not None)
+    raise AssertionError("the candidate tags ran out")  # pragma: no cover - 46,656 of 3 chars
+
+
+def _candidate_tags() -> list[str]:
+    """Shortest first, in a fixed order: the same count always gives the same tags."""
+    one = list(TAG_ALPHABET)
+    two = [a + b for a in TAG_ALPHABET for b in TAG_ALPHABET]
+    three = [a + b for a in TAG_ALPHABET for b in two]
+    return one + two + three

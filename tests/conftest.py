@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
-from seedcode import load_seed
+from seedcode import install_ioredis, load_seed
 from servers import RedisServer, available_engines, skip_or_fail
 
 from gateway.embedded import find_free_port
@@ -204,3 +204,9 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
     yield start
     for gateway in started:
         gateway.terminate()
+
+
+@pytest.fixture(scope="session")
+def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """ioredis installed once per session for the document's Node.js classes."""
+    return install_ioredis(tmp_path_factory.mktemp("node"))

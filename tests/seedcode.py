@@ -7,11 +7,17 @@ only this loader, which reads the shared document wherever it lives.
 
 from __future__ import annotations
 
+import asyncio
+import itertools
+import json
 import os
 import re
+import shutil
+import subprocess
 import sys
 import types
 from pathlib import Path
+from typing import Any
 
 from servers import skip_or_fail
 
@@ -53,3 +59,89 @@ def load_seed() -> types.SimpleNamespace:
         exec(compile(block, f"{path}#python-block-{index}", "exec"), module.__dict__)
     public = {name: value for name, value in vars(module).items() if not name.startswith("__")}
     return types.SimpleNamespace(**public)
+
+
+# --- the document's Node.js classes ------------------------------------------------------
+HARNESS = Path(__file__).with_name("seed_node_harness.js")
+IOREDIS = "ioredis@5"
+
+
+def install_ioredis(directory: Path) -> Path:
+    """`npm install ioredis` into *directory*; its node_modules, for NODE_PATH."""
+    node, npm = shutil.which("node"), shutil.which("npm")
+    if node is None or npm is None:
+        skip_or_fail(
+            "node and npm not found (apt-get install nodejs npm): the Node.js tests need them"
+        )
+    command = [npm, "install", "--no-save", "--no-audit", "--no-fund", "--prefix", str(directory)]
+    command.append(IOREDIS)
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, check=False)
+    if result.returncode != 0:
+        skip_or_fail(f"npm install {IOREDIS} failed: {result.stderr.strip()[-300:]}")
+    return directory / "node_modules"
+
+
+class NodeSeed:
+    """The document's Node.js classes in a node process, driven line by line (JSON).
+
+    `await seed.call("manager", "registerDevice", "id", "type", {})` calls
+    `DeviceStateManager.registerDevice`; "detector" is the `OfflineDetector`. Presence events
+    from `subscribeToPresence` collect in `events`.
+    """
+
+    def __init__(self, node_modules: Path, redis_url: str) -> None:
+        self.node_modules = node_modules
+        self.redis_url = redis_url
+        self.events: list[dict[str, Any]] = []
+        self._process: asyncio.subprocess.Process | None = None
+        self._pending: dict[int, asyncio.Future[Any]] = {}
+        self._ids = itertools.count(1)
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> NodeSeed:
+        path = seed_path()
+        if not path.is_file():
+            load_seed()  # skips or fails with the reason
+        self._process = await asyncio.create_subprocess_exec(
+            "node", str(HARNESS), str(path), self.redis_url,
+            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+            env={**os.environ, "NODE_PATH": str(self.node_modules)},
+        )  # fmt: skip
+        self._reader = asyncio.create_task(self._read())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        if self._process is not None and self._process.returncode is None:
+            self._process.kill()
+            await self._process.wait()
+        if self._reader is not None:
+            self._reader.cancel()
+
+    async def call(self, target: str, method: str, *args: Any) -> Any:
+        assert self._process is not None and self._process.stdin is not None
+        call_id = next(self._ids)
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[call_id] = future
+        line = {"id": call_id, "target": target, "method": method, "args": list(args)}
+        self._process.stdin.write(json.dumps(line).encode() + b"\n")
+        await self._process.stdin.drain()
+        async with asyncio.timeout(10):
+            return await future
+
+    async def _read(self) -> None:
+        assert self._process is not None and self._process.stdout is not None
+        async for raw in self._process.stdout:
+            message = json.loads(raw)
+            if "event" in message:
+                self.events.append(message["event"])
+                continue
+            future = self._pending.pop(message["id"], None)
+            if future is None or future.done():
+                continue
+            if "error" in message:
+                future.set_exception(RuntimeError(f"Node.js class raised: {message['error']}"))
+            else:
+                future.set_result(message["result"])
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(RuntimeError("the node process ended"))

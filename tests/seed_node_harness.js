@@ -1,0 +1,45 @@
+// Runs the Node.js classes of "How to Implement Device State Management with Redis", read from
+// the document at run time, and answers calls from the Python tests over stdin/stdout.
+//
+//   node seed_node_harness.js DOCUMENT REDIS_URL
+//   in:  {"id": 1, "target": "manager" | "detector", "method": "deviceHeartbeat", "args": [...]}
+//        {"id": 2, "target": "manager", "method": "subscribeToPresence"}   (events follow)
+//   out: {"id": 1, "result": ...} | {"id": 1, "error": "..."} | {"event": {...}}
+//
+// Only the class definitions run: the document's usage example (which would talk to a Redis on
+// localhost:6379) is cut off at its "// Usage" comment.
+'use strict';
+const fs = require('fs');
+const readline = require('readline');
+
+const [documentPath, redisUrl] = process.argv.slice(2);
+const text = fs.readFileSync(documentPath, 'utf8');
+const fence = /^```javascript[ \t]*\n([\s\S]*?)^```[ \t]*$/m.exec(text);
+if (!fence) throw new Error(`no javascript block in ${documentPath}`);
+const parts = fence[1].split(/^\/\/ Usage[ \t]*$/m);
+if (parts.length < 2) throw new Error('the javascript block has no "// Usage" section to cut');
+const load = new Function('require', `${parts[0]}\nreturn { DeviceStateManager, OfflineDetector };`);
+const { DeviceStateManager, OfflineDetector } = load(require);
+
+const targets = {
+  manager: new DeviceStateManager(redisUrl),
+  detector: new OfflineDetector(redisUrl),
+};
+const write = (message) => process.stdout.write(`${JSON.stringify(message)}\n`);
+
+readline.createInterface({ input: process.stdin }).on('line', async (line) => {
+  const call = JSON.parse(line);
+  try {
+    const target = targets[call.target];
+    let result;
+    if (call.method === 'subscribeToPresence') {
+      target.subscribeToPresence((event) => write({ event }));
+      result = null;
+    } else {
+      result = await target[call.method](...(call.args || []));
+    }
+    write({ id: call.id, result: result === undefined ? null : result });
+  } catch (error) {
+    write({ id: call.id, error: String(error && error.message ? error.message : error) });
+  }
+});
