@@ -1,23 +1,35 @@
-"""The Redis client the gateway uses: redis-py asyncio, with commands packed by hiredis.
+"""The Redis clients the gateway uses: one node, or a Valkey/Redis Cluster.
 
 redis-py's asyncio connection packs every command in pure Python; for the heartbeat batches
 and pages (thousands of arguments per call) that was a third of the gateway's CPU. hiredis
-(already required for parsing) packs in C with the same encoding rules.
+(already required for parsing) packs in C with the same encoding rules, on both kinds of client.
+
+A cluster is named by `redis+cluster://[user:password@]host:port[,host:port...]` (or
+`rediss+cluster://` for TLS): every listed node is a seed the client may learn the cluster from.
+A plain `redis://` URL that turns out to point at a cluster node is detected by `detect`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import urllib.parse
+from dataclasses import dataclass
 from typing import Any
 
 import hiredis
 from redis.asyncio import BlockingConnectionPool, Connection, Redis
+from redis.asyncio.cluster import ClusterNode, ClusterPipeline, RedisCluster
+from redis.asyncio.connection import parse_url
 from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError
+from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
+from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
 SOCKET_TIMEOUT = 5.0
 NO_RETRY = Retry(NoBackoff(), 0)
 MAX_CONNECTIONS = 64
+CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
+
+Client = Redis | RedisCluster
 
 
 class HiredisPackedConnection(Connection):
@@ -28,8 +40,39 @@ class HiredisPackedConnection(Connection):
         return [hiredis.pack_command(args)]
 
 
+@dataclass(frozen=True)
+class ClusterUrl:
+    """A `redis+cluster://` URL taken apart: its seed nodes and a node URL for the options."""
+
+    seeds: tuple[tuple[str, int], ...]
+    node_url: str  # the first seed as a plain redis(s):// URL, carrying credentials and options
+
+    @classmethod
+    def parse(cls, url: str) -> ClusterUrl:
+        parts = urllib.parse.urlsplit(url)
+        scheme = CLUSTER_SCHEMES.get(parts.scheme)
+        if scheme is None:
+            raise ValueError(f"not a cluster URL: {url!r}")
+        credentials, at, hosts = parts.netloc.rpartition("@")
+        seeds = []
+        for address in hosts.split(","):
+            host, colon, port = address.strip().rpartition(":")
+            if not colon or not host or not port.isdigit():
+                raise ValueError(f"a cluster seed is host:port, got {address!r} in {url!r}")
+            seeds.append((host.strip("[]"), int(port)))
+        if parts.path.strip("/") not in ("", "0"):
+            raise ValueError("a cluster has only database 0")
+        first = f"{seeds[0][0]}:{seeds[0][1]}"
+        query = f"?{parts.query}" if parts.query else ""
+        return cls(tuple(seeds), f"{scheme}://{credentials}{at}{first}/0{query}")
+
+
+def is_cluster_url(url: str) -> bool:
+    return urllib.parse.urlsplit(url).scheme in CLUSTER_SCHEMES
+
+
 def connect(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) -> Redis:
-    """A client for *url*; plain TCP connections get hiredis packing, TLS and unix keep theirs.
+    """A client for one node; plain TCP connections get hiredis packing, TLS and unix keep theirs.
 
     The pool blocks (up to the socket timeout) when every connection is busy, instead of
     failing the call: a connect storm queues for Redis rather than being refused.
@@ -46,3 +89,71 @@ def connect(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) ->
         url, max_connections=max_connections, timeout=SOCKET_TIMEOUT, **options
     )
     return Redis.from_pool(pool)  # the client owns the pool: aclose() closes its connections
+
+
+class GatewayCluster(RedisCluster):
+    """RedisCluster with a bound on commands in flight: redis-py's cluster pool refuses a
+    connection past its maximum (MaxConnectionsError) instead of waiting for one, so callers
+    wait here instead, and a connect storm queues rather than fails."""
+
+    def __init__(self, *args: Any, concurrency: int = MAX_CONNECTIONS, **kwargs: Any) -> None:
+        kwargs["max_connections"] = concurrency * 2
+        super().__init__(*args, **kwargs)
+        self.in_flight = asyncio.Semaphore(concurrency)
+
+    async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
+        async with self.in_flight:
+            return await super().execute_command(*args, **kwargs)
+
+    def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
+        return BoundedPipeline(self, transaction)  # type: ignore[abstract]
+
+
+class BoundedPipeline(ClusterPipeline):
+    async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
+        client = self.cluster_client
+        assert isinstance(client, GatewayCluster)
+        async with client.in_flight:
+            return await super().execute(raise_on_error, allow_redirections)
+
+
+def connect_cluster(url: str, concurrency: int = MAX_CONNECTIONS, **options: Any) -> GatewayCluster:
+    """A cluster client for a `redis+cluster://` URL, or a plain URL of one of its nodes."""
+    node_url = ClusterUrl.parse(url).node_url if is_cluster_url(url) else url
+    seeds = ClusterUrl.parse(url).seeds if is_cluster_url(url) else ()
+    kwargs: dict[str, Any] = dict(parse_url(node_url))
+    kwargs.pop("db", None)
+    ssl = kwargs.pop("connection_class", None) is not None and node_url.startswith("rediss://")
+    kwargs.setdefault("socket_timeout", SOCKET_TIMEOUT)
+    kwargs.setdefault("socket_connect_timeout", SOCKET_TIMEOUT)
+    # failover takes a few seconds: retries with backoff ride it out, topology refreshed
+    kwargs.setdefault("retry", Retry(ExponentialWithJitterBackoff(base=0.05, cap=1.0), 6))
+    kwargs |= options
+    startup = [ClusterNode(host, port) for host, port in seeds] or None
+    if startup is None:
+        kwargs["host"], kwargs["port"] = kwargs.pop("host"), kwargs.pop("port")
+    client = GatewayCluster(startup_nodes=startup, ssl=ssl, concurrency=concurrency, **kwargs)
+    if not ssl:
+        # hiredis packing for every node the client will connect to
+        client.nodes_manager.connection_kwargs["connection_class"] = HiredisPackedConnection
+        for node in client.nodes_manager.startup_nodes.values():
+            node.connection_class = HiredisPackedConnection
+    return client
+
+
+async def detect_cluster(url: str) -> bool:
+    """Whether a plain URL points at a cluster node (`INFO cluster`); a cluster URL is one."""
+    if is_cluster_url(url):
+        return True
+    if url.startswith("unix://"):
+        return False
+    probe = Redis.from_url(url, socket_timeout=SOCKET_TIMEOUT, retry=NO_RETRY)
+    try:
+        info = await probe.info("cluster")
+    except RedisError as exc:
+        if isinstance(exc, ConnectionError | TimeoutError):
+            raise
+        return False  # a server without the cluster section: certainly not a cluster
+    finally:
+        await probe.aclose()
+    return bool(info.get("cluster_enabled"))
