@@ -1,0 +1,385 @@
+"""Cross-node delivery on a Valkey/Redis Cluster: sharded pub/sub, one connection per primary.
+
+A device's command channel and its partition's control and probe channels share the
+partition's hash tag, so they live in one slot: a partition's subscriptions go to the primary
+that owns that slot, in one `SSUBSCRIBE` per 1,000 channels. Every primary's connection also
+listens to its node's keyspace `expired` events (notifications are per node).
+
+Sharded channels move with their slot. The server says so (an unsolicited `sunsubscribe`) when
+a slot migrates; a dead primary drops its connection; and so that no subscription is ever
+silently dead, every partition with local devices is probed: this process publishes on its own
+probe channel there every few seconds and must hear itself. Each of these makes the broker
+converge again: refresh the topology, one link per primary, every partition on its owner.
+Devices of a partition placed again are re-synced (`on_resubscribed`): whatever was published
+while nobody listened is read back from Redis and sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import secrets
+import time
+from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.client import PubSub
+from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
+from redis.exceptions import RedisError
+
+from gateway.keys import Keys
+from gateway.redisconn import NO_RETRY
+
+log = logging.getLogger("gateway.broker")
+
+SUBSCRIBE_CHUNK = 1000
+PROBE_INTERVAL = 5.0
+PROBE_TIMEOUT = 3.0
+TOPOLOGY_CHECK = 10.0
+MAX_BACKOFF = 5.0
+READ_TIMEOUT = 1.0
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+
+Resubscribed = Callable[[Collection[str]], Awaitable[None]]
+
+
+@dataclass
+class _Link:
+    """One pub/sub connection to one primary and the task that reads it."""
+
+    node: str
+    client: Redis
+    pubsub: PubSub
+    reader: asyncio.Task[None] | None = None
+    partitions: set[int] = field(default_factory=set)
+
+
+class ClusterBroker:
+    """The cluster's counterpart of `Broker`: the same calls, the same handlers."""
+
+    def __init__(
+        self,
+        cluster: RedisCluster,
+        keys: Keys,
+        handlers: Any,
+        on_resubscribed: Resubscribed,
+        probe_interval: float = PROBE_INTERVAL,
+    ) -> None:
+        self.cluster = cluster
+        self.keys = keys
+        self.handlers = handlers
+        self.on_resubscribed = on_resubscribed
+        self.probe_interval = probe_interval
+        self.process = secrets.token_hex(6)
+        self.connected = asyncio.Event()
+        self.reconnects = 0
+        self._wanted: dict[int, set[str]] = {}  # partition → local devices
+        self._live: dict[int, set[str]] = {}  # partition → device channels subscribed
+        self._placed: dict[int, str] = {}  # partition → the node its channels are on
+        self._lost: set[int] = set()  # partitions that lost their subscriptions: re-sync
+        self._links: dict[str, _Link] = {}
+        self._changed: set[int] = set()
+        self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self._probes: dict[int, tuple[str, float]] = {}  # partition → (nonce, deadline)
+        self._nonces = itertools.count(1)
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._expired = keys.expired_channel(0).encode()
+        self._controls = {part.control_channel.encode() for part in keys.parts}
+        self._probe_names = {
+            part.probe_channel(self.process).encode(): part.number for part in keys.parts
+        }
+
+    # --- what the device endpoint calls -------------------------------------------------
+    def subscribe_device(self, device_id: str) -> asyncio.Future[None]:
+        """Listen to the device's command channel; the future resolves once it is live."""
+        partition = self.keys.partition(device_id)
+        self._wanted.setdefault(partition, set()).add(device_id)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if device_id in self._live.get(partition, ()):
+            waiter.set_result(None)
+        else:
+            self._waiters.setdefault(device_id, []).append(waiter)
+            self._mark(partition)
+        return waiter
+
+    def unsubscribe_device(self, device_id: str) -> None:
+        partition = self.keys.partition(device_id)
+        self._wanted.get(partition, set()).discard(device_id)
+        self._mark(partition)
+
+    def _mark(self, partition: int) -> None:
+        if not self._changed:
+            self._events.put_nowait(("changed", None))
+        self._changed.add(partition)
+
+    # --- the supervisor ---------------------------------------------------------------
+    async def run(self) -> None:
+        """Keep every wanted subscription live on the right node until cancelled."""
+        try:
+            async with asyncio.TaskGroup() as group:
+                group.create_task(self._timers())
+                await self._supervise()
+        finally:
+            await self._drop_links(set(self._links))
+
+    async def _supervise(self) -> None:
+        backoff = 0.1
+        converge = True
+        while True:
+            if converge:
+                try:
+                    done = await self._converge()
+                except REDIS_ERRORS as exc:
+                    log.warning("cluster pub/sub: %s; trying again in %.1f s", exc, backoff)
+                    done = False
+                if done:
+                    backoff = 0.1
+                    if not self.connected.is_set():
+                        self.connected.set()
+            try:
+                async with asyncio.timeout(None if not converge or done else backoff):
+                    kind, detail = await self._events.get()
+            except TimeoutError:
+                backoff = min(backoff * 2, MAX_BACKOFF)
+                continue
+            converge = await self._handle(kind, detail)
+
+    async def _handle(self, kind: str, detail: Any) -> bool:
+        """Apply one event; True when the whole placement must be converged again."""
+        if kind == "changed":
+            partitions, self._changed = self._changed, set()
+            try:
+                return not await self._place_all(partitions)
+            except REDIS_ERRORS as exc:
+                log.warning("cluster pub/sub: subscribing failed (%s)", exc)
+                return True
+        self.reconnects += 1
+        if kind == "link_failed":
+            log.warning("cluster pub/sub: connection to %s lost", detail)
+            await self._drop_links({detail})
+        elif kind == "probe_missed":
+            log.warning("cluster pub/sub: no probe came back in partition(s) %s", detail)
+            await self._drop_links({self._placed[p] for p in detail if p in self._placed})
+        else:  # moved (the server dropped our channels of a slot), or the topology changed
+            log.info("cluster pub/sub: %s: partitions %s", kind, detail)
+            for partition in detail:
+                self._forget(partition)
+        return True
+
+    async def _converge(self) -> bool:
+        """Topology, links, placement; True when every wanted partition is live."""
+        await self.cluster.nodes_manager.initialize()
+        primaries = {node.name: node for node in self.cluster.get_primaries()}
+        await self._drop_links(set(self._links) - set(primaries))
+        for name, node in primaries.items():
+            if name not in self._links:
+                try:
+                    await self._open_link(name, node)
+                except REDIS_ERRORS as exc:
+                    log.warning("cluster pub/sub: cannot reach %s (%s)", name, exc)
+        return await self._place_all(set(self._wanted) | set(self._placed) | self._lost)
+
+    async def _place_all(self, partitions: set[int]) -> bool:
+        complete = True
+        resync: set[str] = set()
+        for partition in sorted(partitions):
+            placed = await self._place(partition)
+            if placed is None:
+                complete = False
+            elif placed and partition in self._lost:
+                self._lost.discard(partition)
+                resync |= self._wanted.get(partition, set())
+        if resync:
+            log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
+            await self.on_resubscribed(resync)
+        return complete
+
+    async def _place(self, partition: int) -> bool | None:
+        """One partition's subscriptions in line with its wanted devices, on its owner.
+
+        Returns True when it was (re)placed on a node, False when only devices changed or
+        nothing is wanted, None when its owner cannot be reached now.
+        """
+        wanted = self._wanted.get(partition, set())
+        owner = self._owner(partition) if wanted else None
+        placed = self._placed.get(partition)
+        if placed is not None and placed != owner:
+            await self._unplace(partition, placed)
+            placed = None
+        if owner is None:
+            return False
+        link = self._links.get(owner)
+        if link is None:
+            self._lost.add(partition)
+            return None
+        part = self.keys.part(partition)
+        live = self._live.setdefault(partition, set())
+        fresh = placed is None
+        new = sorted(wanted - live)
+        gone = sorted(live - wanted)
+        names = [self.keys.commands(device_id) for device_id in new]
+        if fresh:
+            names += [part.control_channel, part.probe_channel(self.process)]
+        for start in range(0, len(names), SUBSCRIBE_CHUNK):
+            await link.pubsub.ssubscribe(*names[start : start + SUBSCRIBE_CHUNK])
+        for start in range(0, len(gone), SUBSCRIBE_CHUNK):
+            chunk = gone[start : start + SUBSCRIBE_CHUNK]
+            await link.pubsub.sunsubscribe(*[self.keys.commands(d) for d in chunk])
+        live.update(new)
+        live.difference_update(gone)
+        self._placed[partition] = owner
+        link.partitions.add(partition)
+        return fresh
+
+    async def _unplace(self, partition: int, node: str) -> None:
+        """Leave a partition's channels on *node* (best effort: it may be gone)."""
+        live = self._live.get(partition, set())
+        part = self.keys.part(partition)
+        link = self._links.get(node)
+        self._forget(partition)
+        if link is None:
+            return
+        names = [self.keys.commands(d) for d in live]
+        names += [part.control_channel, part.probe_channel(self.process)]
+        with contextlib.suppress(*REDIS_ERRORS):
+            for start in range(0, len(names), SUBSCRIBE_CHUNK):
+                await link.pubsub.sunsubscribe(*names[start : start + SUBSCRIBE_CHUNK])
+
+    def _forget(self, partition: int) -> None:
+        """Its subscriptions are gone: place it afresh and re-sync its devices."""
+        node = self._placed.pop(partition, None)
+        link = self._links.get(node) if node else None
+        if link is not None:
+            link.partitions.discard(partition)
+        self._live.pop(partition, None)
+        self._probes.pop(partition, None)
+        if self._wanted.get(partition):
+            self._lost.add(partition)
+
+    def _owner(self, partition: int) -> str:
+        slot = key_slot(self.keys.part(partition).base.encode())
+        return str(self.cluster.nodes_manager.get_node_from_slot(slot).name)
+
+    # --- links ------------------------------------------------------------------------
+    async def _open_link(self, name: str, node: Any) -> None:
+        """A pub/sub connection to one node, listening to its expired events; it never
+        reconnects by itself (after a failover it would reach the wrong node)."""
+        kwargs = dict(node.connection_kwargs) | {"retry": NO_RETRY}
+        client = Redis.from_pool(ConnectionPool(connection_class=node.connection_class, **kwargs))
+        pubsub = client.pubsub()
+        try:
+            await pubsub.subscribe(self._expired)
+        except BaseException:
+            await client.aclose()
+            raise
+        link = _Link(name, client, pubsub)
+        link.reader = asyncio.create_task(self._read(link), name=f"pub/sub {name}")
+        self._links[name] = link
+
+    async def _drop_links(self, names: Collection[str]) -> None:
+        for name in list(names):
+            link = self._links.pop(name, None)
+            if link is None:
+                continue
+            for partition in list(link.partitions):
+                self._forget(partition)
+            if link.reader is not None:
+                link.reader.cancel()
+            with contextlib.suppress(Exception):
+                await link.pubsub.aclose()  # type: ignore[no-untyped-call]
+            with contextlib.suppress(Exception):
+                await link.client.aclose()
+
+    # --- timers -----------------------------------------------------------------------
+    async def _timers(self) -> None:
+        """Probe every `probe_interval`; compare placement with the topology now and then."""
+        checked = time.monotonic()
+        while True:
+            await asyncio.sleep(self.probe_interval / 2)
+            now = time.monotonic()
+            missed = sorted(p for p, (_, deadline) in self._probes.items() if deadline < now)
+            for partition in missed:
+                self._probes.pop(partition, None)
+            if missed:
+                self._events.put_nowait(("probe_missed", missed))
+            try:
+                await self._send_probes(now)
+                if now - checked > TOPOLOGY_CHECK:
+                    checked = now
+                    await self._check_topology()
+            except REDIS_ERRORS as exc:
+                log.debug("cluster pub/sub: probe or topology check failed: %s", exc)
+
+    async def _send_probes(self, now: float) -> None:
+        for partition, node in list(self._placed.items()):
+            if partition in self._probes or node not in self._links:
+                continue
+            nonce = f"{next(self._nonces)}"
+            self._probes[partition] = (nonce, now + self.probe_interval + PROBE_TIMEOUT)
+            channel = self.keys.part(partition).probe_channel(self.process)
+            await self.cluster.execute_command("SPUBLISH", channel, nonce)
+
+    async def _check_topology(self) -> None:
+        await self.cluster.nodes_manager.initialize()
+        wrong = sorted(p for p, node in self._placed.items() if node != self._owner(p))
+        primaries = {node.name for node in self.cluster.get_primaries()}
+        if wrong or primaries != set(self._links):
+            self._events.put_nowait(("topology", wrong))
+
+    # --- reading ----------------------------------------------------------------------
+    async def _read(self, link: _Link) -> None:
+        try:
+            while True:
+                message = await link.pubsub.get_message(timeout=READ_TIMEOUT)
+                if message is not None:
+                    self._dispatch(link, message)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the connection failed: the supervisor converges again
+            log.debug("pub/sub link %s failed: %s", link.node, exc)
+            self._events.put_nowait(("link_failed", link.node))
+
+    def _dispatch(self, link: _Link, message: dict[str, Any]) -> None:
+        kind = message["type"]
+        channel: bytes = message["channel"]
+        try:
+            if kind == "smessage":
+                self._on_shard_message(channel, message["data"])
+            elif kind == "message" and channel == self._expired:
+                device_id = self.keys.device_from_heartbeat(message["data"].decode())
+                if device_id is not None:
+                    self.handlers.on_expired(device_id)
+            elif kind == "ssubscribe":
+                device_id = self.keys.device_from_commands(channel.decode())
+                for waiter in self._waiters.pop(device_id or "", []):
+                    if not waiter.done():
+                        waiter.set_result(None)
+            elif kind == "sunsubscribe" and channel in link.pubsub.shard_channels:
+                # not asked for: its slot moved to another node
+                link.pubsub.shard_channels.pop(channel, None)
+                moved = sorted(p for p in link.partitions if self._has_channel(p, channel))
+                self._events.put_nowait(("moved", moved))
+        except Exception:  # one bad message must never stop delivery to everyone else
+            log.exception("failed to dispatch a message on %r", channel[:80])
+
+    def _has_channel(self, partition: int, channel: bytes) -> bool:
+        return key_slot(channel) == key_slot(self.keys.part(partition).base.encode())
+
+    def _on_shard_message(self, channel: bytes, data: bytes) -> None:
+        if channel in self._controls:
+            self.handlers.on_control(data)
+            return
+        partition = self._probe_names.get(channel)
+        if partition is not None:
+            expected = self._probes.get(partition)
+            if expected is not None and expected[0] == data.decode(errors="replace"):
+                del self._probes[partition]
+            return
+        device_id = self.keys.device_from_commands(channel.decode())
+        if device_id is not None:
+            self.handlers.on_command(device_id, data)
