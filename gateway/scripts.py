@@ -1,35 +1,65 @@
-"""The Lua scripts: loaded from `lua/` once, run by SHA, reloaded when Redis forgot them.
+"""The Lua scripts: rendered for a layout, loaded once, run by SHA, reloaded when Redis forgot.
 
-Every script gets `_lib.lua` in front of it, so helpers are written once. A server restart or
-`SCRIPT FLUSH` empties the script cache; the first `NOSCRIPT` reply reloads and retries.
+Every script gets a prelude in front of it: the layout's names for the device hash's fields and
+its publish command (`PUBLISH` on one node, `SPUBLISH` on a cluster), rendered once when the
+scripts are built, then `_lib.lua`, so helpers are written once and the scripts are the same
+for every layout. A server restart, a failover to a replica that never saw `SCRIPT LOAD`, or
+`SCRIPT FLUSH` empties the script cache: the first `NOSCRIPT` reply reloads and retries.
 """
 
 from __future__ import annotations
 
 import hashlib
 from collections.abc import Sequence
+from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError
 
+from gateway.keys import Keys
+
 KeyOrArg = str | bytes | int | float
+Client = Redis | RedisCluster
+NAMES = (
+    "register", "deregister", "connect", "heartbeat_batch", "disconnect", "expire",
+    "section_write", "rotate_token", "page", "adopt", "describe", "stats",
+)  # fmt: skip
 
 
 def _source(name: str) -> str:
     return (resources.files("gateway") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
+def prelude(keys: Keys) -> str:
+    """The layout's names as Lua constants (every value is a fixed identifier: no escaping)."""
+    f = keys.fields
+    return "\n".join(
+        [
+            f"-- rendered for the {keys.schema} layout",
+            f"local F_ID, F_TYPE, F_REGISTERED = '{f.device_id}', '{f.device_type}', "
+            f"'{f.registered_at}'",
+            f"local F_STATUS, F_SEEN, F_METADATA = '{f.status}', '{f.last_seen}', '{f.metadata}'",
+            f"local F_REPORTED, F_DESIRED = '{f.reported}', '{f.desired}'",
+            f"local MILLIS = {'true' if f.millis else 'false'}",
+            f"local PUBLISH = '{'SPUBLISH' if keys.sharded else 'PUBLISH'}'",
+            f"local NODE_EVENTS = {'true' if keys.schema == 'node' else 'false'}",
+            "",
+        ]
+    )
+
+
 class Script:
     """One Lua script, identified by the SHA-1 of its full source."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, head: str = "") -> None:
         self.name = name
-        self.source = _source("_lib") + "\n" + _source(name)
+        self.source = head + _source("_lib") + "\n" + _source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
-    async def __call__(self, client: Redis, keys: Sequence[str], args: Sequence[KeyOrArg]) -> Any:
+    async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[KeyOrArg]) -> Any:
         """Run the script. Cancelling is safe: redis-py drops a connection cut mid-reply."""
         try:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
@@ -38,30 +68,62 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
-class Scripts:
-    """The gateway's scripts, one attribute each."""
+@dataclass(frozen=True)
+class Call:
+    """One script call of a batch run together (`Scripts.run_many`)."""
 
-    def __init__(self) -> None:
-        self.register = Script("register")
-        self.deregister = Script("deregister")
-        self.connect = Script("connect")
-        self.heartbeat_batch = Script("heartbeat_batch")
-        self.disconnect = Script("disconnect")
-        self.expire = Script("expire")
-        self.section_write = Script("section_write")
-        self.rotate_token = Script("rotate_token")
-        self.page = Script("page")
-        self.adopt = Script("adopt")
-        self.describe = Script("describe")
-        self.stats = Script("stats")
+    script: Script
+    keys: Sequence[str]
+    args: Sequence[KeyOrArg]
+
+
+class Scripts:
+    """The gateway's scripts for one layout, one attribute each."""
+
+    def __init__(self, keys: Keys | None = None) -> None:
+        head = prelude(keys or Keys())
+        self.register = Script("register", head)
+        self.deregister = Script("deregister", head)
+        self.connect = Script("connect", head)
+        self.heartbeat_batch = Script("heartbeat_batch", head)
+        self.disconnect = Script("disconnect", head)
+        self.expire = Script("expire", head)
+        self.section_write = Script("section_write", head)
+        self.rotate_token = Script("rotate_token", head)
+        self.page = Script("page", head)
+        self.adopt = Script("adopt", head)
+        self.describe = Script("describe", head)
+        self.stats = Script("stats", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
 
-    async def load(self, client: Redis) -> None:
-        """Load every script up front, so a syntax error stops start-up, not the first call."""
+    async def load(self, client: Client) -> None:
+        """Load every script up front, so a syntax error stops start-up, not the first call.
+        On a cluster, `SCRIPT LOAD` goes to every primary."""
         for script in self.all():
             await client.script_load(script.source)
 
+    @staticmethod
+    async def run_many(client: Client, calls: Sequence[Call]) -> list[Any]:
+        """Several script calls in one pipeline (on a cluster: one per node, sent together);
+        results in order. A call that finds its script missing is loaded and run again; any
+        other error is raised after the batch."""
+        if len(calls) == 1:
+            only = calls[0]
+            return [await only.script(client, only.keys, only.args)]
+        async with client.pipeline(transaction=False) as pipe:
+            for call in calls:
+                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+            results: list[Any] = await pipe.execute(raise_on_error=False)
+        for index, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                call = calls[index]
+                results[index] = await call.script(client, call.keys, call.args)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
+        return results
 
-SCRIPTS = Scripts()
+
+SCRIPTS = Scripts()  # the default layout's, for code that runs only on one node

@@ -11,7 +11,8 @@ import pytest
 import redis.asyncio as aioredis
 
 from gateway.config import Settings
-from gateway.scripts import SCRIPTS, Script
+from gateway.keys import Keys
+from gateway.scripts import SCRIPTS, Script, Scripts
 from gateway.store import Store
 
 LUA = resources.files("gateway") / "lua"
@@ -45,10 +46,16 @@ def test_every_script_documents_keys_argv_and_returns(name: str) -> None:
             assert f"{kind}[{index}]" in header, f"{name}.lua uses {kind}[{index}] undocumented"
 
 
-def test_every_script_carries_the_shared_helpers() -> None:
+def test_every_script_carries_the_layouts_names_and_the_shared_helpers() -> None:
     library = (LUA / "_lib.lua").read_text(encoding="utf-8")
     for script in SCRIPTS.all():
-        assert script.source.startswith(library)
+        head, _, rest = script.source.partition(library)
+        assert rest, script.name
+        assert head.startswith("-- rendered for the python layout") and "'PUBLISH'" in head
+    cluster = Scripts(Keys.cluster(partitions=4))
+    node = Scripts(Keys(schema="node"))
+    assert "'SPUBLISH'" in cluster.connect.source and "'deviceId'" in node.connect.source
+    assert len({SCRIPTS.connect.sha, cluster.connect.sha, node.connect.sha}) == 3
 
 
 async def test_all_scripts_load(redis_client: aioredis.Redis) -> None:
