@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,7 +27,7 @@ from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.presence import REDIS_ERRORS
 from gateway.store import Store, text
-from gateway.writer import Writer
+from gateway.writer import Relay, Writer
 
 log = logging.getLogger("gateway.dashboards")
 
@@ -89,9 +90,9 @@ class Dashboard:
             and (self.ids is None or event.device_id in self.ids)
         )
 
-    def send_events(self, events: Sequence[Event]) -> None:
+    def send_events(self, events: Sequence[Event], relay: Relay | None = None) -> None:
         for start in range(0, len(events), FRAME_EVENTS):
-            if not self.writer.send(frame(events[start : start + FRAME_EVENTS])):
+            if not self.writer.send(frame(events[start : start + FRAME_EVENTS]), relay):
                 return
 
 
@@ -103,6 +104,7 @@ class DashboardHub:
         self.metrics = metrics
         self.dashboards: set[Dashboard] = set()
         self._tick: list[Event] = []
+        self._tick_since = 0.0  # when the oldest event of the tick was read off Redis
         self._arrived = asyncio.Event()  # set whenever the feed adds to the tick
         self._position = "$"
         self._delivered: StreamId = (0, 0)
@@ -187,6 +189,8 @@ class DashboardHub:
                 events = events_from(entries)
                 if events:
                     self._position = events[-1].id
+                    if not self._tick:
+                        self._tick_since = time.perf_counter()
                     self._tick += events
                     self._arrived.set()
 
@@ -209,10 +213,13 @@ class DashboardHub:
             events, self._tick = self._tick, []
             last = loop.time()
             if events:
-                self.deliver(events)
+                self.deliver(events, Relay(self._tick_since, self.metrics.relay_dashboard))
 
-    def deliver(self, events: list[Event]) -> None:
-        """One coalesced batch to every dashboard; a shared frame for those that want all."""
+    def deliver(self, events: list[Event], relay: Relay | None = None) -> None:
+        """One coalesced batch to every dashboard; a shared frame for those that want all.
+
+        *relay* times each dashboard's frames from the batch's oldest event read off Redis.
+        """
         self._delivered = max(self._delivered, events[-1].sid)
         events = coalesce(events)
         shared: list[bytes] | None = None
@@ -227,12 +234,12 @@ class DashboardHub:
                         for i in range(0, len(events), FRAME_EVENTS)
                     ]
                 for data in shared:
-                    if not dashboard.writer.send(data):
+                    if not dashboard.writer.send(data, relay):
                         break
             else:
                 wanted = [e for e in events if dashboard.wants(e)]
                 if wanted:
-                    dashboard.send_events(wanted)
+                    dashboard.send_events(wanted, relay)
             if events[-1].sid > dashboard.after:
                 dashboard.after, dashboard.after_id = events[-1].sid, events[-1].id
             self.metrics.out("dashboard").inc()

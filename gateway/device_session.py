@@ -16,7 +16,7 @@ from starlette.websockets import WebSocket
 
 from gateway import disconnect, protocol, shadow
 from gateway.ratelimit import TokenBucket
-from gateway.writer import Writer
+from gateway.writer import Relay, Writer
 
 if TYPE_CHECKING:
     from gateway.runtime import Gateway
@@ -59,8 +59,8 @@ class DeviceSession:
         self.gateway.metrics.slow_clients.labels("device").inc()
 
     # --- outgoing -----------------------------------------------------------
-    def send(self, frame: bytes, kind: str) -> None:
-        if self.writer.send(frame):
+    def send(self, frame: bytes, kind: str, relay: Relay | None = None) -> None:
+        if self.writer.send(frame, relay):
             self.gateway.metrics.out(kind).inc()
 
     def close(self, close: disconnect.Close) -> None:
@@ -68,9 +68,14 @@ class DeviceSession:
             self.close_reason = close.reason
         self.writer.close(close)
 
-    def deliver_command(self, data: bytes) -> None:
-        """Relay a command-channel message as is, then the delta it leaves."""
-        self.send(data, "command")
+    def deliver_command(self, data: bytes, received: float | None = None) -> None:
+        """Relay a command-channel message as is, then the delta it leaves.
+
+        *received*: when the message came off Redis (`time.perf_counter()`), for the relay
+        latency histogram; None for frames the gateway makes up itself (a re-sync).
+        """
+        relay = None if received is None else Relay(received, self.gateway.metrics.relay_command)
+        self.send(data, "command", relay)
         desired = protocol.parse_command(data)
         if desired is None:
             return

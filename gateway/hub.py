@@ -62,7 +62,7 @@ class DeviceHub(Handlers):
     def on_command(self, device_id: str, data: bytes) -> None:
         session = self.sessions.get(device_id)
         if session is not None:
-            session.deliver_command(data)
+            session.deliver_command(data, time.perf_counter())
 
     def on_control(self, data: bytes) -> None:
         try:

@@ -6,6 +6,10 @@ from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
+# fine around the dashboard batch interval (50 ms), where a batch's oldest event waits
+RELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1,
+                 0.15, 0.2, 0.3, 0.5, 1.0, 2.5)  # fmt: skip
+
 
 class Metrics:
     def __init__(self) -> None:
@@ -54,11 +58,22 @@ class Metrics:
         self.handshakes_refused = Counter(
             "gateway_handshakes_refused", "Device handshakes refused", ["status"], registry=r
         )
+        # the gateway's own share of a relay's latency, so a load test can tell a slow gateway
+        # from a client too busy to read its socket in time
+        self.relay = Histogram(
+            "gateway_relay_seconds",
+            "From a relayed message read off Redis to its frame written to the socket",
+            ["kind"],
+            buckets=RELAY_BUCKETS,
+            registry=r,
+        )
 
         # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
         self.in_heartbeat = self.messages_in.labels("heartbeat")
         self.in_report = self.messages_in.labels("report")
         self.in_get = self.messages_in.labels("get")
+        self.relay_command = self.relay.labels("command")
+        self.relay_dashboard = self.relay.labels("dashboard")
         self._out: dict[str, Any] = {}
 
     def out(self, kind: str) -> Any:

@@ -10,15 +10,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import time
 from collections.abc import Callable
 from typing import Any
 
+from prometheus_client import Histogram
 from starlette.websockets import WebSocket
 
 from gateway import disconnect
 
 log = logging.getLogger("gateway.writer")
 CLOSE_TIMEOUT = 2.0
+
+
+class Relay:
+    """A relayed message's arrival (`time.perf_counter()`), observed once its frame is written."""
+
+    __slots__ = ("histogram", "since")
+
+    def __init__(self, since: float, histogram: Histogram) -> None:
+        self.since = since
+        self.histogram = histogram
+
+    def written(self) -> None:
+        self.histogram.observe(time.perf_counter() - self.since)
 
 
 class Writer:
@@ -40,14 +55,17 @@ class Writer:
         self.limit = limit
         self.on_overflow = on_overflow
         # made on first use: most device sockets are idle, and an empty deque costs 600 bytes
-        self._queue: collections.deque[bytes] | None = None
+        self._queue: collections.deque[tuple[bytes, Relay | None]] | None = None
         self._task: asyncio.Task[None] | None = None
         self._closing: asyncio.Task[None] | None = None
         self.closed = False
         self.sent = 0
 
-    def send(self, frame: bytes) -> bool:
-        """Queue a frame; False (and the socket dropped) when the queue is full."""
+    def send(self, frame: bytes, relay: Relay | None = None) -> bool:
+        """Queue a frame; False (and the socket dropped) when the queue is full.
+
+        A *relay* is told when the frame has been written to the socket.
+        """
         if self.closed:
             return False
         if self._queue is None:
@@ -57,7 +75,7 @@ class Writer:
             if self.on_overflow:
                 self.on_overflow()
             return False
-        self._queue.append(frame)
+        self._queue.append((frame, relay))
         if self._task is None:
             self._task = asyncio.create_task(self._drain())
         return True
@@ -65,7 +83,7 @@ class Writer:
     async def _drain(self) -> None:
         try:
             while self._queue:
-                frame = self._queue.popleft()
+                frame, relay = self._queue.popleft()
                 # relayed command messages are anyone's bytes: text when they are UTF-8,
                 # else passed on as they are, in a binary frame
                 message: dict[str, Any]
@@ -75,6 +93,8 @@ class Writer:
                     message = {"type": "websocket.send", "bytes": frame}
                 await self.websocket.send(message)
                 self.sent += 1
+                if relay is not None:
+                    relay.written()
         except Exception:  # the peer went away: the reader sees the disconnect and cleans up
             self._queue = None
         finally:

@@ -29,7 +29,7 @@ from redis.asyncio import Redis as AsyncRedis
 
 from gateway.config import Settings
 from gateway.store import Store
-from loadtest import fleet
+from loadtest import fleet, results
 from loadtest.seedload import add_seed_argument, load_seed
 
 CHECK_EVERY = 64  # heartbeats between clock reads
@@ -217,6 +217,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-load", action="store_true", help="use the fleet already there")
     add_seed_argument(parser)
+    parser.add_argument(
+        "--out", type=Path, help=f"results directory (default {results.results_dir()})"
+    )
     return parser
 
 
@@ -283,6 +286,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             params=params,
             metrics=metrics,
             targets=[],
+            out_dir=args.out,
         )
     fleet.print_summary(document)
     return document

@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 
 from gateway.embedded import find_free_port
-from loadtest import fleet
+from loadtest import fleet, results
 
 API_KEY = "loadtest-admin-key"
 READY_TIMEOUT = 60.0
@@ -228,6 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="an external Redis (default: a private server); with --no-load it must hold a fleet",
     )
     parser.add_argument("--no-load", action="store_true", help="use the fleet already there")
+    parser.add_argument(
+        "--out", type=Path, help=f"results directory (default {results.results_dir()})"
+    )
     return parser
 
 
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             metrics=metrics,
             targets=targets,
+            out_dir=args.out,
         )
     fleet.print_summary(document)
     return document

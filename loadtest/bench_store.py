@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import time
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -27,7 +28,7 @@ from gateway.metrics import Metrics
 from gateway.presence import CHUNK, PresenceEngine
 from gateway.scripts import SCRIPTS
 from gateway.store import Store
-from loadtest import fleet
+from loadtest import fleet, results
 from loadtest.baseline import process_cpu_seconds, run_seed_heartbeats
 from loadtest.seedload import add_seed_argument, load_seed
 
@@ -190,6 +191,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed-threads", type=int, default=1)
     parser.add_argument("--redis-url", help="an external, empty Redis (default: a private server)")
     add_seed_argument(parser)
+    parser.add_argument(
+        "--out", type=Path, help=f"results directory (default {results.results_dir()})"
+    )
     return parser
 
 
@@ -308,6 +312,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ratio >= TARGET_RATIO,
                 ),
             ],
+            out_dir=args.out,
         )
     fleet.print_summary(document)
     return document

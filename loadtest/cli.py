@@ -1,4 +1,4 @@
-"""`python -m loadtest SCENARIO [options]` and `python -m loadtest report`."""
+"""`python -m loadtest COMMAND [options]`: scenarios, benchmarks, the suite, publish, report."""
 
 from __future__ import annotations
 
@@ -14,8 +14,10 @@ from typing import Any
 
 import orjson
 
-from loadtest import report
-from loadtest.scenarios import DEFAULTS, SCENARIOS, Options, run
+from loadtest import report, results
+from loadtest.options import Options
+from loadtest.run import run
+from loadtest.scenarios import SCENARIOS
 
 FALLBACKS: dict[str, Any] = {
     "devices": 100,
@@ -27,14 +29,63 @@ FALLBACKS: dict[str, Any] = {
     "connect_concurrency": 256,
 }
 
+# benchmarks with their own options, run as `python -m loadtest NAME [options]`
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "bench-store": ("loadtest.bench_store", "Heartbeats/s through the presence engine's batches"),
+    "bench-api": ("loadtest.bench_api", "REST API latency over HTTP on a loaded fleet"),
+    "redis-cost": ("loadtest.redis_cost", "Redis instructions per heartbeat (callgrind)"),
+    "fleet": ("loadtest.fleet", "Load a registered fleet straight into Redis"),
+    "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
+}
+OWN = {
+    "suite": "Every benchmark at the issues' sizes (~45 min)",
+    "publish": "Copy runs into loadtest/published/, regenerate page",
+    "report": "Regenerate docs/benchmarks.md from published runs",
+}
+
+
+def commands() -> dict[str, str]:
+    """Every command with its line of help."""
+    scenarios = {s.name: s.summary for s in SCENARIOS.values()}
+    return {**scenarios, **{name: line for name, (_, line) in BENCHMARKS.items()}, **OWN}
+
 
 def build_parser() -> argparse.ArgumentParser:
+    listing = "\n".join(f"  {name:<17}{line}" for name, line in commands().items())
     parser = argparse.ArgumentParser(
         prog="python -m loadtest",
-        description="Load tests and benchmarks for the presence gateway (loopback only). "
-        "`report` regenerates docs/benchmarks.md from the results.",
+        usage="python -m loadtest COMMAND [options]",
+        description="Load tests and benchmarks for the presence gateway (loopback only).\n\n"
+        f"commands:\n{listing}",
+        epilog=f"Runs write their results to {results.results_dir()}\n"
+        "(outside the repository; --out to change). docs/benchmarks.md shows only runs\n"
+        "published with `publish`. `python -m loadtest COMMAND --help`: a command's options.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("scenario", choices=[*SCENARIOS, "report"])
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", help=argparse.SUPPRESS)
+    common = scenario_options()
+    for scenario in SCENARIOS.values():
+        sub.add_parser(scenario.name, parents=[common], description=scenario.summary)
+    for name in BENCHMARKS:
+        sub.add_parser(name, add_help=False)  # parsed by the benchmark's own parser
+    suite = sub.add_parser("suite", description=OWN["suite"])
+    suite.add_argument("--publish", action="store_true", help="publish each run, then report")
+    publish = sub.add_parser("publish", description=OWN["publish"])
+    publish.add_argument("results", nargs="+", type=Path, help="result JSON files")
+    publish.add_argument("--force", action="store_true", help="publish a run marked not valid")
+    publish.add_argument("--docs", type=Path, default=results.BENCHMARKS_MD, help="page to write")
+    page = sub.add_parser("report", description=OWN["report"])
+    page.add_argument(
+        "--from", dest="source", type=Path, default=results.PUBLISHED_DIR,
+        help="results to show (default loadtest/published/; your own runs: the results dir)",
+    )  # fmt: skip
+    page.add_argument("--docs", type=Path, default=results.BENCHMARKS_MD, help="page to write")
+    return parser
+
+
+def scenario_options() -> argparse.ArgumentParser:
+    """The options every scenario takes (defaults per scenario: `loadtest.scenarios`)."""
+    parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--devices", type=int, help="simulated devices (N)")
     parser.add_argument("--dashboards", type=int, help="dashboards (fanout)")
     parser.add_argument("--duration", type=float, help="seconds of the measured phase")
@@ -58,7 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--offline-grace", type=float, help="GATEWAY_OFFLINE_GRACE of started gateways"
     )
     parser.add_argument("--rate", type=float, help="messages/s (ingest, fanout) or changes/s")
-    parser.add_argument("--out", type=Path, default=report.RESULTS_DIR, help="results directory")
+    parser.add_argument(
+        "--out", type=Path, default=results.results_dir(),
+        help=f"results directory (default {results.results_dir()}, outside the repository)",
+    )  # fmt: skip
     parser.add_argument("--api-key", help="admin key (started gateways get it; default random)")
     parser.add_argument("--connect-concurrency", type=int, help="in-flight handshakes per worker")
     parser.add_argument(
@@ -76,13 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--events", choices=["presence", "state"], default="presence",
         help="fanout: presence transitions written to Redis (default), or device state reports",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-pin", action="store_true",
+        help="do not split the cores between the started gateways and Redis and the generator",
+    )  # fmt: skip
     parser.add_argument("--no-live", action="store_true", help="no live progress view")
-    parser.add_argument("--docs", type=Path, default=report.BENCHMARKS_MD, help="(report) output")
     return parser
 
 
 def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
-    defaults = {**FALLBACKS, **DEFAULTS[args.scenario]}
+    defaults = {**FALLBACKS, **SCENARIOS[args.command].defaults}
 
     def pick(name: str) -> Any:
         value = getattr(args, name, None)
@@ -92,7 +149,7 @@ def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     if args.gateway and not args.api_key:
         raise SystemExit("loadtest: --gateway needs --api-key (an admin key of that gateway)")
     return Options(
-        scenario=args.scenario,
+        scenario=args.command,
         devices=int(pick("devices")),
         dashboards=int(pick("dashboards")),
         duration=float(pick("duration")),
@@ -114,6 +171,7 @@ def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         fanout_events=args.events,
         live=not args.no_live,
         command=shlex.join(["python", "-m", "loadtest", *argv]),
+        pin=not args.no_pin,
     )
 
 
@@ -137,64 +195,52 @@ def print_summary(path: Path) -> None:
             t["name"], t["target"], f"{t['measured']} {t['unit']}", "✅" if t["ok"] else "❌"
         )
     console.print(targets)
+    console.print(f"CPUs:   {data['cpus']['pinning']}")
+    invalid = results.invalid_reason(data)
+    if invalid is not None:
+        console.print(f"[bold red]NOT VALID: {invalid}; its latencies are not the gateway's")
     console.print(f"result: {path}")
     for plot in data["plots"]:
         console.print(f"plot:   {path.parent / plot}")
+    console.print(f"publish it (docs/benchmarks.md): python -m loadtest publish {path}")
 
 
-# benchmarks with their own options, run as `python -m loadtest NAME [options]`
-BENCHMARKS = {
-    "bench-store": "loadtest.bench_store",
-    "redis-cost": "loadtest.redis_cost",
-    "bench-api": "loadtest.bench_api",
-    "baseline": "loadtest.baseline",
-    "fleet": "loadtest.fleet",
-}
-
-
-# every figure in docs/benchmarks.md, at the sizes the issues set: `python -m loadtest suite`
-SUITE: tuple[tuple[str, ...], ...] = (
-    ("bench-store", "--devices", "10000", "--seconds", "10"),
-    ("redis-cost", "--devices", "2000", "--rounds", "5"),
-    ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
-    ("idle", "--devices", "15000", "--duration", "30"),
-    ("connect-storm", "--devices", "10000"),
-    ("ingest", "--devices", "5000", "--rate", "25000", "--duration", "30"),
-    ("desired-latency", "--devices", "10000", "--rate", "1000", "--duration", "60"),
-    ("fanout", "--devices", "1000", "--dashboards", "500", "--rate", "1000", "--duration", "300"),
-    ("offline-lag", "--devices", "1000", "--heartbeat-timeout", "5"),
-    ("reconnect-storm", "--devices", "10000", "--start-gateways", "2"),
-    ("moonshot",),
-)
-
-
-def suite() -> None:
-    """Run every benchmark in turn (about 45 minutes here), then regenerate the page."""
-    for command in SUITE:
-        print(f"\n=== python -m loadtest {' '.join(command)}", flush=True)
+def publish(paths: Sequence[Path], force: bool, docs: Path) -> None:
+    for path in paths:
         try:
-            main(list(command))
-        except SystemExit as exc:  # one failed run is reported; the others still run
-            print(f"=== exit {exc.code}", flush=True)
-    print(f"wrote {report.generate(report.RESULTS_DIR, report.BENCHMARKS_MD)}")
+            print(f"published {results.publish(path, force=force)}")
+        except results.PublishError as exc:
+            raise SystemExit(f"loadtest: {exc}") from None
+    print(f"wrote {report.generate(results.PUBLISHED_DIR, docs)}")
+
+
+def run_command(argv: Sequence[str]) -> Path | None:
+    """Run one scenario or benchmark; the path of its result (None for the others)."""
+    argv = list(argv)
+    if argv and argv[0] in BENCHMARKS:
+        document = importlib.import_module(BENCHMARKS[argv[0]][0]).main(argv[1:])
+        return Path(document["path"])
+    args = build_parser().parse_args(argv)
+    if args.command is None:
+        build_parser().print_help()
+        raise SystemExit(2)
+    if args.command == "suite":
+        from loadtest.suite import suite
+
+        suite(run_command, args.publish)
+        return None
+    if args.command == "publish":
+        publish(args.results, args.force, args.docs)
+        return None
+    if args.command == "report":
+        print(f"wrote {report.generate(args.source, args.docs)}")
+        return None
+    path = asyncio.run(run(options_from(args, argv)))
+    print_summary(path)
+    if "error" in orjson.loads(path.read_bytes())["metrics"]:
+        raise SystemExit(1)
+    return path
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv == ["suite"]:
-        suite()
-        return
-    if argv and argv[0] in BENCHMARKS:
-        importlib.import_module(BENCHMARKS[argv[0]]).main(argv[1:])
-        return
-    args = build_parser().parse_args(argv)
-    if args.scenario == "report":
-        written = report.generate(args.out, args.docs)
-        print(f"wrote {written}")
-        return
-    opts = options_from(args, argv)
-    path = asyncio.run(run(opts))
-    print_summary(path)
-    data = orjson.loads(path.read_bytes())
-    if "error" in data["metrics"]:
-        raise SystemExit(1)
+    run_command(sys.argv[1:] if argv is None else argv)

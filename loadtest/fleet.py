@@ -44,9 +44,9 @@ from gateway.config import Settings
 from gateway.embedded import find_free_port, valkey_executable
 from gateway.keys import Keys
 from gateway.scripts import SCRIPTS
+from loadtest import results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 HOST = "127.0.0.1"
 SHARED_PORT = 6379
 START_TIMEOUT = 15.0
@@ -254,9 +254,10 @@ def write_result(
     params: dict[str, Any],
     metrics: dict[str, float],
     targets: list[dict[str, Any]],
-    out_dir: Path = RESULTS_DIR,
+    out_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Write `results/<scenario>-<timestamp>.json` and return the document (its path in `path`)."""
+    """Write `<out_dir>/<scenario>-<timestamp>.json` (default: the results directory, outside
+    the repository) and return the document (its path in `path`)."""
     document: dict[str, Any] = {
         "scenario": scenario,
         "started_at": started_at,
@@ -267,6 +268,7 @@ def write_result(
         "targets": targets,
         "plots": [],
     }
+    out_dir = out_dir or results.results_dir()
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = re.sub(r"[^0-9T]", "", started_at.split("+")[0])
     path = out_dir / f"{scenario}-{stamp}.json"
@@ -517,6 +519,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--redis-url", help="an external, empty Redis (default: a private server for this run)"
     )
+    parser.add_argument(
+        "--out", type=Path, help=f"results directory (default {results.results_dir()})"
+    )
     return parser
 
 
@@ -574,6 +579,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             metrics=metrics,
             targets=[],
+            out_dir=args.out,
         )
     print_summary(document)
     return document

@@ -37,7 +37,7 @@ from gateway.embedded import find_free_port, valkey_executable
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.store import Store
-from loadtest import fleet
+from loadtest import fleet, results
 from loadtest.bench_store import VARIANTS, beat_round, bench_device_id, setup_devices
 from loadtest.seedload import add_seed_argument, load_seed
 
@@ -161,7 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--devices", type=int, default=2000)
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per variant")
     parser.add_argument("--seed-rounds", type=int, default=2)
-    parser.add_argument("--out", type=Path, default=fleet.RESULTS_DIR, help="results directory")
+    parser.add_argument(
+        "--out", type=Path, help=f"results directory (default {results.results_dir()})"
+    )
     add_seed_argument(parser)
     return parser
 

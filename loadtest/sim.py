@@ -34,6 +34,8 @@ import orjson
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.dashboards import parse_id
+
 IP_BIND_ADDRESS_NO_PORT = getattr(socket, "IP_BIND_ADDRESS_NO_PORT", 24)
 SAMPLE_CAP = 50_000  # latency samples per kind per report; more are dropped (counted)
 BACKOFF_BASE = 0.2
@@ -55,9 +57,9 @@ def raise_nofile() -> int:
 
 
 def stream_key(entry_id: str) -> int:
-    """A Redis stream id `ms-seq` as one comparable integer."""
-    ms, _, seq = entry_id.partition("-")
-    return (int(ms) << SEQ_BITS) + int(seq or 0)
+    """A Redis stream id `ms-seq` (read by the gateway's own parser) as one comparable integer."""
+    ms, seq = parse_id(entry_id)
+    return (ms << SEQ_BITS) + seq
 
 
 @dataclass
@@ -596,7 +598,7 @@ class Fleet:
         self.finals: dict[int, dict[str, Any]] = {}
         self.dropped: dict[str, tuple[float, str]] = {}
         self.ready: set[int] = set()
-        self.pids: list[int] = []
+        self.pids: dict[int, int] = {}  # worker index → its process id
         self.changed = asyncio.Event()
         self.listeners: list[Callable[[str, int, dict[str, Any]], None]] = []
         self._loop = asyncio.get_running_loop()
@@ -626,7 +628,7 @@ class Fleet:
     def _on_message(self, kind: str, index: int, body: dict[str, Any]) -> None:
         if kind == "ready":
             self.ready.add(index)
-            self.pids.append(int(body["pid"]))
+            self.pids[index] = int(body["pid"])
         elif kind in ("stats", "final"):
             self.counters[index] = body["counters"]
             self.stamps[index] = body["stamp"]

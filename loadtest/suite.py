@@ -1,0 +1,47 @@
+"""`python -m loadtest suite`: every figure in docs/benchmarks.md, at the sizes the issues set."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from loadtest import report, results
+
+SUITE: tuple[tuple[str, ...], ...] = (
+    ("bench-store", "--devices", "10000", "--seconds", "10"),
+    ("redis-cost", "--devices", "2000", "--rounds", "5"),
+    ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
+    ("idle", "--devices", "15000", "--duration", "30"),
+    ("connect-storm", "--devices", "10000"),
+    ("ingest", "--devices", "5000", "--rate", "25000", "--duration", "30"),
+    ("desired-latency", "--devices", "10000", "--rate", "1000", "--duration", "60"),
+    ("fanout", "--devices", "1000", "--dashboards", "500", "--rate", "1000", "--duration", "300"),
+    ("offline-lag", "--devices", "1000", "--heartbeat-timeout", "5"),
+    ("reconnect-storm", "--devices", "10000", "--start-gateways", "2"),
+    ("moonshot",),
+)
+
+
+def suite(run_command: Callable[[Sequence[str]], Path | None], publish: bool) -> None:
+    """Every benchmark in turn (about 45 minutes here); with *publish*, publish them all and
+    regenerate the page, else say how to."""
+    written: list[Path] = []
+    for command in SUITE:
+        print(f"\n=== python -m loadtest {' '.join(command)}", flush=True)
+        try:
+            path = run_command(command)
+        except SystemExit as exc:  # one failed run is reported; the others still run
+            print(f"=== exit {exc.code}", flush=True)
+            continue
+        if path is not None:
+            written.append(path)
+    if not publish:
+        print("\nresults:", *written, sep="\n  ")
+        print("publish them with: python -m loadtest publish RESULT.json ...")
+        return
+    for path in written:
+        try:
+            print(f"published {results.publish(path)}")
+        except results.PublishError as exc:
+            print(f"not published: {exc}")
+    print(f"wrote {report.generate()}")
