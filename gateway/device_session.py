@@ -68,6 +68,10 @@ class DeviceSession:
             self.close_reason = close.reason
         self.writer.close(close)
 
+    def ended(self) -> None:
+        """The connection is closing already (its disconnect arrived): send nothing more."""
+        self.writer.closed = True  # a frame still queued fails quietly; no close frame follows
+
     def deliver_command(self, data: bytes) -> None:
         """Relay a command-channel message as is, then the delta it leaves."""
         self.send(data, "command")
