@@ -142,6 +142,31 @@ def test_refusal_of_a_report_keeps_its_request_id() -> None:
     assert error.request_id == 4
 
 
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"type": "reboot", "id": "r1"}, "unknown_type"),
+        ({"id": "r1"}, "invalid_frame"),
+        ({"type": 5, "id": "r1"}, "invalid_frame"),
+        ({"type": None, "id": "r1"}, "invalid_frame"),
+        ({"type": "heartbeat", "reported_state": [1], "id": "r1"}, "invalid_state"),
+        ({"type": "report", "reported_state": 3, "id": "r1"}, "invalid_state"),
+    ],
+)
+def test_every_refusal_of_an_object_with_a_valid_id_echoes_it(
+    frame: dict[str, Any], code: str
+) -> None:
+    error = refused(orjson.dumps(frame))
+    assert (error.code, error.request_id) == (code, "r1")
+    assert refused(orjson.dumps({**frame, "id": 7})).request_id == 7
+
+
+@pytest.mark.parametrize("bad_id", [True, 1.5, [1], {"a": 1}, "x" * 65])
+def test_a_refusal_never_echoes_an_invalid_id(bad_id: object) -> None:
+    for frame in ({"type": "reboot"}, {}, {"type": 5}, {"type": "heartbeat", "reported_state": 1}):
+        assert refused(orjson.dumps({**frame, "id": bad_id})).request_id is None
+
+
 def test_unknown_type_message_is_bounded() -> None:
     error = refused(orjson.dumps({"type": "z" * 10_000}))
     assert error.code == "unknown_type"
