@@ -89,10 +89,11 @@ class DeviceSession:
         self.reported = shadow.decode_document(reported)
         self.reported_meta = shadow.decode_document(meta)
         self.version = version
+        settings = self.gateway.settings
         self.send(
             protocol.welcome(
-                self.device_id, self.session, self.gateway.settings.heartbeat_timeout,
-                self.desired, self.reported, version,
+                self.device_id, self.session, settings.heartbeat_timeout,
+                self.desired, self.reported, version, settings.max_frame_bytes,
             ),
             "welcome",
         )  # fmt: skip

@@ -122,6 +122,7 @@ def welcome(
             "device_id": device_id,
             "session": session,
             "heartbeat_timeout": heartbeat_timeout,
+            "max_frame_bytes": max_frame_bytes,
             "desired_state": desired,
             "reported_state": reported,
             "delta": shadow.delta(desired, reported),

@@ -256,13 +256,16 @@ def test_valid_reports_round_trip(state: dict[str, Any]) -> None:
 
 def test_welcome_shape() -> None:
     frame = orjson.loads(
-        protocol.welcome("dev-1", "s1", 60.0, {"led": "on", "fan": 2}, {"led": "off", "fan": 2}, 5)
+        protocol.welcome(
+            "dev-1", "s1", 60.0, {"led": "on", "fan": 2}, {"led": "off", "fan": 2}, 5, 65536
+        )
     )
     assert frame == {
         "type": "welcome",
         "device_id": "dev-1",
         "session": "s1",
         "heartbeat_timeout": 60.0,
+        "max_frame_bytes": 65536,
         "desired_state": {"led": "on", "fan": 2},
         "reported_state": {"led": "off", "fan": 2},
         "delta": {"led": {"desired": "on", "reported": "off"}},
@@ -272,10 +275,10 @@ def test_welcome_shape() -> None:
 
 def test_welcome_delta_is_nested_and_empty_when_in_sync() -> None:
     nested = orjson.loads(
-        protocol.welcome("d", "s", 2, {"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}, 1)
+        protocol.welcome("d", "s", 2, {"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}, 1, 4096)
     )
     assert nested["delta"] == {"a": {"c": {"desired": 2, "reported": None}}}
-    in_sync = orjson.loads(protocol.welcome("d", "s", 2, {"a": 1}, {"a": 1, "b": 2}, 1))
+    in_sync = orjson.loads(protocol.welcome("d", "s", 2, {"a": 1}, {"a": 1, "b": 2}, 1, 4096))
     assert in_sync["delta"] == {}
 
 
