@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -253,6 +256,47 @@ async def test_a_frame_closed_with_1009_is_never_sent_again(redis_url: str) -> N
             assert client.connects == 2
             assert client.reported == {"temp": 21}
             assert (await device(gw, "big-3"))["reported_state"] == {"temp": 21}
+
+
+def protocol_doc_example() -> str:
+    """The runnable `on_desired` example in docs/protocol.md."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc.split("### Example: a device that follows its desired state", 1)[1]
+    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert found, "no python example under the heading"
+    return found.group(1)
+
+
+async def test_the_on_desired_example_in_the_protocol_doc_runs(
+    redis_url: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "lamp.py"
+    script.write_text(protocol_doc_example())
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
+        token = await register(gw, "lamp-7")
+        lamp = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), gw.ws_url, "lamp-7", token,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert lamp.stdout is not None
+        try:
+            async with asyncio.timeout(2 * TIMEOUT):
+                assert (await lamp.stdout.readline()).startswith(b"connected, session ")
+                await patch_desired(gw, "lamp-7", {"led": "on"})
+                line = await lamp.stdout.readline()
+            assert line.decode().strip() == (
+                "desired changed: {'led': {'desired': 'on', 'reported': None}}"
+            )
+
+            async def applied() -> bool:
+                state = await device(gw, "lamp-7")
+                return bool(state["reported_state"] == {"led": "on"})
+
+            await until(applied, "the example to report the desired state applied")
+        finally:
+            if lamp.returncode is None:
+                lamp.terminate()
+            await lamp.communicate()
 
 
 async def test_reconnects_after_gateway_restarting_close(redis_url: str) -> None:
