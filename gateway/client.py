@@ -8,6 +8,11 @@ a deleted device or rotated token (1008), or a newer session of the same device 
 
 The device owns its reported document: the client keeps it locally, merges acknowledged
 reports into it, and re-sends it after a reconnect when the gateway's copy differs (resume).
+
+No frame larger than the gateway accepts is ever sent: the welcome announces the limit
+(`max_frame_bytes`; `DEFAULT_MAX_FRAME_BYTES` until then), a request over it raises
+`FrameTooLarge` at once, and a frame that still drew a 1009 close (a proxy with a smaller
+limit, say) lowers the limit below its size, so it is never sent again.
 """
 
 from __future__ import annotations
@@ -37,9 +42,12 @@ DesiredCallback = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None] | N
 # Handshake statuses that retrying cannot fix: no token, wrong token, unknown or invalid id.
 REJECTED_STATUSES = frozenset({400, 401, 403, 404, 410, 422})
 # Close codes that mean "this client misbehaved": the backoff keeps growing across them.
-PENALTY_CODES = frozenset({1009, 4400, 4408, 4429})
+PENALTY_CODES = frozenset({1002, 1007, 1009, 4400, 4408, 4429})
+# The gateway's default frame limit, assumed until a welcome announces the real one.
+DEFAULT_MAX_FRAME_BYTES = 65536
 NO_RECONNECT = frozenset(close.code for close in disconnect.TABLE if not close.reconnect)
 MAX_EXPONENT = 62
+HEARTBEAT = orjson.dumps({"type": "heartbeat"})
 
 
 class DeviceRejected(Exception):
@@ -68,6 +76,17 @@ class ConnectionLost(ConnectionError):
     """The connection ended before the gateway answered; the outcome is unknown."""
 
 
+class FrameTooLarge(ValueError):
+    """A frame over the gateway's size limit: refused here, never sent (nor re-sent)."""
+
+    def __init__(self, what: str, size: int, limit: int) -> None:
+        super().__init__(
+            f"{what} would be a {size:,}-byte frame; the gateway accepts at most {limit:,} bytes"
+        )
+        self.size = size
+        self.limit = limit
+
+
 def backoff_delay(
     attempt: int, minimum: float, maximum: float, rng: random.Random | None = None
 ) -> float:
@@ -84,6 +103,7 @@ def backoff_delay(
 class _Pending:
     future: asyncio.Future[dict[str, Any]]
     patch: dict[str, Any] | None  # a report's patch, merged locally once acknowledged
+    size: int  # of its frame, in bytes
 
 
 @dataclass(slots=True)
@@ -130,7 +150,12 @@ class DeviceClient:
         self.session: str | None = None
         self.heartbeat_timeout: float | None = None
         self.connects = 0  # sessions opened so far (welcome received)
-        self._reported: dict[str, Any] | None = None if reported is None else dict(reported)
+        self.max_frame_bytes = DEFAULT_MAX_FRAME_BYTES  # the largest frame this client sends
+        self._frame_ceiling: int | None = None  # below the smallest frame closed with 1009
+        self._largest_sent = 0  # on the current connection: the frame a 1009 close refused
+        self._reported: dict[str, Any] | None = None
+        if reported is not None:
+            self.set_reported(reported)
         self._known: dict[str, Any] | None = None  # the gateway's reported copy, as we know it
         self._ws: ClientConnection | None = None
         self._pending: dict[str, _Pending] = {}
@@ -148,7 +173,12 @@ class DeviceClient:
         return None if self._reported is None else dict(self._reported)
 
     def set_reported(self, document: dict[str, Any]) -> None:
-        """Replace the local reported document; the next heartbeat carries it if it changed."""
+        """Replace the local reported document; the next heartbeat carries it if it changed.
+
+        Raises `FrameTooLarge` (and keeps the old document) when it could never be sent.
+        """
+        frame = orjson.dumps({"type": "heartbeat", "reported_state": document})
+        self._check_size("this reported document", len(frame))
         self._reported = dict(document)
 
     async def run(self) -> None:
@@ -189,6 +219,7 @@ class DeviceClient:
         """Merge *patch* into the reported document (`null` deletes); return the new version.
 
         Waits for a connection if there is none, then for the matching `ack`. Raises
+        `FrameTooLarge` before sending a frame over the gateway's limit (nothing changes),
         `RequestFailed` on an error frame, `ConnectionLost` if the connection ends first (the
         patch stays in the local document and is re-sent on resume), `TimeoutError` after
         `request_timeout` (wrap in `asyncio.timeout` for less). Cancelling is safe: a late
@@ -268,6 +299,7 @@ class DeviceClient:
                 await ws.close()
                 return _Ended(1000, False)
             self._ws = ws
+            self._largest_sent = 0
             async with asyncio.timeout(self.open_timeout):
                 first = await ws.recv()
             self._welcome(_load(first))
@@ -287,6 +319,8 @@ class DeviceClient:
             self._ws = None
             if heartbeats is not None:
                 heartbeats.cancel()
+            if ws.close_code == disconnect.TOO_BIG.code:
+                self._lower_frame_limit()
             self._fail_pending()
             await ws.close()
         code = ws.close_code
@@ -300,6 +334,11 @@ class DeviceClient:
         self.session = str(frame.get("session"))
         timeout = frame.get("heartbeat_timeout")
         self.heartbeat_timeout = float(timeout) if isinstance(timeout, int | float) else 60.0
+        announced = frame.get("max_frame_bytes")
+        if isinstance(announced, int) and not isinstance(announced, bool) and announced > 0:
+            self.max_frame_bytes = announced
+        if self._frame_ceiling is not None:
+            self.max_frame_bytes = min(self.max_frame_bytes, self._frame_ceiling)
         self.desired = _object(frame.get("desired_state"))
         self._set_version(frame.get("version"))
         self._known = _object(frame.get("reported_state"))
@@ -323,7 +362,6 @@ class DeviceClient:
                 await self._send_heartbeat(ws)
 
     async def _send_heartbeat(self, ws: ClientConnection) -> None:
-        frame: dict[str, Any] = {"type": "heartbeat"}
         document = self._reported
         if document is not None:
             # Reports still in flight are part of the document: a replace must not undo them.
@@ -331,9 +369,35 @@ class DeviceClient:
                 if entry.patch is not None:
                     document = shadow.merge(document, entry.patch)
         if document is not None and not shadow.same(document, self._known):
-            frame["reported_state"] = document
-            self._known = dict(document)
-        await ws.send(orjson.dumps(frame).decode())
+            data = orjson.dumps({"type": "heartbeat", "reported_state": document})
+            if len(data) <= self.max_frame_bytes:
+                await self._send(ws, data)
+                self._known = dict(document)
+                return
+            refused = FrameTooLarge("the reported document", len(data), self.max_frame_bytes)
+            log.warning("%s: %s; heartbeat sent without it", self.device_id, refused)
+        await self._send(ws, HEARTBEAT)
+
+    async def _send(self, ws: ClientConnection, data: bytes) -> None:
+        """Send one frame, within the limit (checked by the caller)."""
+        self._largest_sent = max(self._largest_sent, len(data))
+        await ws.send(data.decode())
+
+    def _check_size(self, what: str, size: int) -> None:
+        if size > self.max_frame_bytes:
+            raise FrameTooLarge(what, size, self.max_frame_bytes)
+
+    def _lower_frame_limit(self) -> None:
+        """A 1009 close: the largest frame sent on that connection was over the real limit."""
+        if self._largest_sent == 0:
+            return
+        ceiling = self._largest_sent - 1
+        if self._frame_ceiling is not None:
+            ceiling = min(ceiling, self._frame_ceiling)
+        self._frame_ceiling = ceiling
+        self.max_frame_bytes = min(self.max_frame_bytes, ceiling)
+        log.warning("%s: a %d-byte frame was refused as too large; sending at most %d bytes",
+                    self.device_id, self._largest_sent, self.max_frame_bytes)  # fmt: skip
 
     # --- frames in ----------------------------------------------------------
     def _dispatch(self, frame: dict[str, Any]) -> None:
@@ -378,13 +442,17 @@ class DeviceClient:
             self.version = max(self.version, version)
 
     def _fail_pending(self) -> None:
-        """The connection ended: unanswered reports stay in the local document (resume)."""
+        """The connection ended: unanswered reports stay in the local document (resume),
+        except one whose frame is now known to be too large: it is dropped."""
         pending, self._pending = self._pending, {}
         for entry in pending.values():
-            if entry.patch is not None:
+            error: Exception = ConnectionLost("connection ended before the answer")
+            if entry.size > self.max_frame_bytes:
+                error = FrameTooLarge("this report", entry.size, self.max_frame_bytes)
+            elif entry.patch is not None:
                 self._reported = shadow.merge(self._reported or {}, entry.patch)
             if not entry.future.done():
-                entry.future.set_exception(ConnectionLost("connection ended before the answer"))
+                entry.future.set_exception(error)
                 entry.future.exception()  # retrieved: an abandoned request logs nothing
 
     # --- requests and callbacks ---------------------------------------------
@@ -395,10 +463,12 @@ class DeviceClient:
             if ws is None:
                 raise ConnectionLost("not connected")
             request_id = f"r{next(self._ids)}"
+            data = orjson.dumps({**frame, "id": request_id})
+            self._check_size(f"this {frame['type']}", len(data))
             future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
-            self._pending[request_id] = _Pending(future, patch)
+            self._pending[request_id] = _Pending(future, patch, len(data))
             try:
-                await ws.send(orjson.dumps({**frame, "id": request_id}).decode())
+                await self._send(ws, data)
                 return await future
             except ConnectionClosed:
                 raise ConnectionLost("connection ended before the answer") from None

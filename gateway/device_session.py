@@ -68,6 +68,10 @@ class DeviceSession:
             self.close_reason = close.reason
         self.writer.close(close)
 
+    def ended(self) -> None:
+        """The connection is closing already (its disconnect arrived): send nothing more."""
+        self.writer.closed = True  # a frame still queued fails quietly; no close frame follows
+
     def deliver_command(self, data: bytes, received: float | None = None) -> None:
         """Relay a command-channel message as is, then the delta it leaves.
 
@@ -90,10 +94,11 @@ class DeviceSession:
         self.reported = shadow.decode_document(reported)
         self.reported_meta = shadow.decode_document(meta)
         self.version = version
+        settings = self.gateway.settings
         self.send(
             protocol.welcome(
-                self.device_id, self.session, self.gateway.settings.heartbeat_timeout,
-                self.desired, self.reported, version,
+                self.device_id, self.session, settings.heartbeat_timeout,
+                self.desired, self.reported, version, settings.max_frame_bytes,
             ),
             "welcome",
         )  # fmt: skip

@@ -15,6 +15,8 @@ class Close(NamedTuple):
 
 
 NORMAL = Close(1000, "closed", True)
+PROTOCOL_ERROR = Close(1002, "protocol_error", True)
+INVALID_TEXT = Close(1007, "invalid_utf8", True)
 POLICY = Close(1008, "policy_violation", False)
 DELETED = Close(1008, "deleted", False)
 TOKEN_ROTATED = Close(1008, "token_rotated", False)
@@ -29,12 +31,28 @@ REPLACED = Close(4409, "replaced", False)
 RATE_LIMITED = Close(4429, "rate_limited", True)
 
 TABLE: tuple[Close, ...] = (
-    NORMAL, POLICY, DELETED, TOKEN_ROTATED, TOO_BIG, INTERNAL, RESTARTING, MALFORMED,
-    AUTH_REQUIRED, ORIGIN_REFUSED, TOO_SLOW, REPLACED, RATE_LIMITED,
+    NORMAL, PROTOCOL_ERROR, INVALID_TEXT, POLICY, DELETED, TOKEN_ROTATED, TOO_BIG, INTERNAL,
+    RESTARTING, MALFORMED, AUTH_REQUIRED, ORIGIN_REFUSED, TOO_SLOW, REPLACED, RATE_LIMITED,
 )  # fmt: skip
 
 # Close codes from the peer that mean "the connection died" rather than "the device said bye".
 LOST_CODES = frozenset({1005, 1006, 1011})
+# Closes the WebSocket layer makes by itself, on a frame it cannot take; by their code.
+PROTOCOL_CLOSES = {close.code: close for close in (PROTOCOL_ERROR, INVALID_TEXT, TOO_BIG, INTERNAL)}
+
+
+def protocol_close(code: int) -> Close:
+    """The close for a frame the WebSocket layer refused (1002, 1007, 1009, 1011), by code."""
+    return PROTOCOL_CLOSES.get(code, INTERNAL)
+
+
+def ended_by(code: int) -> str:
+    """The presence reason of a session ended by a close with *code* that the gateway's
+    session did not choose: the peer's, or the WebSocket layer's (`frame_too_large`, …)."""
+    if code in LOST_CODES:
+        return "connection_lost"
+    close = PROTOCOL_CLOSES.get(code)
+    return close.reason if close is not None else NORMAL.reason
 
 
 def by_reason(reason: str) -> Close:

@@ -69,38 +69,52 @@ def _request_id(frame: dict[str, Any]) -> str | int | None:
     return request_id
 
 
-def _state(frame: dict[str, Any], limits: shadow.Limits, request_id: str | int | None) -> Any:
+def _state(frame: dict[str, Any], limits: shadow.Limits) -> Any:
     try:
         return shadow.validate_patch(frame.get("reported_state"), limits)
     except shadow.ShadowError as exc:
-        raise FrameError(exc.problem.replace("-", "_"), exc.detail, request_id) from None
+        code = exc.problem.replace("-", "_")
+        raise FrameError(code, exc.detail, _readable_id(frame)) from None
+
+
+def _readable_id(frame: dict[str, Any]) -> str | int | None:
+    """The frame's `id` if it is a valid one, else None: for error frames, never raises."""
+    try:
+        return _request_id(frame)
+    except FrameError:
+        return None
 
 
 def parse_device_frame(data: str | bytes, limits: shadow.Limits) -> DeviceFrame:
-    """The frame a device sent, validated; FrameError says what is wrong."""
+    """The frame a device sent, validated; FrameError says what is wrong.
+
+    A refusal carries the frame's `id` whenever the frame is an object with a valid one.
+    """
     frame = _load_object(data)
     kind = frame.get("type")
     if kind == "heartbeat":
         if frame.get("reported_state") is None:
             return Heartbeat(None)
-        return Heartbeat(shadow.merge({}, _state(frame, limits, None)))
+        return Heartbeat(shadow.merge({}, _state(frame, limits)))
     if kind == "report":
         request_id = _request_id(frame)
         if "reported_state" not in frame:
             raise FrameError("invalid_frame", "'report' needs 'reported_state'", request_id)
-        return Report(_state(frame, limits, request_id), request_id)
+        return Report(_state(frame, limits), request_id)
     if kind == "get":
         return Get(_request_id(frame))
     if not isinstance(kind, str):
-        raise FrameError("invalid_frame", "frame must have a string 'type'")
+        raise FrameError("invalid_frame", "frame must have a string 'type'", _readable_id(frame))
     raise FrameError(
-        "unknown_type", f"unknown frame type {kind[:40]!r}; expected heartbeat, report or get"
+        "unknown_type",
+        f"unknown frame type {kind[:40]!r}; expected heartbeat, report or get",
+        _readable_id(frame),
     )
 
 
 def welcome(
     device_id: str, session: str, heartbeat_timeout: float, desired: shadow.Document,
-    reported: shadow.Document, version: int,
+    reported: shadow.Document, version: int, max_frame_bytes: int,
 ) -> bytes:  # fmt: skip
     return orjson.dumps(
         {
@@ -108,6 +122,7 @@ def welcome(
             "device_id": device_id,
             "session": session,
             "heartbeat_timeout": heartbeat_timeout,
+            "max_frame_bytes": max_frame_bytes,
             "desired_state": desired,
             "reported_state": reported,
             "delta": shadow.delta(desired, reported),

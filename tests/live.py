@@ -39,8 +39,13 @@ class LiveGateway:
 
 
 @contextlib.asynccontextmanager
-async def live_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[LiveGateway]:
-    """Serve the gateway on 127.0.0.1 until the block ends (graceful shutdown then)."""
+async def live_gateway(
+    redis_url: str, *, server_options: dict[str, Any] | None = None, **overrides: Any
+) -> AsyncIterator[LiveGateway]:
+    """Serve the gateway on 127.0.0.1 until the block ends (graceful shutdown then).
+
+    *overrides* are settings; *server_options* override how uvicorn serves them.
+    """
     port = find_free_port()
     settings = Settings(
         host="127.0.0.1",
@@ -51,7 +56,7 @@ async def live_gateway(redis_url: str, **overrides: Any) -> AsyncIterator[LiveGa
         **overrides,
     )
     app = create_app(settings)
-    config = uvicorn_config(app, settings, log_level="warning")
+    config = uvicorn_config(app, settings, **({"log_level": "warning"} | (server_options or {})))
     server = GatewayServer(config)
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined,unused-ignore]
     task = asyncio.create_task(server.serve())

@@ -7,14 +7,23 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
+import sys
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
 from live import LiveGateway, live_gateway
 
 from gateway import disconnect
-from gateway.client import DeviceClient, DeviceRejected, backoff_delay
+from gateway.client import (
+    DEFAULT_MAX_FRAME_BYTES,
+    DeviceClient,
+    DeviceRejected,
+    FrameTooLarge,
+    backoff_delay,
+)
 from gateway.embedded import find_free_port
 
 TIMEOUT = 10.0  # every wait in this file is bounded by a multiple of this
@@ -191,6 +200,103 @@ async def test_desired_changed_while_away_arrives_with_the_welcome(redis_url: st
             expected = {"led": "off", "fw": "2.0", "boot": 2}
             assert (await device(gw, "lamp-2"))["reported_state"] == expected
             assert rebooted.reported == expected
+
+
+async def test_a_report_over_the_frame_limit_is_refused_before_it_is_sent(
+    redis_url: str,
+) -> None:
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
+        token = await register(gw, "big-1")
+        client = DeviceClient(gw.ws_url, "big-1", token, backoff_min=0.05, backoff_max=0.1)
+        async with asyncio.timeout(2 * TIMEOUT), client:
+            assert client.max_frame_bytes == gw.gateway.settings.max_frame_bytes  # announced
+            session = client.session
+            with pytest.raises(FrameTooLarge) as refused:
+                await client.report({"blob": "x" * 100_000})
+            assert refused.value.limit == DEFAULT_MAX_FRAME_BYTES
+            assert refused.value.size > 100_000
+            with pytest.raises(FrameTooLarge):
+                client.set_reported({"blob": "x" * 100_000})
+            # nothing was sent: the same session goes on, and nothing of the blob was kept
+            assert await client.report({"temp": 20}) > 0
+            assert (client.session, client.connects) == (session, 1)
+            assert client.reported == {"temp": 20}
+            assert (await device(gw, "big-1"))["reported_state"] == {"temp": 20}
+
+
+async def test_the_frame_limit_comes_from_the_welcome(redis_url: str) -> None:
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT, max_frame_bytes=4096) as gw:
+        token = await register(gw, "big-2")
+        async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "big-2", token) as client:
+            assert client.max_frame_bytes == 4096
+            with pytest.raises(FrameTooLarge):
+                await client.report({"blob": "x" * 5000})
+            assert await client.report({"blob": "x" * 3000}) > 0
+            assert client.connects == 1
+
+
+async def test_a_frame_closed_with_1009_is_never_sent_again(redis_url: str) -> None:
+    # The gateway announces 64 KiB, but a smaller limit is enforced in front of it (a proxy).
+    options = {"ws_max_size": 4096}
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT, server_options=options) as gw:
+        token = await register(gw, "big-3")
+        client = DeviceClient(gw.ws_url, "big-3", token, backoff_min=0.05, backoff_max=0.1)
+        async with asyncio.timeout(3 * TIMEOUT), client:
+            await client.report({"temp": 20})
+            with pytest.raises(FrameTooLarge) as refused:  # sent, and closed with 1009
+                await client.report({"blob": "x" * 5000})
+            await asyncio.wait_for(client.connected.wait(), TIMEOUT)
+            assert 4096 <= client.max_frame_bytes < refused.value.size
+            # no reconnect loop: the frame is neither re-sent on resume nor sendable again
+            await asyncio.sleep(1.0)
+            assert client.connects == 2
+            with pytest.raises(FrameTooLarge):
+                await client.report({"blob": "x" * 5000})
+            assert await client.report({"temp": 21}) > 0
+            assert client.connects == 2
+            assert client.reported == {"temp": 21}
+            assert (await device(gw, "big-3"))["reported_state"] == {"temp": 21}
+
+
+def protocol_doc_example() -> str:
+    """The runnable `on_desired` example in docs/protocol.md."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "protocol.md").read_text()
+    section = doc.split("### Example: a device that follows its desired state", 1)[1]
+    found = re.search(r"```python\n(.*?)```", section, re.DOTALL)
+    assert found, "no python example under the heading"
+    return found.group(1)
+
+
+async def test_the_on_desired_example_in_the_protocol_doc_runs(
+    redis_url: str, tmp_path: Path
+) -> None:
+    script = tmp_path / "lamp.py"
+    script.write_text(protocol_doc_example())
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
+        token = await register(gw, "lamp-7")
+        lamp = await asyncio.create_subprocess_exec(
+            sys.executable, str(script), gw.ws_url, "lamp-7", token,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+        )  # fmt: skip
+        assert lamp.stdout is not None
+        try:
+            async with asyncio.timeout(2 * TIMEOUT):
+                assert (await lamp.stdout.readline()).startswith(b"connected, session ")
+                await patch_desired(gw, "lamp-7", {"led": "on"})
+                line = await lamp.stdout.readline()
+            assert line.decode().strip() == (
+                "desired changed: {'led': {'desired': 'on', 'reported': None}}"
+            )
+
+            async def applied() -> bool:
+                state = await device(gw, "lamp-7")
+                return bool(state["reported_state"] == {"led": "on"})
+
+            await until(applied, "the example to report the desired state applied")
+        finally:
+            if lamp.returncode is None:
+                lamp.terminate()
+            await lamp.communicate()
 
 
 async def test_reconnects_after_gateway_restarting_close(redis_url: str) -> None:

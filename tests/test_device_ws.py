@@ -471,6 +471,27 @@ async def test_bad_frames_get_error_frames_and_write_nothing(redis_url: str) -> 
         assert (stored["reported_state"], stored["version"]) == ({"keep": 1}, version)
 
 
+async def test_error_frames_echo_every_readable_id(redis_url: str) -> None:
+    async with live_gateway(redis_url, malformed_tolerance=50) as gw:
+        token = await register(gw, "f-7")
+        async with open_device(gw, "f-7", token) as ws:
+            await receive(ws)
+            bad: list[tuple[dict[str, Any], str, Any]] = [
+                ({"type": "reboot", "id": "u1"}, "unknown_type", "u1"),
+                ({"id": 17}, "invalid_frame", 17),
+                ({"type": 5, "id": "t1"}, "invalid_frame", "t1"),
+                ({"type": "heartbeat", "reported_state": "hot", "id": "h1"}, "invalid_state", "h1"),
+                ({"type": "reboot", "id": True}, "unknown_type", None),
+                ({"type": "reboot", "id": "x" * 65}, "unknown_type", None),
+            ]
+            for frame, code, request_id in bad:
+                await ws.send(text(frame))
+                error = await receive(ws)
+                assert (error["type"], error["code"]) == ("error", code), (frame, error)
+                assert error.get("id") == request_id, (frame, error)
+                assert ("id" in error) == (request_id is not None), (frame, error)
+
+
 async def test_malformed_beyond_tolerance_closes_4400(redis_url: str) -> None:
     tolerance = 10
     async with live_gateway(redis_url, malformed_tolerance=tolerance) as gw:

@@ -142,6 +142,31 @@ def test_refusal_of_a_report_keeps_its_request_id() -> None:
     assert error.request_id == 4
 
 
+@pytest.mark.parametrize(
+    ("frame", "code"),
+    [
+        ({"type": "reboot", "id": "r1"}, "unknown_type"),
+        ({"id": "r1"}, "invalid_frame"),
+        ({"type": 5, "id": "r1"}, "invalid_frame"),
+        ({"type": None, "id": "r1"}, "invalid_frame"),
+        ({"type": "heartbeat", "reported_state": [1], "id": "r1"}, "invalid_state"),
+        ({"type": "report", "reported_state": 3, "id": "r1"}, "invalid_state"),
+    ],
+)
+def test_every_refusal_of_an_object_with_a_valid_id_echoes_it(
+    frame: dict[str, Any], code: str
+) -> None:
+    error = refused(orjson.dumps(frame))
+    assert (error.code, error.request_id) == (code, "r1")
+    assert refused(orjson.dumps({**frame, "id": 7})).request_id == 7
+
+
+@pytest.mark.parametrize("bad_id", [True, 1.5, [1], {"a": 1}, "x" * 65])
+def test_a_refusal_never_echoes_an_invalid_id(bad_id: object) -> None:
+    for frame in ({"type": "reboot"}, {}, {"type": 5}, {"type": "heartbeat", "reported_state": 1}):
+        assert refused(orjson.dumps({**frame, "id": bad_id})).request_id is None
+
+
 def test_unknown_type_message_is_bounded() -> None:
     error = refused(orjson.dumps({"type": "z" * 10_000}))
     assert error.code == "unknown_type"
@@ -231,13 +256,16 @@ def test_valid_reports_round_trip(state: dict[str, Any]) -> None:
 
 def test_welcome_shape() -> None:
     frame = orjson.loads(
-        protocol.welcome("dev-1", "s1", 60.0, {"led": "on", "fan": 2}, {"led": "off", "fan": 2}, 5)
+        protocol.welcome(
+            "dev-1", "s1", 60.0, {"led": "on", "fan": 2}, {"led": "off", "fan": 2}, 5, 65536
+        )
     )
     assert frame == {
         "type": "welcome",
         "device_id": "dev-1",
         "session": "s1",
         "heartbeat_timeout": 60.0,
+        "max_frame_bytes": 65536,
         "desired_state": {"led": "on", "fan": 2},
         "reported_state": {"led": "off", "fan": 2},
         "delta": {"led": {"desired": "on", "reported": "off"}},
@@ -247,10 +275,10 @@ def test_welcome_shape() -> None:
 
 def test_welcome_delta_is_nested_and_empty_when_in_sync() -> None:
     nested = orjson.loads(
-        protocol.welcome("d", "s", 2, {"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}, 1)
+        protocol.welcome("d", "s", 2, {"a": {"b": 1, "c": 2}}, {"a": {"b": 1}}, 1, 4096)
     )
     assert nested["delta"] == {"a": {"c": {"desired": 2, "reported": None}}}
-    in_sync = orjson.loads(protocol.welcome("d", "s", 2, {"a": 1}, {"a": 1, "b": 2}, 1))
+    in_sync = orjson.loads(protocol.welcome("d", "s", 2, {"a": 1}, {"a": 1, "b": 2}, 1, 4096))
     assert in_sync["delta"] == {}
 
 

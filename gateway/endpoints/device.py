@@ -86,7 +86,7 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
     # this frame lives as long as the socket: keep nothing in it that is no longer needed
     del welcome, token, token_hash
     gateway.metrics.devices_connected.inc()
-    code = 1000
+    code: int | None = None  # set by the disconnect that ends the loop
     try:
         while accepted and not session.writer.closed:
             message = await next_message()
@@ -101,12 +101,14 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
         gateway.metrics.devices_connected.dec()
         if gateway.hub.remove(session):
             gateway.broker.unsubscribe_device(device_id)
-        reason = session.close_reason or (
-            "connection_lost" if code in disconnect.LOST_CODES else "closed"
-        )
+        # the session's own close, else the peer's or the WebSocket layer's (frame_too_large)
+        reason = session.close_reason or disconnect.ended_by(1000 if code is None else code)
         if accepted:
             gateway.presence.end(device_id, session_id, reason)
-        session.close(disconnect.NORMAL)
+        if code is None:
+            session.close(disconnect.NORMAL)
+        else:  # closing already: another close frame would only cut the closing short
+            session.ended()
         await session.writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
 
 
