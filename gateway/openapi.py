@@ -152,10 +152,24 @@ def _schemas() -> dict[str, Schema]:
         "device_type": {"type": "string", "pattern": TYPE_PATTERN},
         "status": {"type": "string", "enum": ["online", "offline"]},
         "last_seen": {**number, "description": "Epoch seconds; 0 when never seen"},
-        "version": {"type": "integer", "minimum": 0, "description": "Shadow version"},
+        "version": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Shadow version: moves with every desired or reported change",
+        },
     }
     device = {
         **summary,
+        "desired_version": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Moves with every desired change only",
+        },
+        "reported_version": {
+            "type": "integer",
+            "minimum": 0,
+            "description": "Moves with every reported change only",
+        },
         "registered_at": {**number, "description": "Epoch seconds"},
         "presence_version": {"type": "integer", "minimum": 0},
         "metadata": _ref("Document"),
@@ -194,6 +208,10 @@ def _schemas() -> dict[str, Schema]:
             "section": {"type": "string", "enum": ["desired", "reported"]},
             "version": {"type": "integer", "minimum": 1},
             "state": _ref("Document"),
+            "external": {
+                "type": "boolean",
+                "description": "True when another program wrote the section straight to Redis",
+            },
         },
         required=["id", "type", "device_id", "section", "version", "timestamp", "state"],
         extra=True,
@@ -229,8 +247,11 @@ def _schemas() -> dict[str, Schema]:
                     "description": "The field or query parameter at fault",
                 },
                 "path": {"type": "string", "description": "The state key at fault"},
-                "current_version": {"type": "integer", "minimum": 0},
                 "expected_version": {"type": "integer", "minimum": 0},
+                "expected_desired_version": {"type": "integer", "minimum": 0},
+                "current_version": {"type": "integer", "minimum": 0},
+                "current_desired_version": {"type": "integer", "minimum": 0},
+                "current_reported_version": {"type": "integer", "minimum": 0},
             },
             "required": ["type", "title", "status", "detail"],
             "additionalProperties": True,
@@ -276,7 +297,14 @@ def _schemas() -> dict[str, Schema]:
                 "version": {
                     "type": "integer",
                     "minimum": 0,
-                    "description": "Write only if the shadow is still at this version",
+                    "description": "Write only if the shadow (desired and reported) is still "
+                    "at this version",
+                },
+                "desired_version": {
+                    "type": "integer",
+                    "minimum": 0,
+                    "description": "Write only if the desired state is still at this version; "
+                    "the device's own reports never make it stale",
                 },
             },
             required=["state"],
@@ -285,6 +313,8 @@ def _schemas() -> dict[str, Schema]:
             {
                 "device_id": {"type": "string", "pattern": ID_PATTERN},
                 "version": {"type": "integer", "minimum": 0},
+                "desired_version": {"type": "integer", "minimum": 0},
+                "reported_version": {"type": "integer", "minimum": 0},
                 "desired_state": _ref("Document"),
                 "delta": _ref("Delta"),
             }
@@ -344,6 +374,15 @@ def _schemas() -> dict[str, Schema]:
                     "additionalProperties": _ref("Counts"),
                     "propertyNames": {"pattern": TYPE_PATTERN},
                 },
+            }
+        ),
+        "Session": _object(
+            {
+                "role": {
+                    "type": "string",
+                    "enum": ["admin", "read"],
+                    "description": "admin: reads and writes; read: reads only",
+                }
             }
         ),
         "Token": _object(
@@ -568,6 +607,18 @@ def _paths() -> dict[str, Schema]:
                 {"200": _json("Counts", _ref("Stats")), "422": _problem(*_QUERY_422)},
                 write=False,
                 tag="presence",
+            ),
+        },
+        "/api/session": {
+            "get": _operation(
+                "getSession",
+                "What this request's credential (API key or login cookie) may do",
+                {"200": _json("The role", _ref("Session")), "422": _problem(*_QUERY_422)},
+                write=False,
+                tag="meta",
+                description="A dashboard asks this to disable its write controls for a "
+                "read-only key. `POST /api/session` (log in) and `DELETE /api/session` (log "
+                "out) are described with the dashboard.",
             ),
         },
         "/openapi.json": {

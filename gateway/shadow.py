@@ -8,12 +8,23 @@ rule is tested without Redis.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, NamedTuple
 
 import orjson
 
 Document = dict[str, Any]
+Precondition = Literal["version", "desired_version", "reported_version"]
+
+
+class Versions(NamedTuple):
+    """The shadow's versions: `version` moves with every desired or reported change, each
+    section's own only with that section (Azure twins' `$version` per section)."""
+
+    version: int = 0
+    desired: int = 0
+    reported: int = 0
 
 
 class ShadowError(ValueError):
@@ -44,12 +55,29 @@ class BadKey(ShadowError):
 
 
 class VersionConflict(ShadowError):
+    """A write's precondition (*field*) names a version that is no longer current."""
+
     problem = "version-conflict"
 
-    def __init__(self, expected: int, current: int) -> None:
-        super().__init__(f"expected version {expected}, but the shadow is at version {current}")
+    def __init__(
+        self,
+        expected: int,
+        current: int,
+        field: Precondition = "version",
+        versions: Versions | None = None,
+    ) -> None:
+        what = "the shadow" if field == "version" else f"the {field.split('_')[0]} state"
+        super().__init__(f"expected {field} {expected}, but {what} is at {field} {current}")
         self.expected = expected
         self.current = current
+        self.field: Precondition = field
+        if versions is None:
+            versions = {
+                "version": Versions(version=current),
+                "desired_version": Versions(desired=current),
+                "reported_version": Versions(reported=current),
+            }[field]
+        self.versions = versions
 
 
 @dataclass(frozen=True, slots=True)
@@ -185,10 +213,29 @@ def same(left: Any, right: Any) -> bool:
     return type(left) is type(right) and bool(left == right)
 
 
-def check_version(expected: int | None, current: int) -> None:
+def check_version(expected: int | None, current: int, field: Precondition = "version") -> None:
     """Refuse a write made against a version that is no longer current."""
     if expected is not None and expected != current:
-        raise VersionConflict(expected, current)
+        raise VersionConflict(expected, current, field)
+
+
+def section_hash(raw: bytes | str | None) -> str:
+    """The SHA-1 (hex) of a stored section, as Redis' `redis.sha1hex` computes it."""
+    data = raw.encode() if isinstance(raw, str) else raw or b""
+    return hashlib.sha1(data).hexdigest()
+
+
+def written_elsewhere(raw: bytes | str | None, known_hash: str | None, stamped: bool) -> bool:
+    """Whether a section was last written by another program than the gateway.
+
+    *known_hash* is the hash of what the gateway last wrote there. Without one, a section the
+    gateway stamped (*stamped*: it has per-leaf timestamps) is taken as the gateway's own, and
+    an unstamped one (a device registered by other programs) counts as written elsewhere once
+    it holds anything.
+    """
+    if known_hash is not None:
+        return section_hash(raw) != known_hash
+    return not stamped and bool(decode_document(raw))
 
 
 def encode(document: Any) -> bytes:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
-import hashlib
+import contextlib
 import random
 import time
 import weakref
@@ -45,6 +45,9 @@ FIELDS = (
     "presence_version",
     "reported_meta",
     "desired_meta",
+    "desired_version",
+    "reported_version",
+    "desired_sha",
 )
 
 
@@ -57,20 +60,10 @@ def now_text(now: float | None = None) -> str:
     return f"{time.time() if now is None else now:.6f}"
 
 
-def sha1(raw: bytes) -> str:
-    return hashlib.sha1(raw).hexdigest()
-
-
 def text(value: bytes | str | None, default: str = "") -> str:
     if value is None:
         return default
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _bytes(value: bytes | str | None) -> bytes:
-    if value is None:
-        return b""
-    return value.encode() if isinstance(value, str) else value
 
 
 def _float(value: bytes | str | None) -> float:
@@ -103,6 +96,8 @@ class Device:
     presence_version: int
     reported_meta: shadow.Document
     desired_meta: shadow.Document
+    desired_version: int = 0
+    reported_version: int = 0
 
     @classmethod
     def from_hash(cls, values: Sequence[bytes | None], online: bool) -> Device:
@@ -120,6 +115,8 @@ class Device:
             presence_version=_int(raw["presence_version"]),
             reported_meta=shadow.decode_document(raw["reported_meta"]),
             desired_meta=shadow.decode_document(raw["desired_meta"]),
+            desired_version=_int(raw["desired_version"]),
+            reported_version=_int(raw["reported_version"]),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -134,6 +131,8 @@ class Device:
     def to_dict(self) -> dict[str, Any]:
         return {
             **self.summary(),
+            "desired_version": self.desired_version,
+            "reported_version": self.reported_version,
             "registered_at": self.registered_at,
             "presence_version": self.presence_version,
             "metadata": self.metadata,
@@ -229,14 +228,32 @@ class Store:
         return device, token
 
     async def get(self, device_id: str) -> Device | None:
+        """The device, or None when its hash has no `device_id` (what "registered" means).
+
+        A desired state another program wrote since the gateway last did is counted first
+        (see `_patch_section`), so the versions read here are ones a precondition may use.
+        """
         _require_id(device_id)
+        values, online = await self._read(device_id)
+        if values[0] is None:
+            return None
+        raw = dict(zip(FIELDS, values, strict=True))
+        known = raw["desired_sha"]
+        stamped = raw["desired_meta"] is not None
+        if shadow.written_elsewhere(raw["desired_state"], text(known) if known else None, stamped):
+            with contextlib.suppress(Problem):  # deleted or contended meanwhile: read as is
+                await self.patch_section(device_id, "desired", {})
+            values, online = await self._read(device_id)
+            if values[0] is None:
+                return None
+        return Device.from_hash(values, bool(online))
+
+    async def _read(self, device_id: str) -> tuple[list[bytes | None], int]:
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.state(device_id), FIELDS)
             pipe.exists(self.keys.heartbeat(device_id))
             values, online = await pipe.execute()
-        if values[0] is None and values[1] is None:
-            return None
-        return Device.from_hash(values, bool(online))
+        return values, int(online)
 
     async def require(self, device_id: str) -> Device:
         device = await self.get(device_id)
@@ -249,8 +266,10 @@ class Store:
         _require_id(device_id)
         k = self.keys
         for _ in range(CAS_ATTEMPTS):
-            device_type = text(await self.redis.hget(k.state(device_id), "device_type"))
-            if not device_type:
+            fields = ["device_id", "device_type"]
+            known, raw_type = await self.redis.hmget(k.state(device_id), fields)
+            device_type = text(raw_type)
+            if known is None or not device_type:
                 raise Problem("device-not-found", f"no device {device_id!r} is registered")
             result = await SCRIPTS.deregister(
                 self.redis,
@@ -308,12 +327,15 @@ class Store:
         section: Literal["desired", "reported", "metadata"],
         patch: object,
         expected_version: int | None = None,
-    ) -> tuple[int, shadow.Document]:
-        """Merge *patch* into a section atomically; returns (shadow version, new section).
+        expected_section_version: int | None = None,
+    ) -> tuple[shadow.Versions, shadow.Document]:
+        """Merge *patch* into a section atomically; returns (versions after, new section).
 
         Compare-and-set against the section as read, so concurrent writers (other gateways,
-        the seed's `set_desired_state`) are never overwritten; a stale *expected_version*
-        raises VersionConflict. A desired change is published to the device at once.
+        the seed's `set_desired_state`) are never overwritten. A stale *expected_version*
+        (whole shadow) or *expected_section_version* (this section's) raises VersionConflict.
+        A desired state another program wrote since the gateway last did counts as a change of
+        its own first. A desired change is published to the device at once.
         """
         _require_id(device_id)
         document_patch = shadow.validate_patch(patch, self.limits)
@@ -323,7 +345,9 @@ class Store:
         if lock is None:
             lock = self._locks[device_id] = asyncio.Lock()
         async with lock:
-            return await self._patch_section(device_id, section, document_patch, expected_version)
+            return await self._patch_section(
+                device_id, section, document_patch, expected_version, expected_section_version
+            )
 
     async def _patch_section(
         self,
@@ -331,15 +355,16 @@ class Store:
         section: Literal["desired", "reported", "metadata"],
         document_patch: shadow.Document,
         expected_version: int | None,
-    ) -> tuple[int, shadow.Document]:
+        expected_section_version: int | None,
+    ) -> tuple[shadow.Versions, shadow.Document]:
         k = self.keys
         field = "metadata" if section == "metadata" else f"{section}_state"
         meta_field = f"{section}_meta"
         for attempt in range(CAS_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
-            raw, raw_meta, exists = await self.redis.hmget(
-                k.state(device_id), [field, meta_field, "device_id"]
+            raw, raw_meta, exists, known = await self.redis.hmget(
+                k.state(device_id), [field, meta_field, "device_id", "desired_sha"]
             )
             if exists is None:
                 raise Problem("device-not-found", f"no device {device_id!r} is registered")
@@ -348,29 +373,43 @@ class Store:
             merged = shadow.merge(current, document_patch)
             encoded = shadow.check_size(merged, self.limits)
             unchanged = raw is not None and shadow.same(merged, current)
-            stamps = shadow.merge_stamps(shadow.decode_document(raw_meta), document_patch, now)
-            code, *rest = await SCRIPTS.section_write(
+            known_hash = text(known) if known else None
+            elsewhere = section == "desired" and shadow.written_elsewhere(
+                raw, known_hash, raw_meta is not None
+            )
+            # another program's write is a write of the whole section: every leaf stamped now
+            base = shadow.stamp(current, now) if elsewhere else shadow.decode_document(raw_meta)
+            stamps = shadow.merge_stamps(base, document_patch, now)
+            code, version, desired_version, reported_version, *stale = await SCRIPTS.section_write(
                 self.redis,
                 [k.state(device_id), k.history(device_id), k.events, k.commands(device_id)],
                 [
                     device_id,
                     section,
-                    sha1(_bytes(raw)),
+                    shadow.section_hash(raw),
                     "" if expected_version is None else expected_version,
+                    "" if expected_section_version is None else expected_section_version,
                     encoded,
+                    shadow.section_hash(encoded),
                     orjson.dumps(stamps),
                     now_text(now),
                     self.settings.history_maxlen,
                     self.settings.events_maxlen,
                     "1" if unchanged else "",
+                    known_hash or "",
+                    "1" if elsewhere else "",
+                    orjson.dumps(base),
+                    shadow.encode(current),
                 ],
             )
+            versions = shadow.Versions(int(version), int(desired_version), int(reported_version))
             if code in (0, 1):
-                return int(rest[0]), merged
+                return versions, merged
             if code == -1:
                 raise Problem("device-not-found", f"no device {device_id!r} is registered")
             if code == -2:
-                raise shadow.VersionConflict(expected_version or 0, int(rest[0]))
+                expected = (expected_version, expected_section_version)
+                raise _conflict(text(stale[0]), versions, *expected)
         raise Problem("write-contention", f"the {section} state kept changing; try again")
 
     async def delta(self, device_id: str) -> dict[str, Any]:
@@ -532,7 +571,7 @@ class Store:
         )
         items = []
         for row in rows:
-            if row[0] is None and row[1] is None:
+            if row[0] is None:
                 continue  # deleted between the index read and now
             item: dict[str, Any] = {
                 "device_id": text(row[0]),
@@ -549,15 +588,17 @@ class Store:
         return items
 
     async def stats(self) -> dict[str, Any]:
-        """Counts from SCARD and maintained counters: O(number of types), never O(fleet)."""
+        """Counts of the devices the list holds: O(number of types), never O(fleet)."""
         k = self.keys
         reply = await SCRIPTS.stats(
-            self.redis, [k.registered, k.online, k.types, k.online_by_type], [k.type_set("")]
+            self.redis, [k.index, k.index_online, k.types, k.online_by_type], [k.index_type("")]
         )
         registered, online = int(reply[0]), int(reply[1])
         by_type = {}
         for index in range(2, len(reply), 3):
             count, online_count = int(reply[index + 1]), max(int(reply[index + 2]), 0)
+            if not count:
+                continue  # only devices other programs wrote, none indexed yet
             by_type[text(reply[index])] = {
                 "registered": count,
                 "online": online_count,
@@ -572,15 +613,19 @@ class Store:
 
     # --- reconciliation with other writers ----------------------------------
     async def adopt(self, ids: Sequence[str]) -> int:
-        """Index devices that other programs (the seed's classes) registered or heartbeated."""
+        """Index devices that other programs (the seed's classes) registered or heartbeated.
+
+        Only hashes with `device_id` are devices: an id another program only heartbeated is
+        left out of every index, so the list, the stats and every endpoint agree on it.
+        """
         ids = [device_id for device_id in ids if is_device_id(device_id)]
         if not ids:
             return 0
         k = self.keys
         async with self.redis.pipeline(transaction=False) as pipe:
             for device_id in ids:
-                pipe.hget(k.state(device_id), "device_type")
-            types = [text(t) for t in await pipe.execute()]
+                pipe.hmget(k.state(device_id), ["device_id", "device_type"])
+            types = [text(t) if known else "" for known, t in await pipe.execute()]
         keys = [k.index, k.seen, k.types, k.index_online, k.online_seen, k.online_by_type]
         args: list[str] = []
         for device_id, device_type in zip(ids, types, strict=True):
@@ -595,6 +640,21 @@ class Store:
         if not args:
             return 0
         return int(await SCRIPTS.adopt(self.redis, keys, args))
+
+
+def _conflict(
+    stale: str,
+    versions: shadow.Versions,
+    expected_version: int | None,
+    expected_section_version: int | None,
+) -> shadow.VersionConflict:
+    if stale == "version":
+        return shadow.VersionConflict(expected_version or 0, versions.version, "version", versions)
+    field: shadow.Precondition = (
+        "reported_version" if stale == "reported_version" else ("desired_version")
+    )
+    current = versions.reported if field == "reported_version" else versions.desired
+    return shadow.VersionConflict(expected_section_version or 0, current, field, versions)
 
 
 def _event(entry_id: bytes | str, body: dict[bytes, bytes]) -> dict[str, Any]:

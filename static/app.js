@@ -710,12 +710,27 @@ function authRequired(message) {
 
 let signedIn = false;
 
+const READ_ONLY_REASON = "read-only API key: writes need an admin key";
+
 function start() {
   $("login-form").hidden = true;
   $("login-overlay").hidden = true;
   attempts = 0;
   connect();
   refreshStats();
+  loadRole();
+}
+
+/** Ask what this session's key may do; write controls stay disabled until it is known. */
+async function loadRole() {
+  document.body.dataset.role = "unknown";
+  panel.setReadOnly(true, "checking what this API key may do…");
+  const res = await api("GET", "/api/session");
+  if (res.status === 401) return; // the auth handler asks to sign in
+  // on any other failure the controls come back: the gateway still refuses what a key may not do
+  const role = res.ok && res.data?.role === "read" ? "read" : "admin";
+  document.body.dataset.role = role;
+  panel.setReadOnly(role === "read", READ_ONLY_REASON);
 }
 
 async function login(event) {

@@ -1,4 +1,7 @@
 // The per-device panel: metadata, reported, desired, delta (highlighted) and the desired-state editor.
+// The editor's precondition is the desired section's own version (`desired_version`): the device's
+// reports move the shadow version every few seconds, but never the desired section, so an edit
+// conflicts only when someone else changed the desired state.
 
 import { api } from "./api.js";
 import { formatAgo, formatDateTime, h, isPlainObject, problemText, toEpochMs } from "./util.js";
@@ -15,6 +18,8 @@ export class DevicePanel {
       type: $("panel-type"),
       status: $("panel-status"),
       version: $("panel-version"),
+      desiredVersion: $("panel-desired-version"),
+      reportedVersion: $("panel-reported-version"),
       presenceVersion: $("panel-presence-version"),
       lastSeen: $("panel-last-seen"),
       registered: $("panel-registered"),
@@ -29,10 +34,12 @@ export class DevicePanel {
       apply: $("desired-apply"),
       result: $("desired-result"),
       form: $("desired-form"),
+      readOnly: $("panel-read-only"),
     };
     this.deviceId = null;
     this.data = null;
-    this.baseVersion = null; // the shadow version the editor's patch is based on
+    this.baseVersion = null; // the desired_version the editor's patch is based on
+    this.readOnly = false; // a read-only key: every write control disabled, with the reason
     this.seq = 0; // guards against late responses for a previously opened device
     this.loading = false;
     this.pendingRefresh = false;
@@ -73,7 +80,9 @@ export class DevicePanel {
     this.el.title.textContent = deviceId;
     this.el.type.textContent = "";
     this.setStatus(null);
-    for (const k of ["version", "presenceVersion", "lastSeen", "registered"]) this.el[k].textContent = "…";
+    for (const k of ["version", "desiredVersion", "reportedVersion", "presenceVersion", "lastSeen", "registered"]) {
+      this.el[k].textContent = "…";
+    }
     for (const k of ["metadata", "reported", "desired", "delta"]) this.el[k].replaceChildren(h("span", { class: "muted" }, "Loading…"));
     this.el.editor.value = "";
     this.clearResult();
@@ -88,6 +97,7 @@ export class DevicePanel {
     this.data = null;
     this.seq++;
     clearTimeout(this.refreshTimer);
+    this.refreshTimer = null;
     this.root.hidden = true;
     delete this.root.dataset.deviceId;
     this.hooks.onClose?.();
@@ -103,8 +113,13 @@ export class DevicePanel {
       this.showError("This device has been deleted.");
       return;
     }
-    clearTimeout(this.refreshTimer);
-    this.refreshTimer = setTimeout(() => this.refresh(), 120);
+    // at most one reload per 120 ms, never postponed by the next event: a device reporting
+    // faster than that would otherwise keep the panel from ever reloading
+    if (this.refreshTimer !== null) return;
+    this.refreshTimer = setTimeout(() => {
+      this.refreshTimer = null;
+      this.refresh();
+    }, 120);
   }
 
   async refresh() {
@@ -148,9 +163,31 @@ export class DevicePanel {
     }
   }
 
+  /** The desired section's version: what an edit is based on. Older gateways lack it: 0. */
   versionOf(data) {
-    const v = Number(data?.version);
+    if (!isPlainObject(data)) return null;
+    const v = Number(data.desired_version ?? 0);
     return Number.isFinite(v) ? v : null;
+  }
+
+  /** With a read-only key every write control is disabled, and says why. */
+  setReadOnly(readOnly, reason) {
+    this.readOnly = Boolean(readOnly);
+    this.root.dataset.readOnly = this.readOnly ? "true" : "false";
+    for (const el of this.root.querySelectorAll("[data-write]")) {
+      el.disabled = this.readOnly; // Apply also waits for a loaded device: updateBase below
+      if (this.readOnly) el.title = reason;
+      else el.removeAttribute("title");
+    }
+    if (this.el.readOnly) {
+      this.el.readOnly.textContent = this.readOnly ? reason : "";
+      this.el.readOnly.hidden = !this.readOnly;
+    }
+    this.updateBase();
+  }
+
+  canApply() {
+    return !this.readOnly && !this.applying && this.baseVersion !== null;
   }
 
   setStatus(status) {
@@ -165,10 +202,13 @@ export class DevicePanel {
     if (!d) return;
     this.root.dataset.loaded = "true";
     this.root.dataset.version = String(d.version ?? "");
+    this.root.dataset.desiredVersion = String(d.desired_version ?? 0);
     this.el.title.textContent = d.device_id ?? this.deviceId;
     this.el.type.textContent = d.device_type ?? "";
     this.setStatus(typeof d.status === "string" ? d.status : null);
     this.el.version.textContent = String(d.version ?? "—");
+    this.el.desiredVersion.textContent = String(d.desired_version ?? 0);
+    this.el.reportedVersion.textContent = String(d.reported_version ?? 0);
     this.el.presenceVersion.textContent = String(d.presence_version ?? "—");
     this.el.registered.textContent = formatDateTime(toEpochMs(d.registered_at));
     this.tick();
@@ -214,12 +254,12 @@ export class DevicePanel {
     const base = this.baseVersion;
     const current = this.versionOf(this.data);
     this.el.baseVersion.textContent = base === null ? "—" : String(base);
-    this.el.apply.disabled = this.applying || base === null;
-    const stale = base !== null && current !== null && current !== base;
+    this.el.apply.disabled = !this.canApply();
+    const stale = !this.readOnly && base !== null && current !== null && current !== base;
     this.el.stale.hidden = !stale;
     if (stale) {
       this.el.stale.replaceChildren(
-        `The shadow changed since you started editing (version ${base} → ${current}). Applying will report a conflict. `,
+        `The desired state changed since you started editing (desired version ${base} → ${current}). Applying will report a conflict. `,
         h("button", { type: "button", class: "link", onclick: () => this.reloadLatest() }, "Use latest version"));
     }
   }
@@ -267,7 +307,7 @@ export class DevicePanel {
   }
 
   async apply() {
-    if (!this.isOpen || this.applying) return;
+    if (!this.isOpen || this.applying || this.readOnly) return;
     const patch = this.readPatch();
     if (!patch) return;
     if (this.baseVersion === null) {
@@ -281,7 +321,8 @@ export class DevicePanel {
     this.updateBase();
     this.showResult("pending", "Applying…");
     try {
-      const res = await api("PATCH", `/api/devices/${encodeURIComponent(id)}/desired`, { state: patch, version: base });
+      const request = { state: patch, desired_version: base };
+      const res = await api("PATCH", `/api/devices/${encodeURIComponent(id)}/desired`, request);
       if (seq !== this.seq) return;
       if (res.ok) {
         const body = isPlainObject(res.data) ? res.data : {};
@@ -290,24 +331,25 @@ export class DevicePanel {
         if (this.data) {
           if (isPlainObject(body.desired_state)) this.data.desired_state = body.desired_state;
           if (body.delta !== undefined) this.data.delta = body.delta;
-          if (v !== null) this.data.version = v;
+          for (const k of ["version", "desired_version", "reported_version"]) {
+            if (Number.isFinite(Number(body[k]))) this.data[k] = Number(body[k]);
+          }
           this.render();
         }
-        this.showResult("ok", `Applied. Desired state is now at shadow version ${this.baseVersion}.`);
+        this.showResult("ok", `Applied. The desired state is now at desired version ${this.baseVersion}.`);
         return;
       }
       if (res.status === 409) {
-        const current = res.problem?.current_version;
+        // one sentence, from the versions the problem carries (its detail says the same)
+        const current = res.problem?.current_desired_version;
+        const moved = Number.isFinite(Number(current)) ? ` (desired version ${base} → ${current})` : "";
         this.showResult("conflict",
           h("strong", null, "Conflict: "),
-          `${res.message}. `,
-          `Your patch was based on version ${base}` +
-            (current !== undefined && current !== null ? `, but the shadow is now at version ${current}` : ", but someone else changed the shadow") +
-            ". Nothing was applied. ",
+          `someone else changed the desired state since you loaded it${moved}. Nothing was applied. `,
           h("span", { class: "actions" },
             h("button", { type: "button", id: "desired-reload", onclick: () => this.reloadLatest() }, "Reload latest"),
             " ",
-            h("button", { type: "button", id: "desired-reapply", class: "primary", onclick: () => this.reloadLatest(true) }, "Reload latest & re-apply")));
+            h("button", { type: "button", id: "desired-reapply", class: "primary", dataset: { write: "" }, onclick: () => this.reloadLatest(true) }, "Reload latest & re-apply")));
         this.refresh();
         return;
       }
@@ -332,7 +374,7 @@ export class DevicePanel {
       return;
     }
     if (reapply) await this.apply();
-    else this.showResult("info", `Reloaded shadow version ${this.baseVersion}. Review the desired state above, then apply again.`);
+    else this.showResult("info", `Reloaded desired version ${this.baseVersion}. Review the desired state above, then apply again.`);
   }
 }
 

@@ -491,3 +491,82 @@ async def test_exception_handlers_make_problems_outside_the_api(tmp_path: Path) 
         failed = await client.get("/boom")
         assert failed.status_code == 500 and failed.headers["content-type"] == PROBLEM
         assert "secret" not in failed.text
+
+
+async def test_a_state_or_metadata_that_is_not_an_object_is_invalid_state(
+    redis_url: str,
+) -> None:
+    async with live_gateway(redis_url) as gw, gw.client() as client:
+        await register(client, "is-1")
+        attempts = [
+            ("PATCH", "/api/devices/is-1/desired", "state", {"state": value})
+            for value in ([1], "on", None, 3)
+        ] + [
+            ("PATCH", "/api/devices/is-1", "metadata", {"metadata": [1]}),
+            ("POST", "/api/devices", "metadata", {"device_id": "is-2", "device_type": "t",
+                                                   "metadata": "x"}),
+        ]  # fmt: skip
+        for method, path, field, body in attempts:
+            response = await client.request(method, path, json=body)
+            assert response.status_code == 422, (body, response.text)
+            problem = response.json()
+            assert problem["type"].endswith("/invalid-state"), problem
+            assert problem["parameter"] == field
+        missing = await client.patch("/api/devices/is-1/desired", json={})
+        assert missing.json()["type"].endswith("/invalid-request")
+        assert (await client.get("/api/devices/is-2")).status_code == 404
+
+
+async def test_a_hash_without_device_id_is_no_device_anywhere(redis_url: str) -> None:
+    """Another program wrote `device:state:ghost` without `device_id` (e.g. a heartbeat for an
+    id never registered): every endpoint agrees it does not exist."""
+    async with live_gateway(redis_url) as gw, gw.client() as client:
+        g = gw.gateway
+        await register(client, "real-1")
+        key = g.keys.state("ghost")
+        await g.redis.hset(key, mapping={"status": "online", "last_seen": "1", "device_type": "t"})
+        await g.redis.set(g.keys.heartbeat("ghost"), "1", ex=60)
+        await g.redis.sadd(g.keys.online, "ghost")
+        await g.redis.sadd(g.keys.registered, "ghost")
+        await g.store.adopt(["ghost"])  # what the sweep does with ids it finds in those sets
+
+        token = await client.post("/api/devices/ghost/token")
+        assert token.status_code == 404, token.text
+        assert not await g.redis.hexists(key, "token_hash")
+        for method, path, body in [
+            ("GET", "/api/devices/ghost", None),
+            ("PATCH", "/api/devices/ghost", {"metadata": {"a": 1}}),
+            ("PATCH", "/api/devices/ghost/desired", {"state": {"a": 1}}),
+            ("GET", "/api/devices/ghost/delta", None),
+            ("GET", "/api/devices/ghost/history", None),
+            ("DELETE", "/api/devices/ghost", None),
+        ]:
+            response = await client.request(method, path, json=body)
+            assert response.status_code == 404, (method, path, response.text)
+        listed = (await client.get("/api/devices")).json()["items"]
+        assert [item["device_id"] for item in listed] == ["real-1"]
+        stats = (await client.get("/api/stats")).json()
+        assert (stats["registered"], stats["online"], stats["offline"]) == (1, 0, 1)
+        assert stats["by_type"] == {"thermo": {"registered": 1, "online": 0, "offline": 1}}
+
+        # and the id is free to register; the leftovers are not taken for its state
+        created = await client.post("/api/devices", json={"device_id": "ghost", "device_type": "u"})
+        assert created.status_code == 201, created.text
+        assert created.json()["device_type"] == "u" and created.json()["last_seen"] == 0
+
+
+async def test_session_tells_the_role_of_the_credential(redis_url: str) -> None:
+    async with (
+        live_gateway(redis_url) as gw,
+        gw.client() as admin,
+        gw.client(READ_KEY) as reader,
+        gw.client(None) as anonymous,
+    ):
+        assert (await admin.get("/api/session")).json() == {"role": "admin"}
+        assert (await reader.get("/api/session")).json() == {"role": "read"}
+        missing = await anonymous.get("/api/session")
+        assert missing.status_code == 401 and missing.json()["type"].endswith("/unauthorized")
+        login = await anonymous.post("/api/session", json={"api_key": READ_KEY})
+        assert login.status_code == 204
+        cookie = {"Cookie": f"gateway_session={login.cookies['gateway_session']}"}
+        assert (await anonymous.get("/api/session", headers=cookie)).json() == {"role": "read"}

@@ -175,7 +175,7 @@ async def test_bad_registrations(fleet: LiveGateway, redis_client: aioredis.Redi
             "POST",
             path,
             422,
-            "invalid-request",
+            "invalid-state",
             json={"device_id": "n", "device_type": "t", "metadata": "x"},
             parameter="metadata",
         ),
@@ -183,7 +183,7 @@ async def test_bad_registrations(fleet: LiveGateway, redis_client: aioredis.Redi
             "POST",
             path,
             422,
-            "invalid-request",
+            "invalid-state",
             json={"device_id": "n", "device_type": "t", "metadata": [1]},
             parameter="metadata",
         ),
@@ -266,9 +266,9 @@ async def test_bad_shadow_writes(fleet: LiveGateway, redis_client: aioredis.Redi
     meta = "/api/devices/dev-1"
     cases = [
         Case("PATCH", desired, 422, "invalid-request", json={}, parameter="state"),
-        Case("PATCH", desired, 422, "invalid-request", json={"state": [1]}, parameter="state"),
-        Case("PATCH", desired, 422, "invalid-request", json={"state": None}, parameter="state"),
-        Case("PATCH", desired, 422, "invalid-request", json={"state": "on"}, parameter="state"),
+        Case("PATCH", desired, 422, "invalid-state", json={"state": [1]}, parameter="state"),
+        Case("PATCH", desired, 422, "invalid-state", json={"state": None}, parameter="state"),
+        Case("PATCH", desired, 422, "invalid-state", json={"state": "on"}, parameter="state"),
         Case(
             "PATCH",
             desired,
@@ -323,7 +323,7 @@ async def test_bad_shadow_writes(fleet: LiveGateway, redis_client: aioredis.Redi
         Case("PATCH", desired, 422, "invalid-state-key", json={"state": {"k" * 129: 1}}),
         Case("PATCH", desired, 409, "version-conflict", json={"state": {"a": 1}, "version": 0}),
         Case("PATCH", meta, 422, "invalid-request", json={}, parameter="metadata"),
-        Case("PATCH", meta, 422, "invalid-request", json={"metadata": 3}, parameter="metadata"),
+        Case("PATCH", meta, 422, "invalid-state", json={"metadata": 3}, parameter="metadata"),
         Case(
             "PATCH",
             meta,

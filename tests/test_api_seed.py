@@ -140,3 +140,84 @@ async def test_seed_registered_device_gets_its_first_token(
         token = response.json()["token"]
         exists, digest = await gw.gateway.store.check_token("legacy-1", token)
         assert exists and digest is not None
+
+
+async def test_a_seed_desired_write_moves_the_versions_and_is_recorded(
+    seed: types.SimpleNamespace, redis_url: str
+) -> None:
+    async with live_gateway(redis_url) as gw, gw.client() as client:
+        response = await client.post("/api/devices", json={"device_id": "fw-1", "device_type": "t"})
+        assert response.status_code == 201
+        first = await client.patch("/api/devices/fw-1/desired", json={"state": {"a": 1}})
+        assert (first.json()["version"], first.json()["desired_version"]) == (1, 1)
+
+        with redis.Redis.from_url(redis_url) as sync:
+            manager = seed.DeviceStateManager(sync)
+            await blocking(manager.set_desired_state, "fw-1", {"b": 2})
+
+        # an edit based on what was read before the other program's write is refused
+        for precondition in ({"version": 1}, {"desired_version": 1}):
+            stale = await client.patch(
+                "/api/devices/fw-1/desired", json={"state": {"c": 3}, **precondition}
+            )
+            assert stale.status_code == 409, (precondition, stale.text)
+        device = (await client.get("/api/devices/fw-1")).json()
+        assert device["desired_state"] == {"a": 1, "b": 2}
+        assert (device["version"], device["desired_version"]) == (2, 2)
+        # the write counts as a write of the whole section: every leaf is stamped anew
+        stamps = device["shadow_metadata"]["desired"]
+        assert set(stamps) == {"a", "b"} and stamps["a"]["timestamp"] == stamps["b"]["timestamp"]
+        history = (await client.get("/api/devices/fw-1/history")).json()["items"]
+        newest = history[0]
+        assert (newest["type"], newest["section"], newest["version"]) == ("state", "desired", 2)
+        assert newest["state"] == {"a": 1, "b": 2} and newest["external"] is True
+
+        # read after the write, the version is current
+        fresh = await client.patch(
+            "/api/devices/fw-1/desired", json={"state": {"c": 3}, "desired_version": 2}
+        )
+        assert fresh.status_code == 200, fresh.text
+        assert (fresh.json()["version"], fresh.json()["desired_version"]) == (3, 3)
+        assert fresh.json()["desired_state"] == {"a": 1, "b": 2, "c": 3}
+        # and the gateway's own write is not taken for another program's
+        again = (await client.get("/api/devices/fw-1")).json()
+        assert (again["version"], again["desired_version"]) == (3, 3)
+
+
+async def test_a_seed_registered_device_counts_the_seeds_desired_writes(
+    seed: types.SimpleNamespace, redis_url: str
+) -> None:
+    async with live_gateway(redis_url) as gw, gw.client() as client:
+        with redis.Redis.from_url(redis_url) as sync:
+            manager = seed.DeviceStateManager(sync)
+            await blocking(manager.register_device, "fw-2", "meter")
+        before = (await client.get("/api/devices/fw-2")).json()
+        assert (before["version"], before["desired_version"]) == (0, 0)
+        with redis.Redis.from_url(redis_url) as sync:
+            manager = seed.DeviceStateManager(sync)
+            await blocking(manager.set_desired_state, "fw-2", {"on": True})
+        stale = await client.patch(
+            "/api/devices/fw-2/desired", json={"state": {"on": False}, "version": 0}
+        )
+        assert stale.status_code == 409, stale.text
+        after = (await client.get("/api/devices/fw-2")).json()
+        assert (after["version"], after["desired_version"], after["desired_state"]) == (
+            1,
+            1,
+            {"on": True},
+        )
+
+
+async def test_a_seed_reported_write_is_counted_only_by_the_next_report(
+    seed: types.SimpleNamespace, redis_url: str
+) -> None:
+    """The documented limit: the heartbeat path does not hash documents."""
+    async with live_gateway(redis_url) as gw, gw.client() as client:
+        response = await client.post("/api/devices", json={"device_id": "fw-3", "device_type": "t"})
+        assert response.status_code == 201
+        with redis.Redis.from_url(redis_url) as sync:
+            manager = seed.DeviceStateManager(sync)
+            await blocking(manager.device_heartbeat, "fw-3", {"temp": 1})
+        device = (await client.get("/api/devices/fw-3")).json()
+        assert device["reported_state"] == {"temp": 1}
+        assert (device["version"], device["reported_version"]) == (0, 0)

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 import pytest
 import redis.asyncio as aioredis
-from live import ADMIN_KEY, LiveGateway, live_gateway
+from live import ADMIN_KEY, READ_KEY, LiveGateway, live_gateway
 from playwright.async_api import Browser, Page, async_playwright, expect
 from servers import RedisServer
 from websockets.asyncio.client import ClientConnection, connect
@@ -129,9 +129,9 @@ async def receive_type(ws: ClientConnection, kind: str) -> dict[str, Any]:
     return frame
 
 
-async def signed_in(page: Page, gw: LiveGateway) -> None:
-    """Open the dashboard with the admin key in the URL and wait for the live connection."""
-    await page.goto(f"{gw.base_url}/?token={ADMIN_KEY}")
+async def signed_in(page: Page, gw: LiveGateway, key: str = ADMIN_KEY) -> None:
+    """Open the dashboard with a key (admin by default) in the URL; wait for the live connection."""
+    await page.goto(f"{gw.base_url}/?token={key}")
     await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
     assert "token" not in page.url  # the key leaves the address bar at once
 
@@ -291,6 +291,9 @@ async def test_a_conflict_is_shown_when_the_shadow_moved(gw: LiveGateway, page: 
     result = page.locator("#desired-result")
     await expect(result).to_have_attribute("data-conflict", "true")
     await expect(result).to_contain_text("Conflict")
+    # said once: the versions appear a single time, the problem's own detail is not repeated
+    text = await result.inner_text()
+    assert text.count("0 → 1") == 1 and "expected" not in text, text
     async with gw.client() as http:
         document = (await http.get("/api/devices/clash-1")).json()
     assert document["desired_state"] == {"fan": 1}  # nothing applied
@@ -301,6 +304,86 @@ async def test_a_conflict_is_shown_when_the_shadow_moved(gw: LiveGateway, page: 
     async with gw.client() as http:
         document = (await http.get("/api/devices/clash-1")).json()
     assert document["desired_state"] == {"fan": 3}
+
+
+async def test_the_editor_applies_while_the_device_keeps_reporting(
+    gw: LiveGateway, page: Page
+) -> None:
+    """Reports move the shadow version every moment; the editor's base is the desired section's
+    own version, so "Apply" goes through without a conflict."""
+    _, token = await gw.gateway.store.register("busy-1", "thermo", {})
+    async with open_device(gw, "busy-1", token) as device:
+        await receive(device)
+        stop = asyncio.Event()
+
+        async def keep_reporting() -> None:
+            count = 0
+            while not stop.is_set():
+                count += 1
+                frame = {"type": "heartbeat", "reported_state": {"temp": count}}
+                await device.send(orjson.dumps(frame).decode())
+                await asyncio.sleep(0.1)
+
+        reporter = asyncio.create_task(keep_reporting())
+        try:
+            await signed_in(page, gw)
+            await open_panel(page, "busy-1")
+            panel = page.locator("#device-panel")
+            first = int(await panel.get_attribute("data-version") or 0)
+            # the panel follows the reports: the shadow version moves on, desired stays
+            deadline = time.monotonic() + TIMEOUT
+            while int(await panel.get_attribute("data-version") or 0) < first + 3:
+                assert time.monotonic() < deadline, "the panel never saw the reports"
+                await asyncio.sleep(0.05)
+            await expect(page.locator("#panel-stale")).to_be_hidden()
+
+            await page.fill("#desired-editor", '{"target": 21}')
+            async with page.expect_request("**/api/devices/busy-1/desired") as sent:
+                await page.click("#desired-apply")
+            assert (await sent.value).post_data_json == {
+                "state": {"target": 21},
+                "desired_version": 0,
+            }
+            result = page.locator("#desired-result")
+            await expect(result).to_have_attribute("data-status", "ok")
+            await expect(result).to_have_attribute("data-conflict", "false")
+            update = await receive_type(device, "state_update")
+            assert update["desired_state"] == {"target": 21}
+            await expect(page.locator("#desired-base-version")).to_have_text("1")
+        finally:
+            stop.set()
+            await reporter
+
+
+async def test_a_read_only_key_disables_every_write_control(gw: LiveGateway, page: Page) -> None:
+    await gw.gateway.store.register("ro-1", "lamp", {})
+    reason = "read-only API key: writes need an admin key"
+    await signed_in(page, gw, READ_KEY)
+    await expect(page.locator("body")).to_have_attribute("data-role", "read")
+    await open_panel(page, "ro-1")
+    controls = page.locator("#device-panel [data-write]")
+    assert await controls.count() >= 2  # the editor and its Apply button
+    for index in range(await controls.count()):
+        control = controls.nth(index)
+        await expect(control).to_be_disabled()
+        await expect(control).to_have_attribute("title", reason)
+    await expect(page.locator("#desired-apply")).to_be_disabled()
+    await expect(page.locator("#desired-editor")).to_be_disabled()
+    note = page.locator("#panel-read-only")
+    await expect(note).to_be_visible()
+    await expect(note).to_have_text(reason)
+
+    # an admin key gets them back, without the reason
+    await page.click("#panel-close")
+    await page.click("#logout")
+    await page.fill("#login-key", ADMIN_KEY)
+    await page.click("#login-submit")
+    await expect(page.locator("body")).to_have_attribute("data-role", "admin")
+    await open_panel(page, "ro-1")
+    await expect(page.locator("#desired-apply")).to_be_enabled()
+    await expect(page.locator("#desired-editor")).to_be_enabled()
+    assert await page.locator("#desired-apply").get_attribute("title") is None
+    await expect(note).to_be_hidden()
 
 
 async def test_a_dropped_socket_resumes_without_losing_an_event(

@@ -25,8 +25,10 @@ from gateway.shadow import (
     merge,
     merge_stamps,
     same,
+    section_hash,
     stamp,
     validate_patch,
+    written_elsewhere,
 )
 
 LIMITS = Limits()
@@ -253,7 +255,9 @@ def test_check_version_accepts_none_and_the_current_version() -> None:
 
 
 def test_check_version_refuses_a_stale_version() -> None:
-    with pytest.raises(VersionConflict, match="expected version 3, but the shadow is at version 5"):
+    with pytest.raises(
+        VersionConflict, match=r"^expected version 3, but the shadow is at version 5$"
+    ):
         check_version(3, 5)
     try:
         check_version(6, 5)
@@ -261,6 +265,32 @@ def test_check_version_refuses_a_stale_version() -> None:
         assert (conflict.expected, conflict.current) == (6, 5)
     else:  # pragma: no cover - the assertion above is the test
         raise AssertionError("no conflict raised")
+
+
+def test_a_section_conflict_names_its_section_once() -> None:
+    with pytest.raises(VersionConflict) as caught:
+        check_version(1, 4, "desired_version")
+    assert caught.value.detail == (
+        "expected desired_version 1, but the desired state is at desired_version 4"
+    )
+    assert caught.value.versions == (0, 4, 0)
+
+
+# --- writes by other programs ---------------------------------------------------
+def test_section_hash_is_redis_sha1hex() -> None:
+    assert section_hash(b"{}") == "bf21a9e8fbc5a3846fb05b4fa0859e0917b2202f"
+    assert section_hash("{}") == section_hash(b"{}") and section_hash(None) == section_hash(b"")
+
+
+def test_a_section_is_written_elsewhere_when_it_no_longer_hashes_as_written() -> None:
+    ours = b'{"a":1}'
+    assert not written_elsewhere(ours, section_hash(ours), stamped=True)
+    assert written_elsewhere(b'{"a": 1}', section_hash(ours), stamped=True)
+    # no hash kept yet: a stamped section is the gateway's, an unstamped one counts once it
+    # holds anything (registered by another program, then written by it)
+    assert not written_elsewhere(b'{"a": 1}', None, stamped=True)
+    assert not written_elsewhere(b"{}", None, stamped=False)
+    assert written_elsewhere(b'{"a": 1}', None, stamped=False)
 
 
 # --- decoding ----------------------------------------------------------------

@@ -186,25 +186,25 @@ async def test_patch_section_merges_and_versions_only_on_change(
 ) -> None:
     await store.register("d1", "t", {})
     assert await store.patch_section("d1", "desired", {"l": {"on": True, "lvl": 3}}) == (
-        1,
+        (1, 1, 0),
         {"l": {"on": True, "lvl": 3}},
     )
     assert await store.patch_section("d1", "desired", {"l": {"lvl": None}, "x": [1]}) == (
-        2,
+        (2, 2, 0),
         {"l": {"on": True}, "x": [1]},
     )
     assert await store.patch_section("d1", "desired", {"l": {"on": True}}) == (
-        2,
+        (2, 2, 0),
         {"l": {"on": True}, "x": [1]},
     )
     assert await store.patch_section("d1", "desired", {"gone": None}) == (
-        2,
+        (2, 2, 0),
         {"l": {"on": True}, "x": [1]},
     )
-    version, _ = await store.patch_section("d1", "reported", {"l": {"on": False}})
-    assert version == 3
-    version, metadata = await store.patch_section("d1", "metadata", {"room": "a"})
-    assert (version, metadata) == (3, {"room": "a"})
+    versions, _ = await store.patch_section("d1", "reported", {"l": {"on": False}})
+    assert versions == (3, 2, 1)
+    versions, metadata = await store.patch_section("d1", "metadata", {"room": "a"})
+    assert (versions, metadata) == ((3, 2, 1), {"room": "a"})
     device = await store.require("d1")
     assert device.desired_state == {"l": {"on": True}, "x": [1]}
     assert device.reported_state == {"l": {"on": False}}
@@ -225,9 +225,32 @@ async def test_patch_section_refuses_stale_expected_version(store: Store) -> Non
     assert (caught.value.expected, caught.value.current) == (0, 1)
     assert (await store.require("d1")).desired_state == {"a": 1}
     assert await store.patch_section("d1", "desired", {"a": 2}, expected_version=1) == (
-        2,
+        (2, 2, 0),
         {"a": 2},
     )
+
+
+async def test_patch_section_checks_the_section_version_apart(store: Store) -> None:
+    await store.register("d1", "t", {})
+    await store.patch_section("d1", "desired", {"a": 1})
+    await store.patch_section("d1", "reported", {"t": 1})
+    with pytest.raises(VersionConflict) as caught:
+        await store.patch_section("d1", "desired", {"a": 2}, expected_section_version=0)
+    conflict = caught.value
+    assert (conflict.field, conflict.expected, conflict.current) == ("desired_version", 0, 1)
+    assert conflict.versions == (2, 1, 1)
+    assert (
+        conflict.detail
+        == "expected desired_version 0, but the desired state is at desired_version 1"
+    )
+    # a report moved the shadow, not the desired section: a desired_version still applies
+    assert await store.patch_section("d1", "desired", {"a": 2}, expected_section_version=1) == (
+        (3, 2, 1),
+        {"a": 2},
+    )
+    with pytest.raises(VersionConflict) as caught:
+        await store.patch_section("d1", "reported", {"t": 2}, expected_section_version=0)
+    assert (caught.value.field, caught.value.current) == ("reported_version", 1)
 
 
 async def test_patch_section_unknown_device(store: Store) -> None:
@@ -246,8 +269,8 @@ async def test_concurrent_patches_all_land(store: Store) -> None:
     assert failures == []
     device = await store.require("d1")
     assert device.desired_state == {f"k{i}": i for i in range(20)}
-    assert device.version == 20
-    versions = sorted(r[0] for r in results if not isinstance(r, BaseException))
+    assert (device.version, device.desired_version) == (20, 20)
+    versions = sorted(r[0].version for r in results if not isinstance(r, BaseException))
     assert versions == list(range(1, 21))
 
 
@@ -335,7 +358,9 @@ async def test_a_semantically_unchanged_patch_of_a_seed_document_is_no_change(
 ) -> None:
     await store.register("d1", "t", {})
     await asyncio.to_thread(seed.DeviceStateManager(sync_client).set_desired_state, "d1", {"a": 1})
-    assert await store.patch_section("d1", "desired", {"a": 1}) == (0, {"a": 1})
+    # the seed's write is the one change (counted once); ours, the same document, is none
+    assert await store.patch_section("d1", "desired", {"a": 1}) == ((1, 1, 0), {"a": 1})
+    assert await store.patch_section("d1", "desired", {"a": 1}) == ((1, 1, 0), {"a": 1})
 
 
 # --- pages and stats -----------------------------------------------------------

@@ -1,4 +1,4 @@
-"""REST API (contract §4): thin endpoints that validate, make one store call and respond.
+"""REST API: thin endpoints that validate, make one store call and respond.
 
 Every failure leaves as `application/problem+json` (RFC 9457) built from `gateway.problems`,
 and every refusal happens before anything is written, so a bad request never changes Redis.
@@ -82,11 +82,15 @@ def problem_response(
 
 def _from_shadow(error: shadow.ShadowError) -> Problem:
     if isinstance(error, shadow.VersionConflict):
+        # the stale precondition with what was expected, and every version as it is now
         return Problem(
             "version-conflict",
             error.detail,
-            expected_version=error.expected,
-            current_version=error.current,
+            parameter=error.field,
+            **{f"expected_{error.field}": error.expected},
+            current_version=error.versions.version,
+            current_desired_version=error.versions.desired,
+            current_reported_version=error.versions.reported,
         )
     return Problem(error.problem, error.detail, **({"path": error.path} if error.path else {}))
 
@@ -96,7 +100,7 @@ def _invalid(parameter: str, detail: str) -> Problem:
 
 
 # --- auth and the endpoint wrapper -------------------------------------------
-async def _authorize(request: Request, gateway: Gateway, write: bool) -> None:
+async def _authorize(request: Request, gateway: Gateway, write: bool) -> Role:
     """An API key in the header, or the dashboard's login cookie (same-origin writes only)."""
     role = gateway.api_keys.role(bearer(request.headers.get("authorization")))
     cookie = request.cookies.get(logins.COOKIE)
@@ -116,6 +120,7 @@ async def _authorize(request: Request, gateway: Gateway, write: bool) -> None:
         raise Problem("unauthorized", "send an API key as `Authorization: Bearer <key>`")
     if write and role is not Role.ADMIN:
         raise Problem("forbidden", "this API key is read-only; writes need an admin key")
+    return role
 
 
 def endpoint(*, write: bool) -> Callable[[Handler], Endpoint]:
@@ -126,7 +131,7 @@ def endpoint(*, write: bool) -> Callable[[Handler], Endpoint]:
         async def run(request: Request) -> Response:
             gateway: Gateway = request.app.state.gateway
             try:
-                await _authorize(request, gateway, write)
+                request.state.role = await _authorize(request, gateway, write)
                 return await handler(request, gateway.store)
             except Problem as problem:
                 return problem_response(request, problem)
@@ -215,14 +220,23 @@ def _required_string(body: dict[str, Any], name: str) -> str:
     return value
 
 
-def _object_field(body: dict[str, Any], name: str, required: bool) -> dict[str, Any]:
+def _document_field(body: dict[str, Any], name: str, required: bool) -> dict[str, Any]:
+    """A state or metadata document: present but not an object is `invalid-state`."""
     if name not in body:
         if required:
             raise _invalid(name, f"{name} is required (a JSON object)")
         return {}
     value = body[name]
     if not isinstance(value, dict):
-        raise _invalid(name, f"{name} must be a JSON object, got {shadow.json_type(value)}")
+        detail = f"{name} must be a JSON object, got {shadow.json_type(value)}"
+        raise Problem("invalid-state", detail, parameter=name)
+    return value
+
+
+def _version_field(body: dict[str, Any], name: str) -> int | None:
+    value = body.get(name)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+        raise _invalid(name, f"{name} must be an integer ≥ 0, got {shadow.json_type(value)}")
     return value
 
 
@@ -300,7 +314,7 @@ async def register_device(request: Request, store: Store) -> Response:
     device_id = _required_string(body, "device_id")
     device_type = _required_string(body, "device_type")
     # `null` means "absent" in a merge document, so it has nothing to store at registration
-    metadata = shadow.merge({}, _object_field(body, "metadata", required=False))
+    metadata = shadow.merge({}, _document_field(body, "metadata", required=False))
     device, token = await store.register(device_id, device_type, metadata)
     return ORJSONResponse(
         {**device.to_dict(), "token": token},
@@ -345,7 +359,7 @@ async def patch_device(request: Request, store: Store) -> Response:
     device_id = _path_id(request)
     body = await _read_object(request)
     _only(body, ("metadata",))
-    await store.patch_section(device_id, "metadata", _object_field(body, "metadata", True))
+    await store.patch_section(device_id, "metadata", _document_field(body, "metadata", True))
     return ORJSONResponse((await store.require(device_id)).to_dict())
 
 
@@ -361,21 +375,20 @@ async def patch_desired(request: Request, store: Store) -> Response:
     Query(request, ())
     device_id = _path_id(request)
     body = await _read_object(request)
-    _only(body, ("state", "version"))
-    patch = _object_field(body, "state", required=True)
-    version = body.get("version")
-    if version is not None and (
-        isinstance(version, bool) or not isinstance(version, int) or version < 0
-    ):
-        raise _invalid(
-            "version", f"version must be an integer ≥ 0, got {shadow.json_type(version)}"
-        )
-    new_version, desired = await store.patch_section(device_id, "desired", patch, version)
+    _only(body, ("state", "version", "desired_version"))
+    patch = _document_field(body, "state", required=True)
+    version = _version_field(body, "version")
+    desired_version = _version_field(body, "desired_version")
+    versions, desired = await store.patch_section(
+        device_id, "desired", patch, version, desired_version
+    )
     device = await store.require(device_id)
     return ORJSONResponse(
         {
             "device_id": device_id,
-            "version": new_version,
+            "version": versions.version,
+            "desired_version": versions.desired,
+            "reported_version": versions.reported,
             "desired_state": desired,
             "delta": shadow.delta(desired, device.reported_state),
         }
@@ -420,6 +433,14 @@ async def rotate_token(request: Request, store: Store) -> Response:
     return ORJSONResponse({"device_id": device_id, "token": await store.rotate_token(device_id)})
 
 
+@endpoint(write=False)
+async def session_role(request: Request, store: Store) -> Response:
+    """What the credential of this request (API key or login cookie) may do."""
+    Query(request, ())
+    role: Role = request.state.role
+    return ORJSONResponse({"role": role.value})
+
+
 async def openapi_document(request: Request) -> Response:
     return ORJSONResponse(openapi.document())
 
@@ -443,7 +464,8 @@ def _http_problem_body(request: Request, status: int, detail: str) -> dict[str, 
 async def api_fallback(request: Request) -> Response:
     """Anything under /api no route took: 405 when the path exists, else 404."""
     allowed: set[str] = set()
-    for route in _ROUTES:
+    # the app's routes, not only this module's: /api/session's login lives beside the dashboard
+    for route in request.app.routes:
         match, _ = route.matches(request.scope)
         if match is Match.PARTIAL and isinstance(route, Route) and route.methods:
             allowed |= route.methods
@@ -486,6 +508,7 @@ _ROUTES: list[BaseRoute] = [
     Route(_DEVICE + "/token", rotate_token, methods=["POST"]),
     Route("/api/presence/events", presence_events, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
+    Route("/api/session", session_role, methods=["GET"]),
     Route("/openapi.json", openapi_document, methods=["GET"]),
 ]
 

@@ -4,6 +4,7 @@
 -- once a second per device (the sweep and stale pages need seconds, not every frame). The
 -- heartbeat key is renewed in place and rewritten only when it had lapsed: the cheapest path
 -- is the common one (callgrind: 10 % fewer server instructions per beat than SET … GET).
+-- A changed reported document bumps `version` and `reported_version` in the one HSET.
 -- KEYS[1] devices:online  KEYS[2] devices:index:online  KEYS[3] devices:online:seen
 -- KEYS[4] devices:seen    KEYS[5] devices:stats:online_by_type  KEYS[6] devices:events
 -- KEYS[7] devices:presence (channel)
@@ -24,7 +25,7 @@ for i = 0, count - 1 do
   local id, session, seen_at = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local reported, reported_meta = ARGV[base + 3], ARGV[base + 4]
   local current = redis.call('HMGET', state_key, 'session', 'reported_state', 'version',
-    'indexed_at')
+    'indexed_at', 'reported_version')
   local code, version = 1, tonumber(current[3] or '0') or 0
   if not current[1] then
     code, version = 0, 0
@@ -43,8 +44,10 @@ for i = 0, count - 1 do
       redis.call('SET', heartbeat_key, session, 'PX', px)
     end
     local changed = reported ~= '' and reported ~= current[2]
+    local reported_version = 0
     if changed then
       version = version + 1
+      reported_version = (tonumber(current[5] or '0') or 0) + 1
     end
     local indexed = lapsed
     if lapsed then
@@ -61,10 +64,11 @@ for i = 0, count - 1 do
     end
     if changed and indexed then
       redis.call('HSET', state_key, 'last_seen', seen_at, 'indexed_at', seen_at,
-        'reported_state', reported, 'reported_meta', reported_meta, 'version', version)
+        'reported_state', reported, 'reported_meta', reported_meta, 'version', version,
+        'reported_version', reported_version)
     elseif changed then
       redis.call('HSET', state_key, 'last_seen', seen_at, 'reported_state', reported,
-        'reported_meta', reported_meta, 'version', version)
+        'reported_meta', reported_meta, 'version', version, 'reported_version', reported_version)
     elseif indexed then
       redis.call('HSET', state_key, 'last_seen', seen_at, 'indexed_at', seen_at)
     else

@@ -1,4 +1,6 @@
 -- Register a device; refuses an id that exists (whoever wrote it: the seed's classes too).
+-- A device exists when its hash has `device_id`; a hash without one (another program's
+-- heartbeat for an id nobody registered) is no device, and is replaced whole.
 -- KEYS[1] device:state:{id}     KEYS[2] devices:registered   KEYS[3] devices:type:{type}
 -- KEYS[4] devices:index         KEYS[5] devices:index:type:{type}
 -- KEYS[6] devices:seen          KEYS[7] devices:types        KEYS[8] devices:presence:retired
@@ -6,9 +8,10 @@
 -- ARGV[1] id  ARGV[2] type  ARGV[3] now  ARGV[4] metadata JSON  ARGV[5] token hash
 -- ARGV[6] events maxlen
 -- Returns 1 when registered, 0 when the id already exists.
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('HEXISTS', KEYS[1], 'device_id') == 1 then
   return 0
 end
+redis.call('DEL', KEYS[1])
 local id, device_type, now = ARGV[1], ARGV[2], ARGV[3]
 local presence_version = redis.call('HGET', KEYS[8], id) or '0'
 redis.call('HDEL', KEYS[8], id)
@@ -16,7 +19,8 @@ redis.call('HSET', KEYS[1],
   'device_id', id, 'device_type', device_type, 'registered_at', now, 'status', 'offline',
   'last_seen', '0', 'reported_state', '{}', 'desired_state', '{}', 'metadata', ARGV[4],
   'version', 0, 'presence_version', presence_version, 'token_hash', ARGV[5],
-  'reported_meta', '{}', 'desired_meta', '{}')
+  'reported_meta', '{}', 'desired_meta', '{}', 'desired_version', 0, 'reported_version', 0,
+  'desired_sha', redis.sha1hex('{}'))
 redis.call('SADD', KEYS[2], id)
 redis.call('SADD', KEYS[3], id)
 redis.call('SADD', KEYS[7], device_type)
