@@ -47,6 +47,9 @@ class Settings:
     events_maxlen: int = 100_000
     dashboard_snapshot_limit: int = 10_000
     dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
+    handshake_timeout: float = 5.0  # a new connection's whole request or upgrade, seconds
+    max_connections: int = 0  # 0: the file-descriptor limit less a reserve
+    max_pending_per_address: int = 0  # 0: no limit per source address
     log_level: str = "info"
     extra: Mapping[str, str] = field(default_factory=dict)
 
@@ -63,6 +66,19 @@ class Settings:
             )
         if self.max_frame_bytes < 1024:
             raise ConfigError(f"max frame bytes must be ≥ 1024, got {self.max_frame_bytes}")
+        if not 0.1 <= self.handshake_timeout <= 300:
+            raise ConfigError(
+                f"{env_name('handshake_timeout')} must be 0.1–300 seconds, "
+                f"got {self.handshake_timeout}"
+            )
+        for name, zero in (
+            ("max_connections", "derived from the file-descriptor limit"),
+            ("max_pending_per_address", "no limit"),
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(
+                    f"{env_name(name)} must be ≥ 0 (0: {zero}), got {getattr(self, name)}"
+                )
 
     @property
     def ttl_ms(self) -> int:
