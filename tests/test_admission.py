@@ -129,8 +129,8 @@ async def refused_at_once(raw: RawClients, source: str = "127.0.0.1") -> bytes:
 
 @pytest.fixture
 def many_descriptors() -> Iterator[None]:
-    """A soft RLIMIT_NOFILE with room for both ends of a few thousand sockets."""
-    needed = 5000
+    """A soft RLIMIT_NOFILE with room for both ends of a thousand sockets, and the rest."""
+    needed = 4096
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft >= needed or soft == resource.RLIM_INFINITY:
         yield
@@ -261,8 +261,7 @@ async def test_a_thousand_slowloris_connections_are_closed_at_the_deadline_while
         dripper = asyncio.create_task(drip_every_second())
         try:
             # while every one of them is pending, a device connects, reports, gets a change
-            text = await metrics(http)
-            assert metric(text, "gateway_connections_pending") == count
+            await gauge_becomes(http, "gateway_connections_pending", count)
             started = time.monotonic()
             during = await welcomed(gw, "adm-during", tokens["adm-during"])
             await reports_and_gets_desired(http, during, "adm-during")
@@ -270,6 +269,8 @@ async def test_a_thousand_slowloris_connections_are_closed_at_the_deadline_while
 
             await raw.wait_closed(list(range(count)), deadline + SLACK + 3.0)
             lived = sorted(raw.lived(i) for i in range(count))
+            span = max(raw.closed_at.values()) - raw.connected_at[0]
+            connecting = raw.connected_at[-1] - raw.connected_at[0]
             assert lived[0] >= deadline - EARLY, lived[:5]
             assert lived[-1] <= deadline + SLACK, lived[-5:]
 
@@ -302,7 +303,8 @@ async def test_a_thousand_slowloris_connections_are_closed_at_the_deadline_while
         await dashboard.close()
     print(
         f"\n[measured] slowloris: {count} partial handshakes (deadline {deadline:g} s) closed "
-        f"{lived[0]:.3f}–{lived[-1]:.3f} s after connecting (median {lived[count // 2]:.3f}); "
+        f"{lived[0]:.3f}–{lived[-1]:.3f} s after connecting (median {lived[count // 2]:.3f}), "
+        f"the last {span:.3f} s after the first connected (connecting took {connecting:.3f} s); "
         f"meanwhile a device connected, reported and got a desired change in "
         f"{device_seconds * 1000:.0f} ms; log: {lines[0]!r}",
         flush=True,
