@@ -27,10 +27,12 @@ import uvicorn
 from starlette.types import ASGIApp
 
 from gateway import __version__, redact
+from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings, StartupError, from_env, option_name
 from gateway.devcluster import LocalCluster, run_forever
 from gateway.embedded import EmbeddedRedis
+from gateway.metrics import Metrics
 from gateway.wsprotocol import WebSocketProtocol
 
 log = logging.getLogger("gateway")
@@ -205,12 +207,20 @@ class GatewayServer(uvicorn.Server):
 
 
 def uvicorn_config(app: ASGIApp, settings: Settings, **overrides: Any) -> uvicorn.Config:
-    """How the gateway is served: its WebSocket protocol, frame limit, pings and compression."""
+    """How the gateway is served: admission control, its WebSocket protocol, limits and pings."""
+    gateway = getattr(getattr(app, "state", None), "gateway", None)
+    admission = Admission(settings, gateway.metrics if gateway is not None else Metrics())
+    # Admission, not uvicorn's `limit_concurrency`: that one is checked only once a request
+    # head is complete (a connection that never sends one holds its descriptor regardless),
+    # and over its limit it answers 503 to every request, on connections already open too,
+    # /readyz included, so a full process would fail its health checks. Admission refuses at
+    # accept and leaves every connection it admitted alone.
     options: dict[str, Any] = {
         "host": settings.host,
         "port": settings.port,
         "log_level": settings.log_level.lower(),
         "lifespan": "on",
+        "http": admission.protocol_class(),
         "ws": WebSocketProtocol,
         "ws_max_size": settings.max_frame_bytes,
         "ws_ping_interval": settings.ws_ping_interval,

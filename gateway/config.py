@@ -79,6 +79,9 @@ class Settings:
     events_maxlen: int = 100_000
     dashboard_snapshot_limit: int = 10_000
     dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
+    handshake_timeout: float = 5.0  # a new connection's whole request or upgrade, seconds
+    max_connections: int = 0  # 0: the file-descriptor limit less a reserve
+    max_pending_per_address: int = 0  # 0: no limit per source address
     log_level: str = "info"
     # where people reach the gateway, for the start-up banner (default: from host and port)
     public_url: str | None = None
@@ -115,6 +118,16 @@ class Settings:
             raise ConfigError(
                 f"max frame bytes must be ≥ 1024, got {self.max_frame_bytes}", "max_frame_bytes"
             )
+        if not 0.1 <= self.handshake_timeout <= 300:
+            raise ConfigError(
+                f"must be 0.1–300 seconds, got {self.handshake_timeout}", "handshake_timeout"
+            )
+        for name, zero in (
+            ("max_connections", "derived from the file-descriptor limit"),
+            ("max_pending_per_address", "no limit"),
+        ):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"must be ≥ 0 (0: {zero}), got {getattr(self, name)}", name)
 
     @property
     def ttl_ms(self) -> int:

@@ -67,6 +67,33 @@ class Metrics:
             buckets=RELAY_BUCKETS,
             registry=r,
         )
+        # admission control (gateway/admission.py): connections before they are clients
+        self.connections_open = Gauge(
+            "gateway_connections_open",
+            "Connections open on this process, HTTP and WebSocket (one descriptor each)",
+            registry=r,
+        )
+        self.connections_pending = Gauge(
+            "gateway_connections_pending",
+            "Connections that have not yet sent a complete request or upgrade",
+            registry=r,
+        )
+        self.connections_limit = Gauge(
+            "gateway_connections_limit",
+            "Most connections this process holds at once (0: no limit)",
+            registry=r,
+        )
+        self.connections_refused = Counter(
+            "gateway_connections_refused",
+            "Connections refused at accept, by the limit they met",
+            ["limit"],
+            registry=r,
+        )
+        self.handshake_timeouts = Counter(
+            "gateway_handshake_timeouts",
+            "Connections closed for not sending a complete request or upgrade in time",
+            registry=r,
+        )
 
         # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
         self.in_heartbeat = self.messages_in.labels("heartbeat")
