@@ -25,8 +25,16 @@ from redis.exceptions import ResponseError
 from gateway import shadow
 from gateway.auth import hash_token, new_secret, token_matches
 from gateway.config import Settings
+from gateway.errors import (
+    Contention,
+    DeviceExists,
+    DeviceNotFound,
+    InvalidCursor,
+    InvalidDeviceId,
+    InvalidDeviceType,
+    InvalidRequest,
+)
 from gateway.keys import Keys, is_device_id, is_device_type
-from gateway.problems import Problem
 from gateway.scripts import SCRIPTS
 
 Status = Literal["online", "offline"]
@@ -151,8 +159,7 @@ class Page:
 
 def _require_id(device_id: str) -> None:
     if not is_device_id(device_id):
-        raise Problem(
-            "invalid-device-id",
+        raise InvalidDeviceId(
             f"device_id must be 1–128 characters of A-Z a-z 0-9 . _ -; got {device_id[:140]!r}",
         )
 
@@ -166,9 +173,9 @@ def decode_cursor(cursor: str) -> dict[str, Any]:
         padded = cursor + "=" * (-len(cursor) % 4)
         value = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
     except (binascii.Error, ValueError, orjson.JSONDecodeError) as exc:
-        raise Problem("invalid-cursor", "cursor is not one this API issued") from exc
+        raise InvalidCursor("cursor is not one this API issued") from exc
     if not isinstance(value, dict):
-        raise Problem("invalid-cursor", "cursor is not one this API issued")
+        raise InvalidCursor("cursor is not one this API issued")
     return value
 
 
@@ -191,8 +198,7 @@ class Store:
         """Register a device and return it with its first token (shown once, stored hashed)."""
         _require_id(device_id)
         if not is_device_type(device_type):
-            raise Problem(
-                "invalid-device-type",
+            raise InvalidDeviceType(
                 "device_type must be 1–64 characters of A-Z a-z 0-9 . _ -; "
                 f"got {device_type[:80]!r}",
             )
@@ -222,7 +228,7 @@ class Store:
             ],
         )
         if not created:
-            raise Problem("device-exists", f"device {device_id!r} is already registered")
+            raise DeviceExists(device_id)
         device = await self.get(device_id)
         assert device is not None
         return device, token
@@ -241,7 +247,9 @@ class Store:
         known = raw["desired_sha"]
         stamped = raw["desired_meta"] is not None
         if shadow.written_elsewhere(raw["desired_state"], text(known) if known else None, stamped):
-            with contextlib.suppress(Problem):  # deleted or contended meanwhile: read as is
+            with contextlib.suppress(
+                DeviceNotFound, Contention
+            ):  # deleted or contended: read as is
                 await self.patch_section(device_id, "desired", {})
             values, online = await self._read(device_id)
             if values[0] is None:
@@ -258,7 +266,7 @@ class Store:
     async def require(self, device_id: str) -> Device:
         device = await self.get(device_id)
         if device is None:
-            raise Problem("device-not-found", f"no device {device_id!r} is registered")
+            raise DeviceNotFound(device_id)
         return device
 
     async def delete(self, device_id: str) -> None:
@@ -270,7 +278,7 @@ class Store:
             known, raw_type = await self.redis.hmget(k.state(device_id), fields)
             device_type = text(raw_type)
             if known is None or not device_type:
-                raise Problem("device-not-found", f"no device {device_id!r} is registered")
+                raise DeviceNotFound(device_id)
             result = await SCRIPTS.deregister(
                 self.redis,
                 [
@@ -297,8 +305,8 @@ class Store:
             if result == 1:
                 return
             if result == 0:
-                raise Problem("device-not-found", f"no device {device_id!r} is registered")
-        raise Problem("write-contention", "the device changed type while being deleted")
+                raise DeviceNotFound(device_id)
+        raise Contention("the device changed type while being deleted")
 
     async def rotate_token(self, device_id: str) -> str:
         _require_id(device_id)
@@ -309,7 +317,7 @@ class Store:
             [device_id, hash_token(token)],
         )
         if not done:
-            raise Problem("device-not-found", f"no device {device_id!r} is registered")
+            raise DeviceNotFound(device_id)
         return token
 
     async def check_token(self, device_id: str, token: str) -> tuple[bool, str | None]:
@@ -367,7 +375,7 @@ class Store:
                 k.state(device_id), [field, meta_field, "device_id", "desired_sha"]
             )
             if exists is None:
-                raise Problem("device-not-found", f"no device {device_id!r} is registered")
+                raise DeviceNotFound(device_id)
             now = time.time()
             current = shadow.decode_document(raw)
             merged = shadow.merge(current, document_patch)
@@ -406,11 +414,11 @@ class Store:
             if code in (0, 1):
                 return versions, merged
             if code == -1:
-                raise Problem("device-not-found", f"no device {device_id!r} is registered")
+                raise DeviceNotFound(device_id)
             if code == -2:
                 expected = (expected_version, expected_section_version)
                 raise _conflict(text(stale[0]), versions, *expected)
-        raise Problem("write-contention", f"the {section} state kept changing; try again")
+        raise Contention(f"the {section} state kept changing; try again")
 
     async def delta(self, device_id: str) -> dict[str, Any]:
         device = await self.require(device_id)
@@ -472,7 +480,7 @@ class Store:
             return cast(list[tuple[bytes, dict[bytes, bytes]]], rows or [])
         except Exception as exc:  # an id Redis cannot parse
             if "Invalid stream ID" in str(exc):
-                raise Problem("invalid-cursor", "not a stream id this API issued") from exc
+                raise InvalidCursor("not a stream id this API issued") from exc
             raise
 
     # --- pages and stats ----------------------------------------------------
@@ -488,9 +496,9 @@ class Store:
     ) -> Page:
         """One page of devices; cost bounded by the page (and a scan budget), not the fleet."""
         if not 1 <= limit <= MAX_PAGE:
-            raise Problem("invalid-request", f"limit must be 1–{MAX_PAGE}, got {limit}")
+            raise InvalidRequest(f"limit must be 1–{MAX_PAGE}, got {limit}")
         if device_type is not None and not is_device_type(device_type):
-            raise Problem("invalid-device-type", f"not a device type: {device_type[:80]!r}")
+            raise InvalidDeviceType(f"not a device type: {device_type[:80]!r}")
         state = decode_cursor(cursor) if cursor else {}
         if stale_seconds is not None:
             ids, next_state = await self._stale_ids(status, stale_seconds, limit, state)
@@ -515,7 +523,7 @@ class Store:
         k = self.keys
         after = state.get("after")
         if after is not None and not is_device_id(after):
-            raise Problem("invalid-cursor", "cursor is not one this API issued")
+            raise InvalidCursor("cursor is not one this API issued")
         if device_type is not None:
             walk, mode = (
                 k.index_type(device_type),
@@ -538,13 +546,13 @@ class Store:
         self, status: Status | None, stale_seconds: float, limit: int, state: dict[str, Any]
     ) -> tuple[list[str], dict[str, Any] | None]:
         if stale_seconds < 0:
-            raise Problem("invalid-request", "stale_seconds must be ≥ 0")
+            raise InvalidRequest("stale_seconds must be ≥ 0")
         cutoff = time.time() - stale_seconds
         key = self.keys.online_seen if status == "online" else self.keys.seen
         score = state.get("score", "-inf")
         skip = state.get("skip", 0)
         if not isinstance(skip, int) or skip < 0 or not isinstance(score, int | float | str):
-            raise Problem("invalid-cursor", "cursor is not one this API issued")
+            raise InvalidCursor("cursor is not one this API issued")
         rows = cast(
             list[tuple[bytes, float]],
             await self.redis.zrangebyscore(
@@ -671,4 +679,4 @@ def _stream_id_lt(left: str, right: str) -> bool:
     try:
         return parts(left) < parts(right)
     except ValueError as exc:
-        raise Problem("invalid-cursor", f"not a stream id: {left[:40]!r}") from exc
+        raise InvalidCursor(f"not a stream id: {left[:40]!r}") from exc

@@ -21,9 +21,9 @@ import redis.asyncio as aioredis
 from presence_feed import Listener
 
 from gateway.config import Settings
+from gateway.errors import DeviceExists, DeviceNotFound, GatewayError
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
-from gateway.problems import Problem
 from gateway.shadow import BadKey, VersionConflict
 from gateway.store import Store
 
@@ -78,9 +78,9 @@ async def test_register_returns_a_token_and_stores_only_its_hash(
 
 async def test_register_twice_is_refused(store: Store) -> None:
     _, token = await store.register("d1", "thermo", {})
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(DeviceExists) as caught:
         await store.register("d1", "other", {})
-    assert (caught.value.kind, caught.value.status) == ("device-exists", 409)
+    assert caught.value.problem == "device-exists"
     token_hash = hashlib.sha256(token.encode()).hexdigest()
     assert await store.check_token("d1", token) == (True, token_hash)
 
@@ -89,9 +89,8 @@ async def test_register_refuses_an_id_the_seed_registered(
     store: Store, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
     await asyncio.to_thread(seed.DeviceStateManager(sync_client).register_device, "s1", "lamp")
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(DeviceExists):
         await store.register("s1", "lamp", {})
-    assert caught.value.status == 409
     device = await store.require("s1")
     assert device.device_type == "lamp"
 
@@ -104,9 +103,9 @@ async def test_register_refuses_an_id_the_seed_registered(
 async def test_register_refuses_bad_names_before_writing(
     store: Store, redis_client: aioredis.Redis, device_id: str, device_type: str, kind: str
 ) -> None:
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(GatewayError) as caught:
         await store.register(device_id, device_type, {})
-    assert caught.value.kind == kind
+    assert caught.value.problem == kind
     assert await redis_client.dbsize() == 0
 
 
@@ -129,9 +128,8 @@ async def test_get_reads_a_seed_device(
         {"floor": 2},
     )
     assert await store.get("missing") is None
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(DeviceNotFound):
         await store.require("missing")
-    assert caught.value.status == 404
 
 
 async def test_delete_removes_every_key_and_index_entry(
@@ -161,9 +159,8 @@ async def test_delete_removes_every_key_and_index_entry(
 
 
 async def test_delete_unknown_device_is_not_found(store: Store) -> None:
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(DeviceNotFound):
         await store.delete("ghost")
-    assert caught.value.status == 404
 
 
 async def test_presence_version_survives_delete_and_re_register(
@@ -254,9 +251,8 @@ async def test_patch_section_checks_the_section_version_apart(store: Store) -> N
 
 
 async def test_patch_section_unknown_device(store: Store) -> None:
-    with pytest.raises(Problem) as caught:
+    with pytest.raises(DeviceNotFound):
         await store.patch_section("ghost", "desired", {"a": 1})
-    assert caught.value.status == 404
 
 
 async def test_concurrent_patches_all_land(store: Store) -> None:
@@ -406,7 +402,7 @@ async def test_pages_return_every_device_exactly_once(store: Store, engine: Pres
 
 async def test_page_refuses_bad_arguments(store: Store) -> None:
     for kwargs in ({"limit": 0}, {"limit": 1001}, {"cursor": "!!"}, {"device_type": "a:b"}):
-        with pytest.raises(Problem):
+        with pytest.raises(GatewayError):
             await store.page(**kwargs)
 
 

@@ -24,6 +24,7 @@ from starlette.routing import BaseRoute, Match, Route
 
 from gateway import logins, openapi, shadow
 from gateway.auth import Role, bearer
+from gateway.errors import GatewayError
 from gateway.keys import is_device_id, is_device_type
 from gateway.problems import KINDS, Problem
 from gateway.runtime import Gateway
@@ -135,6 +136,10 @@ def endpoint(*, write: bool) -> Callable[[Handler], Endpoint]:
                 return await handler(request, gateway.store)
             except Problem as problem:
                 return problem_response(request, problem)
+            except GatewayError as error:
+                return problem_response(
+                    request, Problem(error.problem, error.detail, **error.extra)
+                )
             except shadow.ShadowError as error:
                 return problem_response(request, _from_shadow(error))
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:

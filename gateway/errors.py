@@ -1,0 +1,61 @@
+"""Domain errors: what the store and the presence engine refuse, in their own words.
+
+They know nothing of HTTP. Each names its problem kind (problems.py) so the REST endpoints map
+it to `application/problem+json` at the edge, as they do `shadow.ShadowError`; the WebSocket
+endpoints map the few they meet to handshake statuses and close codes.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class GatewayError(Exception):
+    """A refusal with a human-readable detail and optional machine-readable members."""
+
+    problem: ClassVar[str] = "invalid-request"
+
+    def __init__(self, detail: str, **extra: Any) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.extra = extra
+
+
+class InvalidRequest(GatewayError):
+    problem = "invalid-request"
+
+
+class InvalidDeviceId(GatewayError):
+    problem = "invalid-device-id"
+
+
+class InvalidDeviceType(GatewayError):
+    problem = "invalid-device-type"
+
+
+class InvalidCursor(GatewayError):
+    """A cursor, stream id or position this gateway did not issue."""
+
+    problem = "invalid-cursor"
+
+
+class DeviceNotFound(GatewayError):
+    problem = "device-not-found"
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"no device {device_id!r} is registered")
+        self.device_id = device_id
+
+
+class DeviceExists(GatewayError):
+    problem = "device-exists"
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(f"device {device_id!r} is already registered")
+        self.device_id = device_id
+
+
+class Contention(GatewayError):
+    """Concurrent writers kept moving what a compare-and-set write depends on: retry."""
+
+    problem = "write-contention"
