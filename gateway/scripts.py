@@ -54,8 +54,9 @@ def prelude(keys: Keys) -> str:
 class Script:
     """One Lua script, identified by the SHA-1 of its full source."""
 
-    def __init__(self, name: str, head: str = "") -> None:
+    def __init__(self, name: str, head: str | None = None) -> None:
         self.name = name
+        head = prelude(Keys()) if head is None else head
         self.source = head + _source("_lib") + "\n" + _source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 

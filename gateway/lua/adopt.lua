@@ -10,12 +10,12 @@ local adopted = 0
 for i = 0, (#KEYS - 6) / 4 - 1 do
   local state_key, heartbeat_key = KEYS[7 + 4 * i], KEYS[8 + 4 * i]
   local id, device_type = ARGV[1 + 2 * i], ARGV[2 + 2 * i]
-  local fields = redis.call('HMGET', state_key, 'device_type', 'last_seen', 'registered_at')
+  local fields = redis.call('HMGET', state_key, F_TYPE, F_SEEN, F_REGISTERED)
   if fields[1] == device_type then
     local changed = redis.call('ZADD', KEYS[1], 'NX', 0, id)
-    local seen = tonumber(fields[2] or '0') or 0
+    local seen = time_of(fields[2])
     if seen <= 0 then
-      seen = -(tonumber(fields[3] or '0') or 0)
+      seen = -time_of(fields[3])
     end
     -- GT: a device the seed heartbeats moves forward in the last-seen index, never back
     changed = changed + redis.call('ZADD', KEYS[2], 'GT', 'CH', seen, id)

@@ -41,7 +41,7 @@ if reason ~= '' then
 else
   presence_version = tonumber(redis.call('HGET', KEYS[1], 'presence_version') or '0')
 end
-local shadow = redis.call('HMGET', KEYS[1], 'desired_state', 'reported_state', 'version',
+local shadow = redis.call('HMGET', KEYS[1], F_DESIRED, F_REPORTED, 'version',
   'reported_meta')
 return {1, presence_version, shadow[1] or '{}', shadow[2] or '{}', tonumber(shadow[3] or '0'),
   shadow[4] or '{}', reason}

@@ -13,7 +13,7 @@ local id, now = ARGV[1], ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then
   return 0
 end
-local device_type = redis.call('HGET', KEYS[1], 'device_type')
+local device_type = redis.call('HGET', KEYS[1], F_TYPE)
 if device_type ~= ARGV[2] then
   return -1
 end

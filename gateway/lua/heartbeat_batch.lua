@@ -24,7 +24,7 @@ for i = 0, count - 1 do
   local base = 5 + 5 * i
   local id, session, seen_at = ARGV[base], ARGV[base + 1], ARGV[base + 2]
   local reported, reported_meta = ARGV[base + 3], ARGV[base + 4]
-  local current = redis.call('HMGET', state_key, 'session', 'reported_state', 'version',
+  local current = redis.call('HMGET', state_key, 'session', F_REPORTED, 'version',
     'indexed_at', 'reported_version')
   local code, version = 1, tonumber(current[3] or '0') or 0
   if not current[1] then
@@ -63,16 +63,16 @@ for i = 0, count - 1 do
       indexed = true
     end
     if changed and indexed then
-      redis.call('HSET', state_key, 'last_seen', seen_at, 'indexed_at', seen_at,
-        'reported_state', reported, 'reported_meta', reported_meta, 'version', version,
+      redis.call('HSET', state_key, F_SEEN, stored_time(seen_at), 'indexed_at', seen_at,
+        F_REPORTED, reported, 'reported_meta', reported_meta, 'version', version,
         'reported_version', reported_version)
     elseif changed then
-      redis.call('HSET', state_key, 'last_seen', seen_at, 'reported_state', reported,
+      redis.call('HSET', state_key, F_SEEN, stored_time(seen_at), F_REPORTED, reported,
         'reported_meta', reported_meta, 'version', version, 'reported_version', reported_version)
     elseif indexed then
-      redis.call('HSET', state_key, 'last_seen', seen_at, 'indexed_at', seen_at)
+      redis.call('HSET', state_key, F_SEEN, stored_time(seen_at), 'indexed_at', seen_at)
     else
-      redis.call('HSET', state_key, 'last_seen', seen_at)
+      redis.call('HSET', state_key, F_SEEN, stored_time(seen_at))
     end
     if code == 2 then
       presence_transition(state_key, history_key, KEYS[6], KEYS[7], id, 'online', now, 'resumed',

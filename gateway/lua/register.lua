@@ -8,7 +8,7 @@
 -- ARGV[1] id  ARGV[2] type  ARGV[3] now  ARGV[4] metadata JSON  ARGV[5] token hash
 -- ARGV[6] events maxlen
 -- Returns 1 when registered, 0 when the id already exists.
-if redis.call('HEXISTS', KEYS[1], 'device_id') == 1 then
+if redis.call('HEXISTS', KEYS[1], F_ID) == 1 then
   return 0
 end
 redis.call('DEL', KEYS[1])
@@ -16,8 +16,8 @@ local id, device_type, now = ARGV[1], ARGV[2], ARGV[3]
 local presence_version = redis.call('HGET', KEYS[8], id) or '0'
 redis.call('HDEL', KEYS[8], id)
 redis.call('HSET', KEYS[1],
-  'device_id', id, 'device_type', device_type, 'registered_at', now, 'status', 'offline',
-  'last_seen', '0', 'reported_state', '{}', 'desired_state', '{}', 'metadata', ARGV[4],
+  F_ID, id, F_TYPE, device_type, F_REGISTERED, stored_time(now), F_STATUS, 'offline',
+  F_SEEN, '0', F_REPORTED, '{}', F_DESIRED, '{}', F_METADATA, ARGV[4],
   'version', 0, 'presence_version', presence_version, 'token_hash', ARGV[5],
   'reported_meta', '{}', 'desired_meta', '{}', 'desired_version', 0, 'reported_version', 0,
   'desired_sha', redis.sha1hex('{}'))

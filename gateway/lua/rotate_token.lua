@@ -3,7 +3,7 @@
 -- KEYS[1] device:state:{id}  KEYS[2] gateway:control (channel)
 -- ARGV[1] id  ARGV[2] hash of the new token
 -- Returns 1 when rotated, 0 for an unknown device (no hash, or a hash without `device_id`).
-if redis.call('HEXISTS', KEYS[1], 'device_id') == 0 then
+if redis.call('HEXISTS', KEYS[1], F_ID) == 0 then
   return 0
 end
 redis.call('HSET', KEYS[1], 'token_hash', ARGV[2])

@@ -24,10 +24,10 @@
 -- written, 0 unchanged, -1 unknown device, -2 a precondition is stale (its name follows:
 -- 'version' or 'desired_version'), -3 the section moved: read and retry.
 local id, section, now = ARGV[1], ARGV[2], ARGV[9]
-if redis.call('HEXISTS', KEYS[1], 'device_id') == 0 then
+if redis.call('HEXISTS', KEYS[1], F_ID) == 0 then
   return {-1, 0, 0, 0}
 end
-local field = section == 'metadata' and 'metadata' or section .. '_state'
+local field = ({desired = F_DESIRED, reported = F_REPORTED})[section] or F_METADATA
 local current = redis.call('HGET', KEYS[1], field) or ''
 if redis.sha1hex(current) ~= ARGV[3] then
   return {-3, 0, 0, 0}
@@ -86,7 +86,7 @@ else
 end
 record(version, ARGV[6], '')
 if desired then
-  redis.call('PUBLISH', KEYS[4], '{"type":"state_update","desired_state":' .. ARGV[6] ..
+  redis.call(PUBLISH, KEYS[4], '{"type":"state_update","desired_state":' .. ARGV[6] ..
     ',"timestamp":' .. now .. ',"version":' .. version .. '}')
 end
 return {1, version, desired_version, reported_version}
