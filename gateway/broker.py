@@ -1,18 +1,19 @@
-"""The one Redis pub/sub connection of this process, supervised.
+"""Cross-node delivery on one Redis: the one pub/sub connection of this process, supervised.
 
-It listens to `devices:presence`, the control channel, the keyspace `expired` events of the
-URL's database, and the command channel of every locally connected device. redis-py's PubSub
-does not reconnect by itself: when the connection drops, this module reconnects with backoff,
-subscribes everything again and calls `on_reconnect`, so the hub can re-send what may have
-been published while nobody listened.
+It listens to the control channel, the keyspace `expired` events of the URL's database, and
+the command channel of every locally connected device (never to the fleet's presence channel:
+dashboards read the event log). redis-py's PubSub does not reconnect by itself: when the
+connection drops, this module reconnects with backoff, subscribes everything again and calls
+`on_resubscribed`, so the hub can re-send what may have been published while nobody listened.
+A cluster has its own broker (broker_cluster.py) with the same calls and handlers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Collection
+from typing import Any, Protocol
 
 from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
@@ -25,13 +26,16 @@ SUBSCRIBE_CHUNK = 1000
 MAX_BACKOFF = 5.0
 
 
-class Handlers:
-    """What the broker calls; each must return fast (enqueue, never await a socket)."""
+class Deliveries(Protocol):
+    """What a broker calls; each must return fast (enqueue, never await a socket)."""
 
     def on_command(self, device_id: str, data: bytes) -> None: ...
     def on_control(self, data: bytes) -> None: ...
-    def on_presence(self, data: bytes) -> None: ...
     def on_expired(self, device_id: str) -> None: ...
+
+
+# (device ids whose messages may have been lost; None: every local device)
+Resubscribed = Callable[[Collection[str] | None], Awaitable[None]]
 
 
 class Broker:
@@ -40,34 +44,48 @@ class Broker:
         redis: Redis,
         keys: Keys,
         db: int,
-        handlers: Handlers,
-        on_reconnect: Callable[[], Awaitable[None]],
+        deliveries: Deliveries,
+        on_resubscribed: Resubscribed,
     ) -> None:
         self.redis = redis
         self.keys = keys
-        self.handlers = handlers
-        self.on_reconnect = on_reconnect
-        self.base_channels = [keys.presence_channel, keys.control_channel, keys.expired_channel(db)]
+        self.deliveries = deliveries
+        self.on_resubscribed = on_resubscribed
+        part = keys.part(0)
+        self.base_channels = [part.control_channel, keys.expired_channel(db)]
         self.expired_channel = keys.expired_channel(db).encode()
-        self.presence_channel = keys.presence_channel.encode()
-        self.control_channel = keys.control_channel.encode()
+        self.control_channel = part.control_channel.encode()
         self._devices: set[str] = set()
         self._to_subscribe: set[str] = set()
         self._to_unsubscribe: set[str] = set()
+        self._waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._live: set[str] = set()
         self._changed = asyncio.Event()
         self._pubsub: PubSub | None = None
         self.connected = asyncio.Event()
         self.reconnects = 0
 
     # --- subscriptions, batched --------------------------------------------
-    def subscribe_device(self, device_id: str) -> None:
+    def subscribe_device(self, device_id: str) -> asyncio.Future[None]:
+        """Listen to the device's command channel; the future resolves once it is live, so a
+        desired state read after it can miss no change published before."""
         self._devices.add(device_id)
         self._to_unsubscribe.discard(device_id)
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if device_id in self._live:
+            waiter.set_result(None)
+            return waiter
+        self._waiters.setdefault(device_id, []).append(waiter)
         self._to_subscribe.add(device_id)
         self._changed.set()
+        return waiter
 
     def unsubscribe_device(self, device_id: str) -> None:
         self._devices.discard(device_id)
+        self._live.discard(device_id)
+        for waiter in self._waiters.pop(device_id, []):  # nobody waits for it any more
+            if not waiter.done():
+                waiter.set_result(None)
         self._to_subscribe.discard(device_id)
         self._to_unsubscribe.add(device_id)
         self._changed.set()
@@ -89,8 +107,9 @@ class Broker:
         backoff = 0.1
         first = True
         while True:
-            pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = self.redis.pubsub()
             self._pubsub = pubsub
+            self._live.clear()
             try:
                 await pubsub.subscribe(*self.base_channels)
                 # every device channel is listened to again before the re-sync reads desired
@@ -102,7 +121,7 @@ class Broker:
                 if not first:
                     self.reconnects += 1
                     log.info("pub/sub reconnected; resubscribed %d devices", len(self._devices))
-                    await self.on_reconnect()
+                    await self.on_resubscribed(None)
                 first = False
                 backoff = 0.1
                 async with asyncio.TaskGroup() as group:
@@ -130,8 +149,21 @@ class Broker:
                 await asyncio.sleep(0.01)
                 continue
             message = await pubsub.get_message(timeout=1.0)
-            if message is not None and message.get("type") == "message":
+            if message is None:
+                continue
+            if message.get("type") == "message":
                 self._dispatch(message)
+            elif message.get("type") == "subscribe":
+                self._confirmed(message["channel"])
+
+    def _confirmed(self, channel: bytes) -> None:
+        device_id = self.keys.device_from_commands(channel.decode())
+        if device_id is None:
+            return
+        self._live.add(device_id)
+        for waiter in self._waiters.pop(device_id, []):
+            if not waiter.done():
+                waiter.set_result(None)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
         channel: bytes = message["channel"]
@@ -140,15 +172,13 @@ class Broker:
             if channel == self.expired_channel:
                 device_id = self.keys.device_from_heartbeat(data.decode())
                 if device_id is not None:
-                    self.handlers.on_expired(device_id)
+                    self.deliveries.on_expired(device_id)
             elif channel == self.control_channel:
-                self.handlers.on_control(data)
-            elif channel == self.presence_channel:
-                self.handlers.on_presence(data)
+                self.deliveries.on_control(data)
             else:
                 device_id = self.keys.device_from_commands(channel.decode())
                 if device_id is not None:
-                    self.handlers.on_command(device_id, data)
+                    self.deliveries.on_command(device_id, data)
         except Exception:  # one bad message must never stop delivery to everyone else
             log.exception("failed to dispatch a message on %r", channel[:80])
 

@@ -22,7 +22,7 @@ import itertools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +32,7 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from gateway.broker import Deliveries, Resubscribed
 from gateway.keys import Keys
 from gateway.redisconn import NO_RETRY
 
@@ -44,8 +45,6 @@ TOPOLOGY_CHECK = 10.0
 MAX_BACKOFF = 5.0
 READ_TIMEOUT = 1.0
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
-
-Resubscribed = Callable[[Collection[str]], Awaitable[None]]
 
 
 @dataclass
@@ -66,13 +65,13 @@ class ClusterBroker:
         self,
         cluster: RedisCluster,
         keys: Keys,
-        handlers: Any,
+        deliveries: Deliveries,
         on_resubscribed: Resubscribed,
         probe_interval: float = PROBE_INTERVAL,
     ) -> None:
         self.cluster = cluster
         self.keys = keys
-        self.handlers = handlers
+        self.deliveries = deliveries
         self.on_resubscribed = on_resubscribed
         self.probe_interval = probe_interval
         self.process = secrets.token_hex(6)
@@ -110,6 +109,9 @@ class ClusterBroker:
     def unsubscribe_device(self, device_id: str) -> None:
         partition = self.keys.partition(device_id)
         self._wanted.get(partition, set()).discard(device_id)
+        for waiter in self._waiters.pop(device_id, []):  # nobody waits for it any more
+            if not waiter.done():
+                waiter.set_result(None)
         self._mark(partition)
 
     def _mark(self, partition: int) -> None:
@@ -126,6 +128,10 @@ class ClusterBroker:
                 await self._supervise()
         finally:
             await self._drop_links(set(self._links))
+
+    async def aclose(self) -> None:
+        """Close every pub/sub connection (`run` does too when it is cancelled)."""
+        await self._drop_links(set(self._links))
 
     async def _supervise(self) -> None:
         backoff = 0.1
@@ -353,7 +359,7 @@ class ClusterBroker:
             elif kind == "message" and channel == self._expired:
                 device_id = self.keys.device_from_heartbeat(message["data"].decode())
                 if device_id is not None:
-                    self.handlers.on_expired(device_id)
+                    self.deliveries.on_expired(device_id)
             elif kind == "ssubscribe":
                 device_id = self.keys.device_from_commands(channel.decode())
                 for waiter in self._waiters.pop(device_id or "", []):
@@ -372,7 +378,7 @@ class ClusterBroker:
 
     def _on_shard_message(self, channel: bytes, data: bytes) -> None:
         if channel in self._controls:
-            self.handlers.on_control(data)
+            self.deliveries.on_control(data)
             return
         partition = self._probe_names.get(channel)
         if partition is not None:
@@ -382,4 +388,4 @@ class ClusterBroker:
             return
         device_id = self.keys.device_from_commands(channel.decode())
         if device_id is not None:
-            self.handlers.on_command(device_id, data)
+            self.deliveries.on_command(device_id, data)

@@ -8,6 +8,7 @@ module sees the same values for the life of the process.
 from __future__ import annotations
 
 import os
+import re
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -15,6 +16,8 @@ from pathlib import Path
 from typing import Any
 
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
+SEED_SCHEMAS = ("python", "node")
+PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 
 # settings that have a flag on `gateway serve` as well as an environment variable
@@ -57,6 +60,9 @@ class Settings:
     redis_url: str | None = None
     data_dir: Path = Path("data")
     key_prefix: str = ""
+    # hash-field names of the single-node layout: the Python classes' (default) or Node.js'
+    seed_schema: str = "python"
+    cluster_partitions: int = 64  # on a cluster: fixed for the life of the data
     api_key: str | None = None
     read_api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -95,6 +101,18 @@ class Settings:
             raise ConfigError(f"a port is 1–65535, got {self.port}", "port")
         if self.redis_url is not None:
             check_redis_url(self.redis_url)
+        if self.seed_schema not in SEED_SCHEMAS:
+            raise ConfigError(
+                f"must be one of {', '.join(SEED_SCHEMAS)}; got {self.seed_schema!r}", "seed_schema"
+            )
+        if not 1 <= self.cluster_partitions <= 4096:
+            raise ConfigError(
+                f"must be 1–4096, got {self.cluster_partitions}", "cluster_partitions"
+            )
+        if not PREFIX_PATTERN.fullmatch(self.key_prefix):
+            raise ConfigError(
+                f"up to 64 of A-Z a-z 0-9 . _ : -; got {self.key_prefix[:80]!r}", "key_prefix"
+            )
         if self.log_level.lower() not in LOG_LEVELS:
             raise ConfigError(
                 f"log level must be one of {', '.join(LOG_LEVELS)}; got {self.log_level!r}",
@@ -203,10 +221,19 @@ _EXPECTED = {"int": "an integer", "float": "a number"}
 def check_redis_url(url: str) -> None:
     """Refuse what redis-py would misread: `localhost:6379` parses as scheme `localhost`."""
     parts = urllib.parse.urlsplit(url)
+    if parts.scheme in ("redis+cluster", "rediss+cluster"):
+        from gateway.redisconn import ClusterUrl  # the one parser of cluster URLs
+
+        try:
+            ClusterUrl.parse(url)
+        except ValueError as exc:
+            raise ConfigError(str(exc), "redis_url") from None
+        return
     if parts.scheme not in REDIS_SCHEMES or (parts.scheme != "unix" and not parts.hostname):
         raise ConfigError(
             f"{url!r} is not a Redis URL; write it as redis://HOST:PORT/DB "
-            "(rediss:// for TLS, unix:///path/to/socket)",
+            "(rediss:// for TLS, unix:///path/to/socket, redis+cluster://HOST:PORT,HOST:PORT "
+            "for a cluster)",
             "redis_url",
         )
     try:

@@ -18,6 +18,7 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,7 @@ import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
 from gateway.config import StartupError
-from gateway.embedded import HOST, spawn_valkey, valkey_executable
+from gateway.embedded import HOST, parent_death_signal, valkey_executable
 
 BUS_PORT_OFFSET = 10000
 MAX_PORT = 65535 - BUS_PORT_OFFSET
@@ -43,7 +44,8 @@ class Node:
 
     port: int
     directory: Path
-    process: asyncio.subprocess.Process | None = field(default=None, repr=False)
+    # a plain process (not asyncio's): the cluster can be driven from any event loop, or none
+    process: subprocess.Popen[bytes] | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -51,7 +53,7 @@ class Node:
 
     @property
     def pid(self) -> int | None:
-        return self.process.pid if self.process and self.process.returncode is None else None
+        return self.process.pid if self.process and self.process.poll() is None else None
 
     def client(self) -> aioredis.Redis:
         return aioredis.Redis(host=HOST, port=self.port, socket_timeout=2, socket_connect_timeout=1)
@@ -110,6 +112,10 @@ class LocalCluster:
         return self.url
 
     async def start_node(self, node: Node, binary: Path | None = None) -> None:
+        self.spawn_node(node, binary)
+
+    def spawn_node(self, node: Node, binary: Path | None = None) -> None:
+        """Start one node's server (a fork and exec: quick enough for the event loop)."""
         node.directory.mkdir(parents=True, exist_ok=True)
         arguments = [
             "--bind", HOST,
@@ -127,7 +133,14 @@ class LocalCluster:
             "--daemonize", "no",
             *self.extra_args,
         ]  # fmt: skip
-        node.process = await spawn_valkey(binary or valkey_executable(), arguments)
+        node.process = subprocess.Popen(
+            [str(binary or valkey_executable()), *arguments],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            preexec_fn=parent_death_signal,
+        )
 
     async def _create(self, binary: Path) -> None:
         cli = binary.with_name("valkey-cli")
@@ -180,8 +193,9 @@ class LocalCluster:
 
     def kill(self, node: Node) -> None:
         """SIGKILL: a crashed node, without a chance to hand anything over."""
-        if node.process is not None and node.process.returncode is None:
+        if node.process is not None and node.process.poll() is None:
             node.process.kill()
+            node.process.wait()
 
     async def stop(self) -> None:
         """SHUTDOWN every node (AOF flushed); shielded against cancellation."""
@@ -189,22 +203,29 @@ class LocalCluster:
 
     async def _stop_node(self, node: Node) -> None:
         process, node.process = node.process, None
-        if process is None or process.returncode is not None:
+        if process is None or process.poll() is not None:
             return
         with contextlib.suppress(RedisError, OSError):
             async with node.client() as client:
                 await client.shutdown(nosave=True)
-        if process.returncode is None:
+        if process.poll() is None:
             process.terminate()
-        try:
-            await asyncio.wait_for(process.wait(), STOP_TIMEOUT)
-        except TimeoutError:
+        if not await _exited_within(process, STOP_TIMEOUT):
             process.kill()
-            await process.wait()
+            process.wait()
+
+
+async def _exited_within(process: subprocess.Popen[bytes], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            return True
+        await asyncio.sleep(0.05)
+    return process.poll() is not None
 
 
 async def _answers(node: Node) -> bool:
-    if node.process is None or node.process.returncode is not None:
+    if node.process is None or node.process.poll() is not None:
         raise StartupError(f"cluster node {node.address} exited at start; see its valkey.log")
     try:
         async with node.client() as client:

@@ -9,42 +9,82 @@ from __future__ import annotations
 
 import asyncio
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Protocol, assert_never
 
 import orjson
 from starlette.websockets import WebSocket
 
 from gateway import disconnect, protocol, shadow
+from gateway.metrics import Metrics
 from gateway.ratelimit import TokenBucket
 from gateway.writer import Relay, Writer
 
-if TYPE_CHECKING:
-    from gateway.runtime import Gateway
+
+class Shadow(Protocol):
+    """What a `get` frame answers with (the store's Device)."""
+
+    @property
+    def desired_state(self) -> shadow.Document: ...
+    @property
+    def reported_state(self) -> shadow.Document: ...
+    @property
+    def version(self) -> int: ...
+
+
+class Beats(Protocol):
+    """The presence engine, as a session uses it: note activity for the next tick."""
+
+    def beat(
+        self,
+        device_id: str,
+        session: str,
+        reported: bytes | None = None,
+        reported_meta: bytes = b"{}",
+        ack: bool = False,
+        seen_at: float | None = None,
+    ) -> asyncio.Future[int] | None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """What every device session of a process shares: its few collaborators and its limits,
+    built once (a session never sees the whole gateway)."""
+
+    presence: Beats
+    read_shadow: Callable[[str], Awaitable[Shadow | None]]
+    metrics: Metrics
+    limits: shadow.Limits
+    heartbeat_timeout: float
+    max_frame_bytes: int
+    rate_limit: float
+    rate_burst: int
+    malformed_tolerance: int
+    send_queue_size: int
 
 
 class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
-        "bucket", "close_reason", "desired", "device_id", "gateway", "last_activity", "limits",
+        "bucket", "close_reason", "context", "desired", "device_id", "last_activity",
         "malformed", "refused", "reported", "reported_meta", "session", "version",
         "websocket", "writer",
     )  # fmt: skip
 
     def __init__(
         self,
-        gateway: Gateway,
+        context: SessionContext,
         websocket: WebSocket,
         device_id: str,
         session: str,
     ) -> None:
-        settings = gateway.settings
-        self.gateway = gateway
+        self.context = context
         self.websocket = websocket
         self.device_id = device_id
         self.session = session
-        self.writer = Writer(websocket, settings.send_queue_size, self._slow)
-        self.bucket = TokenBucket(settings.rate_limit, settings.rate_burst)
-        self.limits = gateway.store.limits
+        self.writer = Writer(websocket, context.send_queue_size, self._slow)
+        self.bucket = TokenBucket(context.rate_limit, context.rate_burst)
         self.reported: shadow.Document = {}
         self.reported_meta: shadow.Document = {}
         self.desired: shadow.Document = {}
@@ -56,12 +96,12 @@ class DeviceSession:
 
     def _slow(self) -> None:
         self.close_reason = "slow_consumer"
-        self.gateway.metrics.slow_clients.labels("device").inc()
+        self.context.metrics.slow_clients.labels("device").inc()
 
     # --- outgoing -----------------------------------------------------------
     def send(self, frame: bytes, kind: str, relay: Relay | None = None) -> None:
         if self.writer.send(frame, relay):
-            self.gateway.metrics.out(kind).inc()
+            self.context.metrics.out(kind).inc()
 
     def close(self, close: disconnect.Close) -> None:
         if self.close_reason is None:
@@ -78,7 +118,7 @@ class DeviceSession:
         *received*: when the message came off Redis (`time.perf_counter()`), for the relay
         latency histogram; None for frames the gateway makes up itself (a re-sync).
         """
-        relay = None if received is None else Relay(received, self.gateway.metrics.relay_command)
+        relay = None if received is None else Relay(received, self.context.metrics.relay_command)
         self.send(data, "command", relay)
         desired = protocol.parse_command(data)
         if desired is None:
@@ -94,11 +134,11 @@ class DeviceSession:
         self.reported = shadow.decode_document(reported)
         self.reported_meta = shadow.decode_document(meta)
         self.version = version
-        settings = self.gateway.settings
+        context = self.context
         self.send(
             protocol.welcome(
-                self.device_id, self.session, settings.heartbeat_timeout,
-                self.desired, self.reported, version, settings.max_frame_bytes,
+                self.device_id, self.session, context.heartbeat_timeout,
+                self.desired, self.reported, version, context.max_frame_bytes,
             ),
             "welcome",
         )  # fmt: skip
@@ -106,13 +146,14 @@ class DeviceSession:
     # --- incoming -----------------------------------------------------------
     def receive(self, data: str | bytes | None, binary: bool) -> None:
         """Handle one frame; every frame renews presence, even one that is refused."""
-        presence = self.gateway.presence
+        context = self.context
+        presence = context.presence
         self.last_activity = time.time()
         if not self.bucket.take():
             presence.beat(self.device_id, self.session)  # refused, but still a sign of life
             self.refused += 1
-            self.gateway.metrics.rejected.labels("rate_limited").inc()
-            if self.refused > self.gateway.settings.rate_burst:
+            context.metrics.rejected.labels("rate_limited").inc()
+            if self.refused > context.rate_burst:
                 self.close(disconnect.RATE_LIMITED)
             else:
                 self.send(protocol.error("rate_limited", "too many frames; slow down"), "error")
@@ -122,41 +163,47 @@ class DeviceSession:
             if binary:
                 presence.beat(self.device_id, self.session)
                 raise protocol.FrameError("binary_frame", "frames must be JSON text, not binary")
-            frame = protocol.parse_device_frame(data or "", self.limits)
+            frame = protocol.parse_device_frame(data or "", context.limits)
         except protocol.FrameError as exc:
             presence.beat(self.device_id, self.session)
             self._refuse(exc)
             return
-        if isinstance(frame, protocol.Heartbeat):
-            self.gateway.metrics.in_heartbeat.inc()
-            if frame.reported is None:
-                presence.beat(self.device_id, self.session)
-            else:
-                self._write_reported(frame.reported, shadow.stamp(frame.reported, time.time()))
-        elif isinstance(frame, protocol.Report):
-            self.gateway.metrics.in_report.inc()
-            merged = shadow.merge(self.reported, frame.patch)
-            try:
-                shadow.check_size(merged, self.limits)
-            except shadow.ShadowError as exc:
-                presence.beat(self.device_id, self.session)
-                self._refuse(protocol.FrameError("state_too_large", exc.detail, frame.request_id))
-                return
-            stamps = shadow.merge_stamps(self.reported_meta, frame.patch, time.time())
-            waiter = self._write_reported(merged, stamps, ack=True)
-            if waiter is not None:
-                request_id = frame.request_id
-                waiter.add_done_callback(lambda done: self._acked(request_id, done))
-        else:
-            self.gateway.metrics.in_get.inc()
-            written = presence.beat(self.device_id, self.session, ack=True)
-            asyncio.get_running_loop().create_task(self._answer_get(frame.request_id, written))
+        match frame:
+            case protocol.Heartbeat():
+                context.metrics.in_heartbeat.inc()
+                if frame.reported is None:
+                    presence.beat(self.device_id, self.session)
+                else:
+                    self._write_reported(frame.reported, shadow.stamp(frame.reported, time.time()))
+            case protocol.Report():
+                context.metrics.in_report.inc()
+                self._report(frame)
+            case protocol.Get():
+                context.metrics.in_get.inc()
+                written = presence.beat(self.device_id, self.session, ack=True)
+                asyncio.get_running_loop().create_task(self._answer_get(frame.request_id, written))
+            case _:
+                assert_never(frame)
+
+    def _report(self, frame: protocol.Report) -> None:
+        merged = shadow.merge(self.reported, frame.patch)
+        try:
+            shadow.check_size(merged, self.context.limits)
+        except shadow.ShadowError as exc:
+            self.context.presence.beat(self.device_id, self.session)
+            self._refuse(protocol.FrameError("state_too_large", exc.detail, frame.request_id))
+            return
+        stamps = shadow.merge_stamps(self.reported_meta, frame.patch, time.time())
+        waiter = self._write_reported(merged, stamps, ack=True)
+        if waiter is not None:
+            request_id = frame.request_id
+            waiter.add_done_callback(lambda done: self._acked(request_id, done))
 
     def _write_reported(
         self, document: shadow.Document, stamps: shadow.Document, ack: bool = False
     ) -> asyncio.Future[int] | None:
         self.reported, self.reported_meta = document, stamps
-        return self.gateway.presence.beat(
+        return self.context.presence.beat(
             self.device_id, self.session, orjson.dumps(document), orjson.dumps(stamps), ack=ack
         )
 
@@ -174,7 +221,7 @@ class DeviceSession:
     ) -> None:
         if written is not None:
             await asyncio.wait([written])  # earlier reports of this device land first
-        device = await self.gateway.store.get(self.device_id)
+        device = await self.context.read_shadow(self.device_id)
         if device is None:
             return
         self.desired = device.desired_state
@@ -187,8 +234,8 @@ class DeviceSession:
 
     def _refuse(self, error: protocol.FrameError) -> None:
         self.malformed += 1
-        self.gateway.metrics.rejected.labels(error.code).inc()
-        if self.malformed > self.gateway.settings.malformed_tolerance:
+        self.context.metrics.rejected.labels(error.code).inc()
+        if self.malformed > self.context.malformed_tolerance:
             self.close(disconnect.MALFORMED)
         else:
             self.send(protocol.error(error.code, error.message, error.request_id), "error")

@@ -312,7 +312,7 @@ async def spawn_valkey(binary: Path, arguments: list[str]) -> asyncio.subprocess
         # Own process group: a Ctrl-C meant for the gateway must not reach the server, which
         # the gateway stops itself once its devices are marked offline.
         start_new_session=True,
-        preexec_fn=_terminate_with_parent,
+        preexec_fn=parent_death_signal,
     )
 
 
@@ -406,7 +406,7 @@ def _parent_death_signal() -> Callable[[], None] | None:
     return arm
 
 
-_terminate_with_parent = _parent_death_signal()
+parent_death_signal = _parent_death_signal()
 
 
 def _tail(path: Path, lines: int) -> str:

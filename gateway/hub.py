@@ -8,41 +8,55 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Collection
+from typing import Protocol
 
 import orjson
 
-from gateway import disconnect, protocol, shadow
-from gateway.broker import Handlers
-
-if TYPE_CHECKING:
-    from gateway.device_session import DeviceSession
+from gateway import disconnect, shadow
 
 log = logging.getLogger("gateway.hub")
 RESYNC_CHUNK = 500
 
 
-class DeviceHub(Handlers):
+class Closable(Protocol):
+    @property
+    def closed(self) -> bool: ...
+
+
+class LiveSession(Protocol):
+    """A device session as the hub sees it (gateway.device_session.DeviceSession)."""
+
+    device_id: str
+    session: str
+    desired: shadow.Document
+    last_activity: float
+
+    @property
+    def writer(self) -> Closable: ...
+    def deliver_command(self, data: bytes, received: float | None = None) -> None: ...
+    def close(self, close: disconnect.Close) -> None: ...
+
+
+class DeviceHub:
     """Live sessions by device id (at most one per device in this process)."""
 
     def __init__(self, heartbeat_timeout: float = 60.0) -> None:
         # a device silent for nearly the whole timeout is expiring honestly: only one whose
         # last frame is clearly inside it had its key lost (Redis restarted, or stalled)
         self.active_window = heartbeat_timeout - max(0.05, min(2.0, heartbeat_timeout / 4))
-        self.sessions: dict[str, DeviceSession] = {}
-        self.expired_sink: Handlers | None = None
-        self.presence_listeners: list[Handlers] = []
+        self.sessions: dict[str, LiveSession] = {}
 
     def __len__(self) -> int:
         return len(self.sessions)
 
-    def add(self, session: DeviceSession) -> None:
+    def add(self, session: LiveSession) -> None:
         previous = self.sessions.get(session.device_id)
         self.sessions[session.device_id] = session
         if previous is not None and previous is not session:
             previous.close(disconnect.REPLACED)
 
-    def remove(self, session: DeviceSession) -> bool:
+    def remove(self, session: LiveSession) -> bool:
         """Forget *session*; True when it was the device's live one here."""
         if self.sessions.get(session.device_id) is session:
             del self.sessions[session.device_id]
@@ -58,7 +72,7 @@ class DeviceHub(Handlers):
             return None
         return session.session, session.last_activity
 
-    # --- broker handlers ----------------------------------------------------
+    # --- what the broker delivers ---------------------------------------------
     def on_command(self, device_id: str, data: bytes) -> None:
         session = self.sessions.get(device_id)
         if session is not None:
@@ -75,26 +89,21 @@ class DeviceHub(Handlers):
         if session is not None and session.session == message.get("session"):
             session.close(disconnect.by_reason(str(message.get("reason"))))
 
-    def on_presence(self, data: bytes) -> None:
-        for listener in self.presence_listeners:
-            listener.on_presence(data)
-
-    def on_expired(self, device_id: str) -> None:
-        if self.expired_sink is not None:
-            self.expired_sink.on_expired(device_id)
-
     def stale(self, device_id: str, session_id: str, code: int) -> None:
         """The presence engine found a session that is no longer current (or a deleted device)."""
         session = self.sessions.get(device_id)
         if session is not None and session.session == session_id:
             session.close(disconnect.REPLACED if code == -1 else disconnect.DELETED)
 
-    # --- re-sync after the pub/sub connection came back ---------------------
-    def resync_targets(self) -> list[DeviceSession]:
-        return list(self.sessions.values())
+    # --- re-sync after a subscription was lost and restored ---------------------
+    def resync_targets(self, device_ids: Collection[str] | None = None) -> list[LiveSession]:
+        """Local sessions among *device_ids* (None: all of them)."""
+        if device_ids is None:
+            return list(self.sessions.values())
+        return [s for d in device_ids if (s := self.sessions.get(d)) is not None]
 
     @staticmethod
-    def resync_one(session: DeviceSession, desired_raw: bytes | None, version: int) -> bool:
+    def resync_one(session: LiveSession, desired_raw: bytes | None, version: int) -> bool:
         """Send the current desired state if it moved while no message could arrive."""
         desired = shadow.decode_document(desired_raw)
         if shadow.same(desired, session.desired):
@@ -110,6 +119,3 @@ class DeviceHub(Handlers):
             )
         )
         return True
-
-
-__all__ = ["DeviceHub", "protocol"]

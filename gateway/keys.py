@@ -175,6 +175,13 @@ class Keys:
     def cluster(cls, prefix: str = "", partitions: int = DEFAULT_PARTITIONS) -> Keys:
         return cls(prefix, "cluster", partitions)
 
+    @classmethod
+    def single(cls, prefix: str = "", schema: str = "python") -> Keys:
+        """The one-node layout with the given schema's field names (`python` or `node`)."""
+        if schema not in ("python", "node"):
+            raise ValueError(f"schema must be python or node, got {schema!r}")
+        return cls(prefix, "node" if schema == "node" else "python")
+
     @property
     def sharded(self) -> bool:
         """Channels are sharded (SSUBSCRIBE/SPUBLISH): the cluster layout."""

@@ -7,6 +7,7 @@ the role it grants and a lifetime, so any gateway process can check it and logou
 from __future__ import annotations
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway.auth import Role, hash_token, new_secret
 from gateway.keys import Keys, login_session
@@ -15,14 +16,14 @@ COOKIE = "gateway_session"
 LIFETIME = 12 * 3600
 
 
-async def create(redis: Redis, keys: Keys, role: Role) -> str:
+async def create(redis: Redis | RedisCluster, keys: Keys, role: Role) -> str:
     """A new session for *role*; returns the cookie value (shown to the browser only)."""
     value = new_secret()
     await redis.set(login_session(keys, hash_token(value)), role.value, ex=LIFETIME)
     return value
 
 
-async def resolve(redis: Redis, keys: Keys, value: str | None) -> Role | None:
+async def resolve(redis: Redis | RedisCluster, keys: Keys, value: str | None) -> Role | None:
     if not value or len(value) > 128:
         return None
     stored = await redis.get(login_session(keys, hash_token(value)))
@@ -34,7 +35,7 @@ async def resolve(redis: Redis, keys: Keys, value: str | None) -> Role | None:
         return None
 
 
-async def delete(redis: Redis, keys: Keys, value: str | None) -> None:
+async def delete(redis: Redis | RedisCluster, keys: Keys, value: str | None) -> None:
     if value and len(value) <= 128:
         await redis.delete(login_session(keys, hash_token(value)))
 

@@ -1,9 +1,11 @@
 """The presence engine: sessions, batched heartbeats, disconnects and offline detection.
 
-Every transition is one Lua script (connect, heartbeat_batch, disconnect, expire), so two
-gateway processes, the seed's classes and any number of detectors can run side by side and
-each transition is still published once. Frames never cost a Redis round trip each: the
-engine gathers them per device and writes one tick (≤ 20 ms) with one script call per chunk.
+Every transition is one Lua script (connect, heartbeat_batch, disconnect, expire) on one
+device's partition, so any number of gateway processes, the seed's classes and any number of
+detectors can run side by side and each transition is still published once. Frames never cost
+a Redis round trip each: the engine gathers them per device and writes one tick (≤ 20 ms) with
+one script call per partition and chunk, several in flight. A partition whose write fails
+(its node is failing over) is written again at the next tick; the others are not held back.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 from gateway.config import Settings
-from gateway.keys import Keys
+from gateway.keys import Partition
 from gateway.metrics import Metrics
-from gateway.scripts import SCRIPTS
+from gateway.scripts import Call, run_each
 from gateway.store import Store, now_text, text
 
 log = logging.getLogger("gateway.presence")
@@ -81,7 +84,7 @@ class PresenceEngine:
 
     def __init__(
         self,
-        redis: Redis,
+        redis: Redis | RedisCluster,
         store: Store,
         settings: Settings,
         metrics: Metrics,
@@ -92,7 +95,8 @@ class PresenceEngine:
         self.redis = redis
         self.store = store
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = store.keys
+        self.scripts = store.scripts
         self.metrics = metrics
         self.on_stale = on_stale
         self.local_active = local_active or (lambda device_id: None)
@@ -108,22 +112,22 @@ class PresenceEngine:
     # --- transitions --------------------------------------------------------
     async def connect(self, device_id: str, session: str, token_hash: str) -> Welcome | None:
         """Take the device's one session; None for an unknown device. Raises Revoked."""
-        k = self.keys
+        k, part = self.keys, self.keys.of(device_id)
         with self.metrics.redis_latency.labels("connect").time():
-            reply = await SCRIPTS.connect(
+            reply = await self.scripts.connect(
                 self.redis,
                 [
                     k.state(device_id),
                     k.heartbeat(device_id),
                     k.history(device_id),
-                    k.online,
-                    k.index_online,
-                    k.online_seen,
-                    k.seen,
-                    k.online_by_type,
-                    k.events,
-                    k.presence_channel,
-                    k.control_channel,
+                    part.online,
+                    part.index_online,
+                    part.online_seen,
+                    part.seen,
+                    part.online_by_type,
+                    part.events,
+                    part.presence_channel,
+                    part.control_channel,
                 ],
                 [
                     device_id,
@@ -188,13 +192,19 @@ class PresenceEngine:
         self._expired.add(device_id)
         self._wake.set()
 
-    def _offline_keys(self) -> list[str]:
-        """The fleet-wide keys every offline-capable script (disconnect, expire) takes first."""
-        k = self.keys
+    @staticmethod
+    def _offline_keys(part: Partition) -> list[str]:
+        """The partition's keys every offline-capable script (disconnect, expire) takes first."""
         return [
-            k.online, k.index_online, k.online_seen, k.online_by_type, k.events,
-            k.presence_channel,
+            part.online, part.index_online, part.online_seen, part.online_by_type, part.events,
+            part.presence_channel,
         ]  # fmt: skip
+
+    def _by_partition(self, device_ids: Iterable[str]) -> dict[int, list[str]]:
+        grouped: dict[int, list[str]] = {}
+        for device_id in device_ids:
+            grouped.setdefault(self.keys.partition(device_id), []).append(device_id)
+        return grouped
 
     # --- the tick -----------------------------------------------------------
     async def run(self) -> None:
@@ -240,7 +250,7 @@ class PresenceEngine:
         try:
             await self._write_beats(beats)
         except BaseException:
-            self._restore_beats(beats)
+            # the failed partitions' beats are back; their ends must not overtake them
             for key, value in ends.items():
                 self._ends.setdefault(key, value)
             self._expired |= expired
@@ -248,8 +258,6 @@ class PresenceEngine:
         try:
             await self._write_ends(ends, self.settings.offline_grace)
         except BaseException:
-            for key, value in ends.items():
-                self._ends.setdefault(key, value)
             self._expired |= expired
             raise
         try:
@@ -272,43 +280,37 @@ class PresenceEngine:
                 _settle(old.waiters, STALE)
 
     async def _write_beats(self, beats: dict[str, _Beat]) -> None:
+        """One heartbeat_batch call per partition and chunk; the beats of a call that failed
+        are put back (re-raising after the rest were written)."""
         if not beats:
             return
-        k = self.keys
-        items = list(beats.items())
-        self.metrics.batch_size.observe(len(items))
-        head = [
-            k.online,
-            k.index_online,
-            k.online_seen,
-            k.seen,
-            k.online_by_type,
-            k.events,
-            k.presence_channel,
-        ]
+        self.metrics.batch_size.observe(len(beats))
         now = now_text()
-        chunks = [items[start : start + CHUNK] for start in range(0, len(items), CHUNK)]
-        if len(chunks) == 1:
-            await self._write_beat_chunk(chunks[0], head, now)
-            return
-        # chunks touch disjoint devices: several in flight let Redis run one script while
-        # this process builds the next, instead of each waiting for the other
-        limit = asyncio.Semaphore(CHUNKS_IN_FLIGHT)
+        calls: list[Call] = []
+        chunks: list[list[tuple[str, _Beat]]] = []
+        for partition, ids in self._by_partition(beats).items():
+            for start in range(0, len(ids), CHUNK):
+                chunk = [(device_id, beats[device_id]) for device_id in ids[start : start + CHUNK]]
+                chunks.append(chunk)
+                calls.append(self._beat_call(self.keys.part(partition), chunk, now))
+        with self.metrics.redis_latency.labels("heartbeat_batch").time():
+            results = await run_each(self.redis, calls, CHUNKS_IN_FLIGHT)
+        failure: BaseException | None = None
+        for chunk, reply in zip(chunks, results, strict=True):
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                self._restore_beats(dict(chunk))
+            else:
+                self._settle_beats(chunk, reply)
+        if failure is not None:
+            raise failure
 
-        async def bounded(chunk: list[tuple[str, _Beat]]) -> None:
-            async with limit:
-                await self._write_beat_chunk(chunk, head, now)
-
-        results = await asyncio.gather(*(bounded(c) for c in chunks), return_exceptions=True)
-        for outcome in results:
-            if isinstance(outcome, BaseException):
-                raise outcome
-
-    async def _write_beat_chunk(
-        self, chunk: list[tuple[str, _Beat]], head: list[str], now: str
-    ) -> None:
+    def _beat_call(self, part: Partition, chunk: list[tuple[str, _Beat]], now: str) -> Call:
         k = self.keys
-        keys = list(head)
+        keys = [
+            part.online, part.index_online, part.online_seen, part.seen, part.online_by_type,
+            part.events, part.presence_channel,
+        ]  # fmt: skip
         args: list[Any] = [
             now,
             self.settings.ttl_ms,
@@ -324,8 +326,9 @@ class PresenceEngine:
                 beat.reported if beat.reported is not None else b"",
                 beat.reported_meta,
             ]
-        with self.metrics.redis_latency.labels("heartbeat_batch").time():
-            reply = await SCRIPTS.heartbeat_batch(self.redis, keys, args)
+        return Call(self.scripts.heartbeat_batch, keys, args)
+
+    def _settle_beats(self, chunk: list[tuple[str, _Beat]], reply: Any) -> None:
         for index, (device_id, beat) in enumerate(chunk):
             code, version = int(reply[2 * index]), int(reply[2 * index + 1])
             if code == RESUMED:
@@ -335,31 +338,50 @@ class PresenceEngine:
             _settle(beat.waiters, version if code > 0 else code)
 
     async def _write_ends(self, ends: dict[tuple[str, str], _End], grace: float) -> None:
+        """One disconnect call per partition and chunk; failed ones are put back and raised."""
         if not ends:
             return
         k = self.keys
         items = list(ends.items())
-        head = self._offline_keys()
-        for start in range(0, len(items), CHUNK):
-            chunk = items[start : start + CHUNK]
-            keys = list(head)
-            args: list[Any] = [
-                now_text(),
-                int(grace * 1000),
-                self.settings.ttl_ms,
-                self.settings.history_maxlen,
-                self.settings.events_maxlen,
-            ]
-            for (device_id, session), end in chunk:
-                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
-                args += [device_id, session, end.reason]
-            with self.metrics.redis_latency.labels("disconnect").time():
-                reply = await SCRIPTS.disconnect(self.redis, keys, args)
-            for index, ((_, _), end) in enumerate(chunk):
+        grouped: dict[int, list[tuple[tuple[str, str], _End]]] = {}
+        for key, end in items:
+            grouped.setdefault(self.keys.partition(key[0]), []).append((key, end))
+        calls: list[Call] = []
+        chunks: list[list[tuple[tuple[str, str], _End]]] = []
+        now = now_text()
+        for partition, entries in grouped.items():
+            head = self._offline_keys(self.keys.part(partition))
+            for start in range(0, len(entries), CHUNK):
+                chunk = entries[start : start + CHUNK]
+                keys = list(head)
+                args: list[Any] = [
+                    now,
+                    int(grace * 1000),
+                    self.settings.ttl_ms,
+                    self.settings.history_maxlen,
+                    self.settings.events_maxlen,
+                ]
+                for (device_id, session), end in chunk:
+                    keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+                    args += [device_id, session, end.reason]
+                chunks.append(chunk)
+                calls.append(Call(self.scripts.disconnect, keys, args))
+        with self.metrics.redis_latency.labels("disconnect").time():
+            results = await run_each(self.redis, calls, CHUNKS_IN_FLIGHT)
+        failure: BaseException | None = None
+        for chunk, reply in zip(chunks, results, strict=True):
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                for key, end in chunk:
+                    self._ends.setdefault(key, end)
+                continue
+            for index, (_, end) in enumerate(chunk):
                 code = int(reply[index])
                 if code == 1:
                     self.metrics.transitions.labels("offline", end.reason).inc()
                 _settle(end.waiters, code)
+        if failure is not None:
+            raise failure
 
     async def end_now(self, sessions: Iterable[tuple[str, str]], reason: str, grace: float) -> None:
         """End many sessions at once (shutdown), flushing their last heartbeats first."""
@@ -401,30 +423,33 @@ class PresenceEngine:
         if not ids:
             return 0
         k = self.keys
-        head = self._offline_keys()
+        calls: list[Call] = []
+        now = now_text()
+        for partition, group in self._by_partition(ids).items():
+            head = self._offline_keys(self.keys.part(partition))
+            for start in range(0, len(group), CHUNK):
+                chunk = group[start : start + CHUNK]
+                keys = list(head)
+                for device_id in chunk:
+                    keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+                settings = self.settings
+                args: list[Any] = [
+                    now, settings.history_maxlen, settings.events_maxlen, settings.ttl_ms, *chunk,
+                ]  # fmt: skip
+                calls.append(Call(self.scripts.expire, keys, args))
+        with self.metrics.redis_latency.labels("expire").time():
+            results = await run_each(self.redis, calls, CHUNKS_IN_FLIGHT)
         went = 0
-        for start in range(0, len(ids), CHUNK):
-            chunk = ids[start : start + CHUNK]
-            keys = list(head)
-            for device_id in chunk:
-                keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
-            with self.metrics.redis_latency.labels("expire").time():
-                reply = await SCRIPTS.expire(
-                    self.redis,
-                    keys,
-                    [
-                        now_text(),
-                        self.settings.history_maxlen,
-                        self.settings.events_maxlen,
-                        self.settings.ttl_ms,
-                        *chunk,
-                    ],
-                )
-            for version in reply:
-                if int(version) > 0:
-                    went += 1
+        failure: BaseException | None = None
+        for reply in results:
+            if isinstance(reply, BaseException):
+                failure = failure or reply
+                continue
+            went += sum(1 for version in reply if int(version) > 0)
         if went:
             self.metrics.transitions.labels("offline", "expired").inc(went)
+        if failure is not None:
+            raise failure
         return went
 
     # --- the sweep ----------------------------------------------------------
@@ -452,42 +477,45 @@ class PresenceEngine:
                 log.warning("offline sweep failed: %s", exc)
 
     async def sweep(self) -> int:
-        """Catch what notifications missed; cost bounded by the stale head, never the fleet.
+        """Catch what notifications missed; cost bounded by the stale heads, never the fleet.
 
-        The last-seen index yields online devices not renewed within the timeout. A bounded
-        step of SSCAN over the seed's online and registered sets adopts devices written by
-        other programs, so a device the seed heartbeats is indexed and expired like ours.
+        Each partition's last-seen index yields its online devices not renewed within the
+        timeout. On one node, a bounded step of SSCAN over the seed's online and registered
+        sets also adopts devices written by other programs, so a device the seed heartbeats
+        is indexed and expired like the gateway's own.
         """
         cutoff = time.time() - self.settings.heartbeat_timeout
-        stale: list[bytes] = await self.redis.zrangebyscore(
-            self.keys.online_seen, "-inf", cutoff, start=0, num=SWEEP_BATCH
-        )  # type: ignore[assignment]
-        ids = [text(member) for member in stale]
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for part in self.keys.parts:
+                pipe.zrangebyscore(part.online_seen, "-inf", cutoff, start=0, num=SWEEP_BATCH)
+            heads = await pipe.execute()
+        ids = [text(member) for head in heads for member in head]
+        if self.keys.sharded:
+            return await self.expire(ids)
+        part = self.keys.part(0)
         self._online_cursor, online = await self.redis.sscan(
-            self.keys.online, self._online_cursor, count=RECONCILE_COUNT
+            part.online, self._online_cursor, count=RECONCILE_COUNT
         )
         foreign = [text(member) for member in online]
         self._registered_cursor, registered = await self.redis.sscan(
-            self.keys.registered, self._registered_cursor, count=RECONCILE_COUNT
+            part.registered, self._registered_cursor, count=RECONCILE_COUNT
         )
         await self.store.adopt(foreign + [text(member) for member in registered])
         return await self.expire(ids + foreign)
 
     # --- keyspace notifications ---------------------------------------------
     async def enable_notifications(self) -> bool:
-        """Add `E` and `x` to notify-keyspace-events, keeping every flag already set.
+        """Add `E` and `x` to notify-keyspace-events, keeping every flag already set: on the
+        one node, or on every primary of a cluster (notifications are per node).
 
         Managed Redis often forbids CONFIG: then the sweep alone detects, and we say so.
         """
         try:
-            current = (await self.redis.config_get("notify-keyspace-events")).get(
-                "notify-keyspace-events", ""
-            )
-            flags = current.decode() if isinstance(current, bytes) else str(current)
-            has_expired = "x" in flags or "A" in flags
-            missing = ("" if "E" in flags else "E") + ("" if has_expired else "x")
-            if missing:
-                await self.redis.config_set("notify-keyspace-events", flags + missing)
+            if isinstance(self.redis, RedisCluster):
+                for node in self.redis.get_primaries():
+                    await _enable_expired_events(self.redis, node)
+            else:
+                await _enable_expired_events(self.redis, None)
             return True
         except RedisError as exc:
             log.warning(
@@ -497,6 +525,19 @@ class PresenceEngine:
                 self.settings.sweep_interval,
             )
             return False
+
+
+async def _enable_expired_events(redis: Redis | RedisCluster, node: Any) -> None:
+    options: dict[str, Any] = {} if node is None else {"target_nodes": node}
+    reply: Any = await redis.config_get("notify-keyspace-events", **options)
+    if node is not None and isinstance(reply, dict) and node.name in reply:
+        reply = reply[node.name]  # some versions answer per node
+    current = reply.get("notify-keyspace-events", "") if isinstance(reply, dict) else ""
+    flags = current.decode() if isinstance(current, bytes) else str(current)
+    has_expired = "x" in flags or "A" in flags
+    missing = ("" if "E" in flags else "E") + ("" if has_expired else "x")
+    if missing:
+        await redis.config_set("notify-keyspace-events", flags + missing, **options)
 
 
 def _libc_trim() -> Callable[[], None]:

@@ -6,6 +6,7 @@ A frame that cannot be understood raises FrameError with a stable `code` for the
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ from gateway.keys import is_device_id
 
 MAX_REQUEST_ID = 64
 MAX_FILTER_IDS = 1000
+POSITION = re.compile(r"[A-Za-z0-9_.:-]{1,4096}")  # a stream id, or a cluster's position
 EVENT_TYPES = frozenset({"presence", "state", "registered", "deleted", "metadata"})
 
 
@@ -167,9 +169,11 @@ def parse_command(data: bytes) -> shadow.Document | None:
         message = orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
-    if isinstance(message, dict) and isinstance(message.get("desired_state"), dict):
-        return dict(message["desired_state"])
-    return None
+    if not isinstance(message, dict):
+        return None
+    # the Node.js classes publish `desiredState`
+    desired = message.get("desired_state", message.get("desiredState"))
+    return dict(desired) if isinstance(desired, dict) else None
 
 
 def command_version(data: bytes) -> int | None:
@@ -227,14 +231,12 @@ def parse_dashboard_frame(data: str | bytes) -> DashboardFrame:
         return Subscribe(_string_set(frame, "types", EVENT_TYPES), _string_set(frame, "ids", None))
     if kind == "resume":
         after = frame.get("after")
-        if not isinstance(after, str) or not _is_stream_id(after):
-            raise FrameError("invalid_frame", "'after' must be a stream id like '1700000000000-0'")
+        if not isinstance(after, str) or not POSITION.fullmatch(after):
+            raise FrameError(
+                "invalid_frame",
+                "'after' must be a cursor this gateway sent (a snapshot's or an events frame's)",
+            )
         return Resume(after)
     if kind == "ping":
         return Ping()
     raise FrameError("unknown_type", "expected subscribe, resume or ping")
-
-
-def _is_stream_id(value: str) -> bool:
-    ms, _, seq = value.partition("-")
-    return ms.isdigit() and (seq == "" or seq.isdigit()) and len(value) <= 41

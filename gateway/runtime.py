@@ -1,4 +1,11 @@
-"""The gateway's running parts, wired once per app and shared by every endpoint."""
+"""The gateway's running parts, wired once per process and shared by every endpoint.
+
+The data layout is decided when Redis first answers: a `redis+cluster://` URL, or a plain URL
+that turns out to point at a cluster node, runs the cluster layout; anything else the
+single-node layout with the configured field names. Until Redis answers, the HTTP server is up
+and every part that needs Redis answers "unavailable" (503, a refused handshake), so a gateway
+started before its Redis serves as soon as Redis does.
+"""
 
 from __future__ import annotations
 
@@ -6,20 +13,26 @@ import asyncio
 import contextlib
 import logging
 import sys
+from collections.abc import Collection
+from dataclasses import dataclass
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import disconnect, redisconn
 from gateway.auth import ApiKeys, hash_token, new_secret
-from gateway.broker import Broker, Handlers
+from gateway.broker import Broker
+from gateway.broker_cluster import ClusterBroker
 from gateway.config import Settings
 from gateway.dashboards import DashboardHub, close_all
+from gateway.device_session import SessionContext
 from gateway.hub import RESYNC_CHUNK, DeviceHub
 from gateway.keys import Keys, generated_admin_key
 from gateway.metrics import Metrics
 from gateway.presence import REDIS_ERRORS, PresenceEngine
-from gateway.scripts import SCRIPTS
+from gateway.scripts import Scripts
 from gateway.store import Store
 
 log = logging.getLogger("gateway")
@@ -28,109 +41,219 @@ REDIS_SOCKET_TIMEOUT = 5.0
 REASSERT_HOLD = 3.0  # seconds without sweeping after a reconnect: every process re-asserts first
 
 
+class NotReady(RedisConnectionError):
+    """Redis has not answered yet: the parts that need it do not exist."""
+
+
+@dataclass(frozen=True)
+class Core:
+    """Everything that needs Redis, built once its layout is known."""
+
+    redis: Redis | RedisCluster
+    keys: Keys
+    db: int
+    store: Store
+    presence: PresenceEngine
+    dashboards: DashboardHub
+    broker: Broker | ClusterBroker
+    sessions: SessionContext
+    pubsub_redis: Redis | None  # one node: a client of its own that never reconnects silently
+
+
 class Gateway:
-    """Owns the Redis client and every background task of one process."""
+    """Owns the Redis clients and every background task of one process."""
 
     def __init__(self, settings: Settings) -> None:
         if not settings.redis_url:
             raise ValueError("settings.redis_url must be set (the CLI starts an embedded server)")
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
-        self.redis: Redis = redisconn.connect(settings.redis_url)
-        self.db = int(self.redis.connection_pool.connection_kwargs.get("db", 0) or 0)
         self.metrics = Metrics()
-        self.store = Store(self.redis, settings)
         self.api_keys = ApiKeys.of(
             [settings.api_key] if settings.api_key else [], settings.read_api_keys
         )
         self.hub = DeviceHub(settings.heartbeat_timeout)
-        self.presence = PresenceEngine(
-            self.redis,
-            self.store,
-            settings,
-            self.metrics,
-            self.hub.stale,
-            self.db,
-            local_active=self.hub.active_session,
-        )
-        self.hub.expired_sink = _ExpiredSink(self.presence)
-        self.dashboards = DashboardHub(self.redis, self.store, settings, self.metrics)
-        # pub/sub gets its own client that never reconnects behind the broker's back: the broker
-        # must see every drop, so it can re-send what was published while nobody listened
-        self.pubsub_redis: Redis = redisconn.connect(
-            settings.redis_url, max_connections=4, retry=redisconn.NO_RETRY
-        )
-        self.broker = Broker(self.pubsub_redis, self.keys, self.db, self.hub, self.resync_devices)
         self.notifications = False
         self.draining = False
         self.started = asyncio.Event()
+        self._core: Core | None = None
         self._tasks: list[asyncio.Task[Any]] = []
 
+    # --- the parts, once Redis answered -----------------------------------------
+    @property
+    def core(self) -> Core:
+        if self._core is None:
+            raise NotReady("the gateway has not reached Redis yet")
+        return self._core
+
+    @property
+    def redis(self) -> Redis | RedisCluster:
+        return self.core.redis
+
+    @property
+    def keys(self) -> Keys:
+        return self.core.keys
+
+    @property
+    def db(self) -> int:
+        return self.core.db
+
+    @property
+    def store(self) -> Store:
+        return self.core.store
+
+    @property
+    def presence(self) -> PresenceEngine:
+        return self.core.presence
+
+    @property
+    def dashboards(self) -> DashboardHub:
+        return self.core.dashboards
+
+    @property
+    def broker(self) -> Broker | ClusterBroker:
+        return self.core.broker
+
+    @property
+    def sessions(self) -> SessionContext:
+        return self.core.sessions
+
+    # --- start and stop ---------------------------------------------------------
     async def start(self) -> None:
         """Start in the background: the HTTP server answers (readyz false) while Redis is away."""
         self._tasks.append(asyncio.create_task(self._start(), name="gateway-start"))
 
     async def _start(self) -> None:
+        url = self.settings.redis_url or ""
         delay = 0.1
         while True:
             try:
-                await SCRIPTS.load(self.redis)
-                await self._ensure_admin_key()
+                core = await self._build()
+                try:
+                    await core.store.scripts.load(core.redis)
+                    self._core = core
+                    await self._ensure_admin_key()
+                except BaseException:
+                    self._core = None
+                    await _close_clients(core)
+                    raise
                 break
             except Exception as exc:  # Redis not there yet: keep trying, say why
                 log.warning(
                     "Redis at %s not usable yet (%s); retrying in %.1f s",
-                    _safe_url(self.settings.redis_url or ""),
+                    _safe_url(url),
                     exc,
                     delay,
                 )
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
-        log.info("using Redis at %s (db %d)", _safe_url(self.settings.redis_url or ""), self.db)
-        if self.db and not self.settings.key_prefix:
+        core = self.core
+        layout = f"cluster, {core.keys.partitions} partitions" if core.keys.sharded else (
+            f"single node, {core.keys.schema} field names, db {core.db}"
+        )  # fmt: skip
+        log.info("using Redis at %s (%s)", _safe_url(url), layout)
+        if core.db and not self.settings.key_prefix:
             log.warning(
                 "Redis database %d is selected but no GATEWAY_KEY_PREFIX is set: pub/sub channels "
                 "are shared by every database of a server, so deployments on other databases of "
                 "this Redis see this one's presence events and commands; set GATEWAY_KEY_PREFIX to "
                 "isolate it",
-                self.db,
+                core.db,
             )
         await self.on_redis_ready()
         self.started.set()
 
-    async def on_redis_ready(self) -> None:
-        """Start the parts that need Redis: detection, the tick, the pub/sub connection."""
-        self.notifications = await self.presence.enable_notifications()
-        self.spawn(self.presence.run(), "presence")
-        self.spawn(self.broker.run(), "broker")
-        self.spawn(self.dashboards.run(), "dashboards")
-        await asyncio.wait_for(self.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
-
-    async def resync_devices(self) -> None:
-        """After the pub/sub connection came back (Redis may have restarted): re-assert the
-        presence of local devices before any process sweeps, then re-send desired states that
-        moved while no message could arrive."""
-        self.presence.hold_sweep(REASSERT_HOLD)
-        self.presence.reassert(
-            (device_id, *live)
-            for device_id in list(self.hub.sessions)
-            if (live := self.hub.active_session(device_id)) is not None
+    async def _build(self) -> Core:
+        """Detect the layout and make every part that needs Redis."""
+        settings = self.settings
+        url = settings.redis_url or ""
+        cluster = await redisconn.detect_cluster(url)
+        redis: Redis | RedisCluster
+        pubsub_redis: Redis | None = None
+        if cluster:
+            if settings.seed_schema != "python":
+                log.warning("GATEWAY_SEED_SCHEMA applies to one node only; a cluster has its own")
+            keys = Keys.cluster(settings.key_prefix, settings.cluster_partitions)
+            cluster_client = redisconn.connect_cluster(url)
+            try:
+                await cluster_client.initialize()
+            except BaseException:
+                await cluster_client.aclose()
+                raise
+            redis, db = cluster_client, 0
+        else:
+            keys = Keys.single(settings.key_prefix, settings.seed_schema)
+            single = redisconn.connect(url)
+            redis = single
+            db = int(single.connection_pool.connection_kwargs.get("db", 0) or 0)
+            # pub/sub gets its own client that never reconnects behind the broker's back: the
+            # broker must see every drop, so it can re-send what was published meanwhile
+            pubsub_redis = redisconn.connect(url, max_connections=4, retry=redisconn.NO_RETRY)
+        scripts = Scripts(keys)
+        store = Store(redis, settings, keys, scripts)
+        presence = PresenceEngine(
+            redis,
+            store,
+            settings,
+            self.metrics,
+            self.hub.stale,
+            db,
+            local_active=self.hub.active_session,
         )
-        sessions = self.hub.resync_targets()
+        deliveries = _Deliveries(self.hub, presence)
+        broker: Broker | ClusterBroker
+        if isinstance(redis, RedisCluster):
+            broker = ClusterBroker(redis, keys, deliveries, self.resync_devices)
+        else:
+            assert pubsub_redis is not None
+            broker = Broker(pubsub_redis, keys, db, deliveries, self.resync_devices)
+        sessions = SessionContext(
+            presence=presence,
+            read_shadow=store.get,
+            metrics=self.metrics,
+            limits=store.limits,
+            heartbeat_timeout=settings.heartbeat_timeout,
+            max_frame_bytes=settings.max_frame_bytes,
+            rate_limit=settings.rate_limit,
+            rate_burst=settings.rate_burst,
+            malformed_tolerance=settings.malformed_tolerance,
+            send_queue_size=settings.send_queue_size,
+        )
+        dashboards = DashboardHub(store.events, settings, self.metrics)
+        return Core(redis, keys, db, store, presence, dashboards, broker, sessions, pubsub_redis)
+
+    async def on_redis_ready(self) -> None:
+        """Start the parts that need Redis: detection, the tick, the pub/sub connections."""
+        core = self.core
+        self.notifications = await core.presence.enable_notifications()
+        self.spawn(core.presence.run(), "presence")
+        self.spawn(core.broker.run(), "broker")
+        self.spawn(core.dashboards.run(), "dashboards")
+        await asyncio.wait_for(core.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
+
+    async def resync_devices(self, device_ids: Collection[str] | None) -> None:
+        """After subscriptions were lost and restored (Redis restarted, a failover, a slot
+        moved): re-assert the presence of the local devices concerned before any process
+        sweeps, then re-send desired states that moved while no message could arrive."""
+        core = self.core
+        sessions = self.hub.resync_targets(device_ids)
+        if device_ids is None:
+            core.presence.hold_sweep(REASSERT_HOLD)
+        core.presence.reassert(
+            (session.device_id, *live)
+            for session in sessions
+            if (live := self.hub.active_session(session.device_id)) is not None
+        )
         resent = 0
         for start in range(0, len(sessions), RESYNC_CHUNK):
             chunk = sessions[start : start + RESYNC_CHUNK]
             try:
-                async with self.redis.pipeline(transaction=False) as pipe:
-                    for session in chunk:
-                        pipe.hmget(self.keys.state(session.device_id), ["desired_state", "version"])
-                    replies = await pipe.execute()
+                states = await core.store.desired_states([s.device_id for s in chunk])
             except REDIS_ERRORS as exc:
                 # the broker reconnects (with backoff) and calls this again: nothing is skipped
                 log.warning("re-sync after reconnect failed: %s", exc)
                 raise
-            for session, (desired, version) in zip(chunk, replies, strict=True):
-                if self.hub.resync_one(session, desired, int(version or 0)):
+            for session, (desired, version) in zip(chunk, states, strict=True):
+                if self.hub.resync_one(session, desired, version):
                     resent += 1
         if resent:
             log.info("re-sent desired state to %d devices after reconnect", resent)
@@ -140,21 +263,21 @@ class Gateway:
         (only its hash is kept); `--new-admin-key` replaces it."""
         if self.settings.api_key:
             return
-        name = generated_admin_key(self.keys)
+        redis = self.core.redis
+        name = generated_admin_key(self.core.keys)
         key = new_secret()
         if self.settings.new_admin_key:
-            await self.redis.set(name, hash_token(key))
+            await redis.set(name, hash_token(key))
             self._announce_admin_key(key, "replaced the admin API key")
-        elif await self.redis.set(name, hash_token(key), nx=True):
-            self._announce_admin_key(
-                key, "no GATEWAY_API_KEY configured: generated an admin API key"
-            )
+        elif await redis.set(name, hash_token(key), nx=True):
+            what = "no GATEWAY_API_KEY configured: generated an admin API key"
+            self._announce_admin_key(key, what)
         else:
             log.info(
                 "admin API key: the one generated and printed at the first start (only its hash "
                 "is kept); lost it? `gateway serve --new-admin-key` prints a new one"
             )
-        stored = await self.redis.get(name)
+        stored = await redis.get(name)
         if stored:
             digest = stored.decode() if isinstance(stored, bytes) else str(stored)
             self.api_keys = ApiKeys(self.api_keys.admin | {digest}, self.api_keys.read)
@@ -178,12 +301,14 @@ class Gateway:
         instance within it never show offline; without, each goes offline `gateway_shutdown`.
         """
         self.draining = True
-        close_all(self.dashboards)
+        if self._core is None:
+            return
+        close_all(self._core.dashboards)
         sessions = list(self.hub.sessions.values())
         if not sessions:
             return
         try:
-            await self.presence.end_now(
+            await self._core.presence.end_now(
                 [(s.device_id, s.session) for s in sessions],
                 "gateway_shutdown",
                 self.settings.offline_grace,
@@ -203,8 +328,26 @@ class Gateway:
         for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-        await self.redis.aclose()
-        await self.pubsub_redis.aclose()
+        if self._core is not None:
+            await _close_clients(self._core)
+
+
+class _Deliveries:
+    """What the broker delivers, to whom: commands and kicks to the hub, expiries to the
+    presence engine."""
+
+    def __init__(self, hub: DeviceHub, presence: PresenceEngine) -> None:
+        self.on_command = hub.on_command
+        self.on_control = hub.on_control
+        self.on_expired = presence.note_expired
+
+
+async def _close_clients(core: Core) -> None:
+    if isinstance(core.broker, ClusterBroker):
+        await core.broker.aclose()
+    await core.redis.aclose()
+    if core.pubsub_redis is not None:
+        await core.pubsub_redis.aclose()
 
 
 def _safe_url(url: str) -> str:
@@ -213,11 +356,3 @@ def _safe_url(url: str) -> str:
         return url
     scheme, _, rest = url.partition("://")
     return f"{scheme}://***@{rest.rpartition('@')[2]}"
-
-
-class _ExpiredSink(Handlers):
-    def __init__(self, presence: PresenceEngine) -> None:
-        self.presence = presence
-
-    def on_expired(self, device_id: str) -> None:
-        self.presence.note_expired(device_id)

@@ -9,6 +9,7 @@ for every layout. A server restart, a failover to a replica that never saw `SCRI
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -17,11 +18,12 @@ from typing import Any
 
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
-from redis.exceptions import NoScriptError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.keys import Keys
 
 KeyOrArg = str | bytes | int | float
+REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 Client = Redis | RedisCluster
 NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "disconnect", "expire",
@@ -115,7 +117,7 @@ class Scripts:
             return [await only.script(client, only.keys, only.args)]
         async with client.pipeline(transaction=False) as pipe:
             for call in calls:
-                pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
+                _queue(pipe, call)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         for index, result in enumerate(results):
             if isinstance(result, NoScriptError):
@@ -125,6 +127,48 @@ class Scripts:
             if isinstance(result, Exception):
                 raise result
         return results
+
+
+async def run_each(client: Client, calls: Sequence[Call], in_flight: int) -> list[Any]:
+    """Every call's result, or the exception that call (or its pipeline) met, in order.
+
+    Up to *in_flight* pipelines run at once, so Redis executes one while this process encodes
+    the next; each carries an equal share of the calls (on a cluster, split per node by the
+    client). A call whose pipeline failed as a whole (a node down) gets that failure.
+    """
+    if not calls:
+        return []
+    size = -(-len(calls) // in_flight)
+    groups = [list(calls[start : start + size]) for start in range(0, len(calls), size)]
+
+    async def one(group: list[Call]) -> list[Any]:
+        try:
+            if len(group) == 1:
+                call = group[0]
+                return [await call.script(client, call.keys, call.args)]
+            async with client.pipeline(transaction=False) as pipe:
+                for call in group:
+                    _queue(pipe, call)
+                results: list[Any] = await pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS as exc:
+            return [exc] * len(group)
+        for index, result in enumerate(results):
+            if isinstance(result, NoScriptError):
+                call = group[index]
+                try:
+                    results[index] = await call.script(client, call.keys, call.args)
+                except REDIS_ERRORS as exc:
+                    results[index] = exc
+        return results
+
+    outcomes = await asyncio.gather(*(one(group) for group in groups))
+    return [result for group in outcomes for result in group]
+
+
+def _queue(pipe: Any, call: Call) -> None:
+    # by name: redis-py's cluster pipeline refuses its `evalsha` method, though the command
+    # routes by its keys like any other
+    pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)
 
 
 SCRIPTS = Scripts()  # the default layout's, for code that runs only on one node

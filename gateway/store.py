@@ -1,15 +1,14 @@
-"""The device store: registry, shadows, history, pages and stats on Redis.
+"""The device store: registry, shadows and history on Redis, for any layout.
 
-Knows nothing of sockets. Every write that must be atomic is one Lua script (scripts.py);
-reads are single commands or one pipeline. Page cost is bounded by the page, never by the
-fleet, and stats come from maintained sets and counters, never from a scan.
+Knows nothing of sockets. Every write that must be atomic is one Lua script (scripts.py) on
+one device's partition; reads are single commands or one pipeline. Hash-field names and time
+units come from the layout (keys.py), so the same code serves the Python and Node.js field
+names and the cluster. Pages and counts are `queries.py`'s, fleet events `eventlog.py`'s.
 """
 
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import contextlib
 import random
 import time
@@ -20,7 +19,7 @@ from typing import Any, Literal, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.exceptions import ResponseError
+from redis.asyncio.cluster import RedisCluster
 
 from gateway import shadow
 from gateway.auth import hash_token, new_secret, token_matches
@@ -29,49 +28,27 @@ from gateway.errors import (
     Contention,
     DeviceExists,
     DeviceNotFound,
-    InvalidCursor,
     InvalidDeviceId,
     InvalidDeviceType,
-    InvalidRequest,
 )
-from gateway.keys import Keys, is_device_id, is_device_type
-from gateway.scripts import SCRIPTS
+from gateway.eventlog import EventLog, Position, merged, parse_id
+from gateway.keys import Fields, Keys, is_device_id, is_device_type
+from gateway.queries import MAX_PAGE, Page, Queries, Status, text
+from gateway.scripts import Scripts
 
-Status = Literal["online", "offline"]
-MAX_PAGE = 1000
+__all__ = ["MAX_PAGE", "Device", "Page", "Status", "Store", "now_text", "text"]
+
 CAS_ATTEMPTS = 8
-FIELDS = (
-    "device_id",
-    "device_type",
-    "registered_at",
-    "status",
-    "last_seen",
-    "reported_state",
-    "desired_state",
-    "metadata",
-    "version",
-    "presence_version",
-    "reported_meta",
-    "desired_meta",
-    "desired_version",
-    "reported_version",
-    "desired_sha",
-)
-
-
-PAGE_FIELDS = ("device_id", "device_type", "last_seen", "version")
-PAGE_FIELDS_WITH_STATE = (*PAGE_FIELDS, "metadata", "reported_state", "desired_state")
+# the gateway's own fields of the device hash, after the layout's seed fields
+OWN_FIELDS = (
+    "version", "presence_version", "reported_meta", "desired_meta", "desired_version",
+    "reported_version", "desired_sha",
+)  # fmt: skip
 
 
 def now_text(now: float | None = None) -> str:
-    """Epoch seconds as the seed writes them: a decimal string."""
+    """Epoch seconds as the Python classes write them: a decimal string."""
     return f"{time.time() if now is None else now:.6f}"
-
-
-def text(value: bytes | str | None, default: str = "") -> str:
-    if value is None:
-        return default
-    return value.decode() if isinstance(value, bytes) else value
 
 
 def _float(value: bytes | str | None) -> float:
@@ -86,6 +63,14 @@ def _int(value: bytes | str | None) -> int:
         return int(text(value, "0") or 0)
     except ValueError:
         return 0
+
+
+def hash_fields(fields: Fields) -> tuple[str, ...]:
+    """Every field a device read takes, the layout's seed fields first."""
+    return (
+        fields.device_id, fields.device_type, fields.registered_at, fields.status,
+        fields.last_seen, fields.reported, fields.desired, fields.metadata, *OWN_FIELDS,
+    )  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -108,23 +93,29 @@ class Device:
     reported_version: int = 0
 
     @classmethod
-    def from_hash(cls, values: Sequence[bytes | None], online: bool) -> Device:
-        raw = dict(zip(FIELDS, values, strict=True))
+    def from_hash(
+        cls, values: Sequence[bytes | None], online: bool, millis: bool = False
+    ) -> Device:
+        """From the values of `hash_fields(...)`, in that order."""
+        (device_id, device_type, registered_at, _, last_seen, reported, desired, metadata,
+         version, presence_version, reported_meta, desired_meta, desired_version,
+         reported_version, _) = values  # fmt: skip
+        scale = 1000.0 if millis else 1.0
         return cls(
-            device_id=text(raw["device_id"]),
-            device_type=text(raw["device_type"]),
+            device_id=text(device_id),
+            device_type=text(device_type),
             status="online" if online else "offline",
-            last_seen=_float(raw["last_seen"]),
-            registered_at=_float(raw["registered_at"]),
-            metadata=shadow.decode_document(raw["metadata"]),
-            reported_state=shadow.decode_document(raw["reported_state"]),
-            desired_state=shadow.decode_document(raw["desired_state"]),
-            version=_int(raw["version"]),
-            presence_version=_int(raw["presence_version"]),
-            reported_meta=shadow.decode_document(raw["reported_meta"]),
-            desired_meta=shadow.decode_document(raw["desired_meta"]),
-            desired_version=_int(raw["desired_version"]),
-            reported_version=_int(raw["reported_version"]),
+            last_seen=_float(last_seen) / scale,
+            registered_at=_float(registered_at) / scale,
+            metadata=shadow.decode_document(metadata),
+            reported_state=shadow.decode_document(reported),
+            desired_state=shadow.decode_document(desired),
+            version=_int(version),
+            presence_version=_int(presence_version),
+            reported_meta=shadow.decode_document(reported_meta),
+            desired_meta=shadow.decode_document(desired_meta),
+            desired_version=_int(desired_version),
+            reported_version=_int(reported_version),
         )
 
     def summary(self) -> dict[str, Any]:
@@ -151,12 +142,6 @@ class Device:
         }
 
 
-@dataclass(frozen=True)
-class Page:
-    items: list[dict[str, Any]]
-    next_cursor: str | None
-
-
 def _require_id(device_id: str) -> None:
     if not is_device_id(device_id):
         raise InvalidDeviceId(
@@ -164,28 +149,24 @@ def _require_id(device_id: str) -> None:
         )
 
 
-def encode_cursor(parts: dict[str, Any]) -> str:
-    return base64.urlsafe_b64encode(orjson.dumps(parts)).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str) -> dict[str, Any]:
-    try:
-        padded = cursor + "=" * (-len(cursor) % 4)
-        value = orjson.loads(base64.urlsafe_b64decode(padded.encode()))
-    except (binascii.Error, ValueError, orjson.JSONDecodeError) as exc:
-        raise InvalidCursor("cursor is not one this API issued") from exc
-    if not isinstance(value, dict):
-        raise InvalidCursor("cursor is not one this API issued")
-    return value
-
-
 class Store:
-    """Device registry and shadows on one Redis database."""
+    """Device registry, shadows and history in one layout (one node or a cluster)."""
 
-    def __init__(self, redis: Redis, settings: Settings) -> None:
+    def __init__(
+        self,
+        redis: Redis | RedisCluster,
+        settings: Settings,
+        keys: Keys | None = None,
+        scripts: Scripts | None = None,
+    ) -> None:
         self.redis = redis
         self.settings = settings
-        self.keys = Keys(settings.key_prefix)
+        self.keys = keys or Keys.single(settings.key_prefix, settings.seed_schema)
+        self.scripts = scripts or Scripts(self.keys)
+        self.fields = self.keys.fields
+        self.hash_fields = hash_fields(self.fields)
+        self.queries = Queries(redis, self.keys, self.scripts)
+        self.events = EventLog(redis, self.keys)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.limits = shadow.Limits(
             settings.max_section_bytes, settings.max_depth, settings.max_key_length
@@ -204,19 +185,19 @@ class Store:
             )
         encoded = shadow.check_size(shadow.validate_patch(metadata, self.limits), self.limits)
         token = new_secret()
-        k = self.keys
-        created = await SCRIPTS.register(
+        k, part = self.keys, self.keys.of(device_id)
+        created = await self.scripts.register(
             self.redis,
             [
                 k.state(device_id),
-                k.registered,
-                k.type_set(device_type),
-                k.index,
-                k.index_type(device_type),
-                k.seen,
-                k.types,
-                k.retired_versions,
-                k.events,
+                part.registered,
+                part.type_set(device_type),
+                part.index,
+                part.index_type(device_type),
+                part.seen,
+                part.types,
+                part.retired_versions,
+                part.events,
             ],
             [
                 device_id,
@@ -243,22 +224,18 @@ class Store:
         values, online = await self._read(device_id)
         if values[0] is None:
             return None
-        raw = dict(zip(FIELDS, values, strict=True))
-        known = raw["desired_sha"]
-        stamped = raw["desired_meta"] is not None
-        if shadow.written_elsewhere(raw["desired_state"], text(known) if known else None, stamped):
-            with contextlib.suppress(
-                DeviceNotFound, Contention
-            ):  # deleted or contended: read as is
+        desired, desired_meta, known = values[6], values[11], values[14]
+        if shadow.written_elsewhere(desired, text(known) if known else None, bool(desired_meta)):
+            with contextlib.suppress(DeviceNotFound, Contention):  # gone or busy: read as is
                 await self.patch_section(device_id, "desired", {})
             values, online = await self._read(device_id)
             if values[0] is None:
                 return None
-        return Device.from_hash(values, bool(online))
+        return Device.from_hash(values, bool(online), self.fields.millis)
 
     async def _read(self, device_id: str) -> tuple[list[bytes | None], int]:
         async with self.redis.pipeline(transaction=False) as pipe:
-            pipe.hmget(self.keys.state(device_id), FIELDS)
+            pipe.hmget(self.keys.state(device_id), self.hash_fields)
             pipe.exists(self.keys.heartbeat(device_id))
             values, online = await pipe.execute()
         return values, int(online)
@@ -272,33 +249,33 @@ class Store:
     async def delete(self, device_id: str) -> None:
         """Deregister; a live session is kicked (1008) through the control channel."""
         _require_id(device_id)
-        k = self.keys
+        k, part = self.keys, self.keys.of(device_id)
         for _ in range(CAS_ATTEMPTS):
-            fields = ["device_id", "device_type"]
+            fields = [self.fields.device_id, self.fields.device_type]
             known, raw_type = await self.redis.hmget(k.state(device_id), fields)
             device_type = text(raw_type)
             if known is None or not device_type:
                 raise DeviceNotFound(device_id)
-            result = await SCRIPTS.deregister(
+            result = await self.scripts.deregister(
                 self.redis,
                 [
                     k.state(device_id),
                     k.heartbeat(device_id),
                     k.history(device_id),
-                    k.registered,
-                    k.online,
-                    k.index,
-                    k.index_online,
-                    k.seen,
-                    k.online_seen,
-                    k.online_by_type,
-                    k.retired_versions,
-                    k.events,
-                    k.type_set(device_type),
-                    k.index_type(device_type),
-                    k.types,
-                    k.presence_channel,
-                    k.control_channel,
+                    part.registered,
+                    part.online,
+                    part.index,
+                    part.index_online,
+                    part.seen,
+                    part.online_seen,
+                    part.online_by_type,
+                    part.retired_versions,
+                    part.events,
+                    part.type_set(device_type),
+                    part.index_type(device_type),
+                    part.types,
+                    part.presence_channel,
+                    part.control_channel,
                 ],
                 [device_id, device_type, now_text(), self.settings.events_maxlen],
             )
@@ -311,9 +288,9 @@ class Store:
     async def rotate_token(self, device_id: str) -> str:
         _require_id(device_id)
         token = new_secret()
-        done = await SCRIPTS.rotate_token(
+        done = await self.scripts.rotate_token(
             self.redis,
-            [self.keys.state(device_id), self.keys.control_channel],
+            [self.keys.state(device_id), self.keys.of(device_id).control_channel],
             [device_id, hash_token(token)],
         )
         if not done:
@@ -322,11 +299,20 @@ class Store:
 
     async def check_token(self, device_id: str, token: str) -> tuple[bool, str | None]:
         """(device exists, token hash if *token* is its current token)."""
-        stored = await self.redis.hmget(self.keys.state(device_id), ["device_id", "token_hash"])
+        fields = [self.fields.device_id, "token_hash"]
+        stored = await self.redis.hmget(self.keys.state(device_id), fields)
         exists = stored[0] is not None
         if exists and token_matches(stored[1], token):
             return True, text(stored[1])
         return exists, None
+
+    async def desired_states(self, device_ids: Sequence[str]) -> list[tuple[bytes | None, int]]:
+        """(desired state, shadow version) of each device, in one pipeline."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for device_id in device_ids:
+                pipe.hmget(self.keys.state(device_id), [self.fields.desired, "version"])
+            replies = await pipe.execute()
+        return [(desired, _int(version)) for desired, version in replies]
 
     # --- shadow -----------------------------------------------------------
     async def patch_section(
@@ -366,21 +352,21 @@ class Store:
         expected_section_version: int | None,
     ) -> tuple[shadow.Versions, shadow.Document]:
         k = self.keys
-        field = "metadata" if section == "metadata" else f"{section}_state"
+        field = self.fields.section(section)
         meta_field = f"{section}_meta"
         for attempt in range(CAS_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
             raw, raw_meta, exists, known = await self.redis.hmget(
-                k.state(device_id), [field, meta_field, "device_id", "desired_sha"]
+                k.state(device_id), [field, meta_field, self.fields.device_id, "desired_sha"]
             )
             if exists is None:
                 raise DeviceNotFound(device_id)
             now = time.time()
             current = shadow.decode_document(raw)
-            merged = shadow.merge(current, document_patch)
-            encoded = shadow.check_size(merged, self.limits)
-            unchanged = raw is not None and shadow.same(merged, current)
+            merged_section = shadow.merge(current, document_patch)
+            encoded = shadow.check_size(merged_section, self.limits)
+            unchanged = raw is not None and shadow.same(merged_section, current)
             known_hash = text(known) if known else None
             elsewhere = section == "desired" and shadow.written_elsewhere(
                 raw, known_hash, raw_meta is not None
@@ -388,9 +374,14 @@ class Store:
             # another program's write is a write of the whole section: every leaf stamped now
             base = shadow.stamp(current, now) if elsewhere else shadow.decode_document(raw_meta)
             stamps = shadow.merge_stamps(base, document_patch, now)
-            code, version, desired_version, reported_version, *stale = await SCRIPTS.section_write(
+            reply = await self.scripts.section_write(
                 self.redis,
-                [k.state(device_id), k.history(device_id), k.events, k.commands(device_id)],
+                [
+                    k.state(device_id),
+                    k.history(device_id),
+                    k.of(device_id).events,
+                    k.commands(device_id),
+                ],
                 [
                     device_id,
                     section,
@@ -410,9 +401,10 @@ class Store:
                     shadow.encode(current),
                 ],
             )
+            code, version, desired_version, reported_version, *stale = reply
             versions = shadow.Versions(int(version), int(desired_version), int(reported_version))
             if code in (0, 1):
-                return versions, merged
+                return versions, merged_section
             if code == -1:
                 raise DeviceNotFound(device_id)
             if code == -2:
@@ -436,52 +428,42 @@ class Store:
     ) -> tuple[list[dict[str, Any]], str | None]:
         """Newest first; *before* is the stream id to continue below."""
         await self.require(device_id)
+        if before is not None:
+            parse_id(before)
         top = f"({before}" if before else "+"
-        entries = await self._stream_range(self.keys.history(device_id), top, "-", limit, True)
-        items = [_event(entry_id, body) for entry_id, body in entries]
+        rows = await self.redis.xrevrange(self.keys.history(device_id), top, "-", count=limit)
+        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], rows or [])
+        items = [_event(text(entry_id), body) for entry_id, body in entries]
         return items, items[-1]["id"] if len(items) == limit else None
 
     async def events_after(
         self, after: str, limit: int, kinds: frozenset[str] | None = None
     ) -> tuple[list[dict[str, Any]], str | None, bool]:
-        """Fleet events after a stream id, oldest first: (events, last id read, gap).
+        """Fleet events after a position, oldest first: (events, the position after the last
+        event read, gap). Reads at most *limit* events (per partition on a cluster, of which
+        the oldest *limit* are kept).
 
-        `gap` is true when *after* is older than the oldest event kept, so some were trimmed:
+        `gap` is true when events after *after* were already trimmed from the bounded log:
         the caller must start over from a fresh snapshot.
         """
-        gap = False
-        if after not in ("0", "0-0"):
-            info = await self.redis.xrange(self.keys.events, "-", "+", count=1)
-            if info and _stream_id_lt(after, text(info[0][0])):
-                gap = True
-        entries = await self._stream_range(self.keys.events, f"({after}", "+", limit, False)
-        items = [_event(entry_id, body) for entry_id, body in entries]
-        last = items[-1]["id"] if items else None
+        position = self.events.decode(after)
+        gap = await self.events.trimmed_after(position)
+        rows = merged(await self.events.read(position, limit), limit)
+        items = []
+        for partition, entry_id, body in rows:
+            position = position.advanced(partition, parse_id(text(entry_id)))
+            items.append(_event(self.events.event_id(partition, entry_id), body))
         if kinds is not None:
             items = [item for item in items if item.get("type") in kinds]
-        return items, last, gap
+        return items, position.encode() if rows else None, gap
+
+    async def position(self) -> Position:
+        """Where the fleet event log ends now: a snapshot's cursor."""
+        return await self.events.position()
 
     async def last_event_id(self) -> str:
-        """The id of the newest event ever written, even when trimming left the stream empty."""
-        try:
-            info = await self.redis.xinfo_stream(self.keys.events)
-        except ResponseError:  # no stream yet: nothing was ever written
-            return "0-0"
-        return text(info.get("last-generated-id") or b"0-0")
-
-    async def _stream_range(
-        self, key: str, start: str, end: str, count: int, reverse: bool
-    ) -> list[tuple[bytes, dict[bytes, bytes]]]:
-        try:
-            if reverse:
-                rows = await self.redis.xrevrange(key, start, end, count=count)
-            else:
-                rows = await self.redis.xrange(key, start, end, count=count)
-            return cast(list[tuple[bytes, dict[bytes, bytes]]], rows or [])
-        except Exception as exc:  # an id Redis cannot parse
-            if "Invalid stream ID" in str(exc):
-                raise InvalidCursor("not a stream id this API issued") from exc
-            raise
+        """The current position as text (a stream id on one node)."""
+        return (await self.events.position()).encode()
 
     # --- pages and stats ----------------------------------------------------
     async def page(
@@ -494,160 +476,53 @@ class Store:
         limit: int = 100,
         cursor: str | None = None,
     ) -> Page:
-        """One page of devices; cost bounded by the page (and a scan budget), not the fleet."""
-        if not 1 <= limit <= MAX_PAGE:
-            raise InvalidRequest(f"limit must be 1–{MAX_PAGE}, got {limit}")
-        if device_type is not None and not is_device_type(device_type):
-            raise InvalidDeviceType(f"not a device type: {device_type[:80]!r}")
-        state = decode_cursor(cursor) if cursor else {}
-        if stale_seconds is not None:
-            ids, next_state = await self._stale_ids(status, stale_seconds, limit, state)
-        else:
-            ids, next_state = await self._indexed_ids(status, device_type, limit, state)
-        items = await self._describe(ids, include_state)
-        if stale_seconds is not None:
-            # the hash is the truth: other writers (the seed) renew last_seen, not our index
-            cutoff = time.time() - stale_seconds
-            items = [
-                item
-                for item in items
-                if item["last_seen"] < cutoff
-                and (status is None or item["status"] == status)
-                and (device_type is None or item["device_type"] == device_type)
-            ]
-        return Page(items, encode_cursor(next_state) if next_state else None)
-
-    async def _indexed_ids(
-        self, status: Status | None, device_type: str | None, limit: int, state: dict[str, Any]
-    ) -> tuple[list[str], dict[str, Any] | None]:
-        k = self.keys
-        after = state.get("after")
-        if after is not None and not is_device_id(after):
-            raise InvalidCursor("cursor is not one this API issued")
-        if device_type is not None:
-            walk, mode = (
-                k.index_type(device_type),
-                {None: "all", "online": "in", "offline": "out"}[status],
-            )
-        elif status == "online":
-            walk, mode = k.index_online, "all"
-        else:
-            walk, mode = k.index, "out" if status == "offline" else "all"
-        result = await SCRIPTS.page(
-            self.redis,
-            [walk, k.index_online],
-            ["(" + after if after else "-", limit, max(limit * 10, 2000), mode],
+        """One page of devices; see `Queries.page`."""
+        return await self.queries.page(
+            status=status,
+            device_type=device_type,
+            stale_seconds=stale_seconds,
+            include_state=include_state,
+            limit=limit,
+            cursor=cursor,
         )
-        next_after = text(result[0])
-        ids = [text(item) for item in result[1:]]
-        return ids, ({"after": next_after} if next_after else None)
-
-    async def _stale_ids(
-        self, status: Status | None, stale_seconds: float, limit: int, state: dict[str, Any]
-    ) -> tuple[list[str], dict[str, Any] | None]:
-        if stale_seconds < 0:
-            raise InvalidRequest("stale_seconds must be ≥ 0")
-        cutoff = time.time() - stale_seconds
-        key = self.keys.online_seen if status == "online" else self.keys.seen
-        score = state.get("score", "-inf")
-        skip = state.get("skip", 0)
-        if not isinstance(skip, int) or skip < 0 or not isinstance(score, int | float | str):
-            raise InvalidCursor("cursor is not one this API issued")
-        rows = cast(
-            list[tuple[bytes, float]],
-            await self.redis.zrangebyscore(
-                key, score, f"({cutoff}", start=skip, num=limit, withscores=True
-            ),
-        )
-        ids = [text(member) for member, _ in rows]
-        if len(rows) < limit:
-            return ids, None
-        last_score = rows[-1][1]
-        ties = sum(1 for _, s in rows if s == last_score)
-        if last_score == score:
-            ties += skip
-        return ids, {"score": last_score, "skip": ties}
-
-    async def _describe(self, ids: list[str], include_state: bool) -> list[dict[str, Any]]:
-        if not ids:
-            return []
-        fields = PAGE_FIELDS_WITH_STATE if include_state else PAGE_FIELDS
-        rows = await SCRIPTS.describe(
-            self.redis,
-            [*map(self.keys.state, ids), *map(self.keys.heartbeat, ids)],
-            fields,
-        )
-        items = []
-        for row in rows:
-            if row[0] is None:
-                continue  # deleted between the index read and now
-            item: dict[str, Any] = {
-                "device_id": text(row[0]),
-                "device_type": text(row[1]),
-                "status": "online" if row[-1] else "offline",
-                "last_seen": _float(row[2]),
-                "version": _int(row[3]),
-            }
-            if include_state:
-                item["metadata"] = shadow.decode_document(row[4])
-                item["reported_state"] = shadow.decode_document(row[5])
-                item["desired_state"] = shadow.decode_document(row[6])
-            items.append(item)
-        return items
 
     async def stats(self) -> dict[str, Any]:
-        """Counts of the devices the list holds: O(number of types), never O(fleet)."""
-        k = self.keys
-        reply = await SCRIPTS.stats(
-            self.redis, [k.index, k.index_online, k.types, k.online_by_type], [k.index_type("")]
-        )
-        registered, online = int(reply[0]), int(reply[1])
-        by_type = {}
-        for index in range(2, len(reply), 3):
-            count, online_count = int(reply[index + 1]), max(int(reply[index + 2]), 0)
-            if not count:
-                continue  # only devices other programs wrote, none indexed yet
-            by_type[text(reply[index])] = {
-                "registered": count,
-                "online": online_count,
-                "offline": max(count - online_count, 0),
-            }
-        return {
-            "registered": registered,
-            "online": online,
-            "offline": max(registered - online, 0),
-            "by_type": dict(sorted(by_type.items())),
-        }
+        return await self.queries.stats()
 
     # --- reconciliation with other writers ----------------------------------
     async def adopt(self, ids: Sequence[str]) -> int:
         """Index devices that other programs (the seed's classes) registered or heartbeated.
 
         Only hashes with `device_id` are devices: an id another program only heartbeated is
-        left out of every index, so the list, the stats and every endpoint agree on it.
+        left out of every index, so the list, the stats and every endpoint agree on it. Those
+        programs exist only on one node (their writes cross slots on a cluster).
         """
         ids = [device_id for device_id in ids if is_device_id(device_id)]
-        if not ids:
+        if not ids or self.keys.partitions != 1:
             return 0
-        k = self.keys
+        k, part = self.keys, self.keys.part(0)
+        fields = [self.fields.device_id, self.fields.device_type]
         async with self.redis.pipeline(transaction=False) as pipe:
             for device_id in ids:
-                pipe.hmget(k.state(device_id), ["device_id", "device_type"])
+                pipe.hmget(k.state(device_id), fields)
             types = [text(t) if known else "" for known, t in await pipe.execute()]
-        keys = [k.index, k.seen, k.types, k.index_online, k.online_seen, k.online_by_type]
+        keys = [
+            part.index, part.seen, part.types, part.index_online, part.online_seen,
+            part.online_by_type,
+        ]  # fmt: skip
         args: list[str] = []
         for device_id, device_type in zip(ids, types, strict=True):
             if is_device_type(device_type):
                 keys += [
                     k.state(device_id),
                     k.heartbeat(device_id),
-                    k.type_set(device_type),
-                    k.index_type(device_type),
+                    part.type_set(device_type),
+                    part.index_type(device_type),
                 ]
                 args += [device_id, device_type]
         if not args:
             return 0
-        return int(await SCRIPTS.adopt(self.redis, keys, args))
+        return int(await self.scripts.adopt(self.redis, keys, args))
 
 
 def _conflict(
@@ -665,18 +540,7 @@ def _conflict(
     return shadow.VersionConflict(expected_section_version or 0, current, field, versions)
 
 
-def _event(entry_id: bytes | str, body: dict[bytes, bytes]) -> dict[str, Any]:
+def _event(event_id: str, body: dict[bytes, bytes]) -> dict[str, Any]:
     event = orjson.loads(body.get(b"event", b"{}"))
-    event["id"] = text(entry_id)
+    event["id"] = event_id
     return dict(event)
-
-
-def _stream_id_lt(left: str, right: str) -> bool:
-    def parts(value: str) -> tuple[int, int]:
-        ms, _, seq = value.partition("-")
-        return int(ms), int(seq or 0)
-
-    try:
-        return parts(left) < parts(right)
-    except ValueError as exc:
-        raise InvalidCursor(f"not a stream id: {left[:40]!r}") from exc

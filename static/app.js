@@ -6,7 +6,7 @@ import { OnlineChart } from "./chart.js";
 import { VirtualList } from "./grid.js";
 import { DevicePanel } from "./panel.js";
 import {
-  cmpStreamId, formatAgo, formatClock, h, isPlainObject, maxStreamId, parseStreamId, toEpochMs,
+  cmpStreamId, formatAgo, formatClock, h, isPlainObject, parseStreamId, toEpochMs,
 } from "./util.js";
 
 const LOG_CAP = 500;
@@ -30,9 +30,7 @@ const state = {
   counts: { registered: 0, online: 0, offline: 0 },
   truncated: false, // snapshot incomplete: counts come from server stats, adjusted by events
   haveSnapshot: false,
-  cursor: null, // the last snapshot's stream cursor
-  maxApplied: null, // highest event id applied to device state
-  lastEventId: null, // highest event id seen (or snapshot cursor)
+  cursor: null, // where live delivery stands: the snapshot's cursor, then each live frame's (opaque)
   connection: "connecting",
   filter: { text: "", type: "", status: "", sort: "id" },
   view: [], // ids currently listed, filtered and sorted
@@ -47,8 +45,8 @@ let flushScheduled = false;
 
 window.dashboard = {
   state,
-  get lastEventId() {
-    return state.lastEventId;
+  get cursor() {
+    return state.cursor;
   },
   get connection() {
     return state.connection;
@@ -147,7 +145,7 @@ function applyStats(stats) {
 
 function applySnapshot(msg, sock) {
   signedIn = true;
-  const previousLast = state.lastEventId;
+  const previousCursor = state.cursor;
   const oldPv = new Map();
   for (const [id, d] of state.devices) if (d.pv !== undefined) oldPv.set(id, d.pv);
 
@@ -165,22 +163,20 @@ function applySnapshot(msg, sock) {
   state.sortedIds = ids;
   state.truncated = msg.truncated === true;
   state.haveSnapshot = true;
-  const cursor = parseStreamId(msg.cursor) ? msg.cursor : null;
+  const cursor = typeof msg.cursor === "string" && msg.cursor ? msg.cursor : null;
   state.cursor = cursor;
-  state.maxApplied = cursor;
   applyStats(msg.stats);
   if (!state.truncated) recount();
   dirty.types = true;
   markChanged();
 
-  // Fill the event log with what we missed while away (the state itself is already current).
+  // Fill the event log with what we missed while away (the state itself is already current):
+  // the gateway replays what lies between our last cursor and this snapshot, as a replay frame.
   const firstOnThisSocket = !sock.gotSnapshot;
   sock.gotSnapshot = true;
-  if (firstOnThisSocket && previousLast && msg.reason !== "resume_gap" &&
-      (!cursor || cmpStreamId(previousLast, cursor) < 0)) {
-    send(sock, { type: "resume", after: previousLast });
+  if (firstOnThisSocket && previousCursor && msg.reason !== "resume_gap" && previousCursor !== cursor) {
+    send(sock, { type: "resume", after: previousCursor });
   }
-  state.lastEventId = maxStreamId(previousLast, cursor);
 
   $("truncated-note").hidden = !state.truncated;
   if (state.truncated) fillTruncated();
@@ -192,17 +188,14 @@ function applySnapshot(msg, sock) {
   if (state.selected) panel.notify({ type: "snapshot", device_id: state.selected });
 }
 
-function applyEvent(ev) {
+/** One event; a replayed one (from before the current snapshot) only fills the event log. */
+function applyEvent(ev, replayed = false) {
   if (!isPlainObject(ev) || typeof ev.type !== "string") {
     console.warn("dashboard: ignoring malformed event", ev);
     return;
   }
-  const hasId = parseStreamId(ev.id) !== null;
-  if (hasId) state.lastEventId = maxStreamId(state.lastEventId, ev.id);
   if (ev.type === "presence") queueLog(ev);
-  // Events at or before what we already applied (snapshot cursor or an earlier event) are for the log only.
-  if (hasId && state.maxApplied && cmpStreamId(ev.id, state.maxApplied) <= 0) return;
-  if (hasId) state.maxApplied = ev.id;
+  if (replayed) return;
   if (!validId(ev.device_id)) {
     console.warn("dashboard: event without device_id", ev);
     return;
@@ -662,13 +655,16 @@ function handleFrame(raw, sock) {
         break;
       case "events":
         if (Array.isArray(msg.events)) {
+          const replayed = msg.replay === true;
           for (const ev of msg.events) {
             try {
-              applyEvent(ev);
+              applyEvent(ev, replayed);
             } catch (err) {
               console.error("dashboard: failed to apply event", err, ev);
             }
           }
+          // live frames come in order; a replay's cursor is behind the live one
+          if (!replayed && typeof msg.cursor === "string" && msg.cursor) state.cursor = msg.cursor;
         } else console.warn("dashboard: events frame without events", msg);
         break;
       case "presence":

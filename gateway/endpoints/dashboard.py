@@ -14,6 +14,8 @@ from starlette.websockets import WebSocket
 from gateway import disconnect, logins, protocol
 from gateway.auth import Role, bearer
 from gateway.dashboards import Dashboard
+from gateway.errors import InvalidCursor
+from gateway.eventlog import Position
 from gateway.presence import REDIS_ERRORS
 from gateway.problems import Problem
 from gateway.ratelimit import TokenBucket
@@ -55,8 +57,12 @@ async def dashboard_socket(websocket: WebSocket) -> None:
         await websocket.close(disconnect.AUTH_REQUIRED.code, disconnect.AUTH_REQUIRED.reason)
         return
     writer = Writer(websocket, DASHBOARD_QUEUE, lambda: _slow(gateway))
-    dashboard = Dashboard(writer)
-    hub = gateway.dashboards
+    try:
+        hub = gateway.dashboards
+    except REDIS_ERRORS:
+        await websocket.close(disconnect.RESTARTING.code, "store unavailable")
+        return
+    dashboard = Dashboard(writer, Position.start(gateway.keys.partitions))
     try:
         await _snapshot(gateway, dashboard, reason=None)
         await _serve(websocket, gateway, dashboard)
@@ -76,7 +82,7 @@ def _slow(gateway: Gateway) -> None:
 async def _snapshot(gateway: Gateway, dashboard: Dashboard, reason: str | None) -> None:
     """Current devices and counts, then live events from the snapshot's stream position on."""
     gateway.dashboards.leave(dashboard)
-    cursor = await gateway.store.last_event_id()
+    position = await gateway.store.position()
     devices: list[dict[str, Any]] = []
     next_cursor: str | None = None
     limit = gateway.settings.dashboard_snapshot_limit
@@ -89,14 +95,15 @@ async def _snapshot(gateway: Gateway, dashboard: Dashboard, reason: str | None) 
     frame: dict[str, Any] = {
         "type": "snapshot",
         "devices": devices,
-        "cursor": cursor,
+        "cursor": position.encode(),
         "stats": await gateway.store.stats(),
         "truncated": next_cursor is not None,
     }
     if reason:
         frame["reason"] = reason
     dashboard.writer.send(orjson.dumps(frame))
-    await gateway.dashboards.join(dashboard, cursor)
+    dashboard.after = dashboard.snapshot = position
+    await gateway.dashboards.join(dashboard)
 
 
 async def _serve(websocket: WebSocket, gateway: Gateway, dashboard: Dashboard) -> None:
@@ -133,7 +140,12 @@ async def _serve(websocket: WebSocket, gateway: Gateway, dashboard: Dashboard) -
                 )
             )
         elif isinstance(frame, protocol.Resume):
-            if not await gateway.dashboards.replay(dashboard, frame.after):
+            try:
+                after = gateway.store.events.decode(frame.after)
+            except InvalidCursor as exc:
+                dashboard.writer.send(protocol.error("invalid_frame", exc.detail))
+                continue
+            if not await gateway.dashboards.replay(dashboard, after):
                 await _snapshot(gateway, dashboard, reason="resume_gap")
         else:
             dashboard.writer.send(b'{"type":"pong"}')

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import secrets
 from typing import Any
@@ -19,6 +21,8 @@ from gateway.presence import REDIS_ERRORS, Revoked
 from gateway.runtime import Gateway
 
 log = logging.getLogger("gateway.device")
+# a subscription not confirmed by then is re-synced when its connection recovers
+SUBSCRIBE_WAIT = 2.0
 # what only the handshake reads; an accepted socket lives for days without it
 HANDSHAKE_SCOPE_KEYS = (
     "headers", "query_string", "raw_path", "subprotocols", "extensions", "state", "asgi",
@@ -66,10 +70,15 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
     await websocket.accept()
     release_handshake(websocket)
     session_id = secrets.token_urlsafe(12)
-    session = DeviceSession(gateway, websocket, device_id, session_id)
+    session = DeviceSession(gateway.sessions, websocket, device_id, session_id)
     gateway.hub.add(session)
-    gateway.broker.subscribe_device(device_id)
+    listening = gateway.broker.subscribe_device(device_id)
     try:
+        # the command channel is live before the desired state is read: a change made in
+        # between is then either in the welcome or delivered after it, never lost
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(SUBSCRIBE_WAIT):
+                await listening
         welcome = await gateway.presence.connect(device_id, session_id, token_hash)
     except Revoked:
         welcome = None

@@ -3,14 +3,15 @@
 -- a sparse filter returns a short page and a cursor to go on from.
 -- KEYS[1] index to walk (zset, score 0)  KEYS[2] filter index (zset; ignored for mode 'all')
 -- ARGV[1] start: '-' or '(' .. last id seen  ARGV[2] limit  ARGV[3] budget  ARGV[4] all|in|out
--- Returns {next cursor ('' at the end), id, id, ...}
+-- Returns {next cursor ('' at the end of the index), ids examined, id, id, ...}
 local start, limit, budget, mode = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), ARGV[4]
-local result = {''}
+local result = {'', 0}
 local found, examined, last = 0, 0, nil
 while found < limit and examined < budget do
   local want = math.min(budget - examined, mode == 'all' and (limit - found) or 512)
   local chunk = redis.call('ZRANGEBYLEX', KEYS[1], start, '+', 'LIMIT', 0, want)
   if #chunk == 0 then
+    result[2] = examined
     return result
   end
   for _, id in ipairs(chunk) do
@@ -32,4 +33,5 @@ while found < limit and examined < budget do
   start = '(' .. last
 end
 result[1] = last or ''
+result[2] = examined
 return result
