@@ -19,6 +19,7 @@ from redis.asyncio import Redis
 from redis.asyncio.client import PubSub
 
 from gateway.keys import Keys
+from gateway.metrics import Metrics
 
 log = logging.getLogger("gateway.broker")
 
@@ -46,8 +47,10 @@ class Broker:
         db: int,
         deliveries: Deliveries,
         on_resubscribed: Resubscribed,
+        metrics: Metrics | None = None,
     ) -> None:
         self.redis = redis
+        self.metrics = metrics or Metrics()
         self.keys = keys
         self.deliveries = deliveries
         self.on_resubscribed = on_resubscribed
@@ -120,6 +123,7 @@ class Broker:
                 self.connected.set()
                 if not first:
                     self.reconnects += 1
+                    self.metrics.resubscriptions.labels("link_failed").inc()
                     log.info("pub/sub reconnected; resubscribed %d devices", len(self._devices))
                     await self.on_resubscribed(None)
                 first = False

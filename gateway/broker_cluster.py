@@ -34,6 +34,7 @@ from redis.exceptions import RedisError
 
 from gateway.broker import Deliveries, Resubscribed
 from gateway.keys import Keys
+from gateway.metrics import Metrics
 from gateway.redisconn import NO_RETRY
 
 log = logging.getLogger("gateway.broker")
@@ -68,12 +69,14 @@ class ClusterBroker:
         deliveries: Deliveries,
         on_resubscribed: Resubscribed,
         probe_interval: float = PROBE_INTERVAL,
+        metrics: Metrics | None = None,
     ) -> None:
         self.cluster = cluster
         self.keys = keys
         self.deliveries = deliveries
         self.on_resubscribed = on_resubscribed
         self.probe_interval = probe_interval
+        self.metrics = metrics or Metrics()
         self.process = secrets.token_hex(6)
         self.connected = asyncio.Event()
         self.reconnects = 0
@@ -165,6 +168,7 @@ class ClusterBroker:
                 log.warning("cluster pub/sub: subscribing failed (%s)", exc)
                 return True
         self.reconnects += 1
+        self.metrics.resubscriptions.labels(kind).inc()
         if kind == "link_failed":
             log.warning("cluster pub/sub: connection to %s lost", detail)
             await self._drop_links({detail})

@@ -63,6 +63,7 @@ class Settings:
     # hash-field names of the single-node layout: the Python classes' (default) or Node.js'
     seed_schema: str = "python"
     cluster_partitions: int = 64  # on a cluster: fixed for the life of the data
+    pubsub_probe_interval: float = 5.0  # cluster: how often each subscription proves it delivers
     api_key: str | None = None
     read_api_keys: tuple[str, ...] = ()
     allowed_origins: tuple[str, ...] = ()
@@ -108,6 +109,11 @@ class Settings:
         if not 1 <= self.cluster_partitions <= 4096:
             raise ConfigError(
                 f"must be 1–4096, got {self.cluster_partitions}", "cluster_partitions"
+            )
+        if not 0.1 <= self.pubsub_probe_interval <= 300:
+            raise ConfigError(
+                f"must be 0.1–300 seconds, got {self.pubsub_probe_interval}",
+                "pubsub_probe_interval",
             )
         if not PREFIX_PATTERN.fullmatch(self.key_prefix):
             raise ConfigError(

@@ -67,6 +67,12 @@ class Metrics:
             buckets=RELAY_BUCKETS,
             registry=r,
         )
+        self.resubscriptions = Counter(
+            "gateway_pubsub_resubscriptions",
+            "Times pub/sub subscriptions had to be placed again, by what found them lost",
+            ["reason"],
+            registry=r,
+        )
         # admission control (gateway/admission.py): connections before they are clients
         self.connections_open = Gauge(
             "gateway_connections_open",

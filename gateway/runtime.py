@@ -202,10 +202,13 @@ class Gateway:
         deliveries = _Deliveries(self.hub, presence)
         broker: Broker | ClusterBroker
         if isinstance(redis, RedisCluster):
-            broker = ClusterBroker(redis, keys, deliveries, self.resync_devices)
+            broker = ClusterBroker(
+                redis, keys, deliveries, self.resync_devices, settings.pubsub_probe_interval,
+                self.metrics,
+            )  # fmt: skip
         else:
             assert pubsub_redis is not None
-            broker = Broker(pubsub_redis, keys, db, deliveries, self.resync_devices)
+            broker = Broker(pubsub_redis, keys, db, deliveries, self.resync_devices, self.metrics)
         sessions = SessionContext(
             presence=presence,
             read_shadow=store.get,

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import time
 import weakref
@@ -20,6 +21,7 @@ from typing import Any, Literal, cast
 import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.crc import key_slot
 
 from gateway import shadow
 from gateway.auth import hash_token, new_secret, token_matches
@@ -39,6 +41,8 @@ from gateway.scripts import Scripts
 __all__ = ["MAX_PAGE", "Device", "Page", "Status", "Store", "now_text", "text"]
 
 CAS_ATTEMPTS = 8
+REPLICA_WAIT_MS = 500
+log = logging.getLogger("gateway.store")
 # the gateway's own fields of the device hash, after the layout's seed fields
 OWN_FIELDS = (
     "version", "presence_version", "reported_meta", "desired_meta", "desired_version",
@@ -403,6 +407,8 @@ class Store:
             )
             code, version, desired_version, reported_version, *stale = reply
             versions = shadow.Versions(int(version), int(desired_version), int(reported_version))
+            if code == 1:
+                await self._replicated(device_id)
             if code in (0, 1):
                 return versions, merged_section
             if code == -1:
@@ -411,6 +417,23 @@ class Store:
                 expected = (expected_version, expected_section_version)
                 raise _conflict(text(stale[0]), versions, *expected)
         raise Contention(f"the {section} state kept changing; try again")
+
+    async def _replicated(self, device_id: str) -> None:
+        """On a cluster shard with replicas, answer only once one has the write (WAIT), so a
+        failover right after the answer cannot lose an accepted change; bounded, then logged."""
+        if not isinstance(self.redis, RedisCluster):
+            return
+        slot = key_slot(self.keys.state(device_id).encode())
+        nodes = self.redis.nodes_manager.slots_cache.get(slot) or []
+        if len(nodes) < 2:
+            return  # no replica to wait for
+        acked = await self.redis.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0])
+        if int(acked) < 1:
+            log.warning(
+                "no replica of %s confirmed a write within %d ms: a failover now could lose it",
+                nodes[0].name,
+                REPLICA_WAIT_MS,
+            )
 
     async def delta(self, device_id: str) -> dict[str, Any]:
         device = await self.require(device_id)

@@ -1,0 +1,335 @@
+"""Faults on a real Valkey Cluster, under load: a primary killed, slots moved, a subscription
+gone silent. Each test starts its own cluster (3 primaries, 3 replicas) so it can break it.
+
+What must hold: the killed primary's replica takes over; no device is reported offline; every
+desired change the API accepted reaches its device (re-sent where pub/sub lost it); dashboards
+get every event, or an explicit fresh start, never a silent hole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+import websockets
+from live import ADMIN_KEY, LiveGateway, live_gateway
+
+from gateway.client import DeviceClient
+from gateway.devcluster import LocalCluster, Node
+from gateway.embedded import valkey_executable
+from gateway.redisconn import connect_cluster
+
+DEVICES = 24
+HEARTBEAT_TIMEOUT = 6.0
+FAILOVER_WITHIN = 15.0
+SETTLE = 15.0
+
+
+@pytest.fixture
+async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
+    async with LocalCluster(tmp_path / "cluster") as local:
+        yield local
+
+
+@pytest.fixture
+async def gw(cluster: LocalCluster) -> AsyncIterator[LiveGateway]:
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5
+    ) as gateway:
+        yield gateway
+
+
+class Fleet:
+    """Devices that heartbeat every second and keep what desired states they were sent."""
+
+    def __init__(self, gw: LiveGateway) -> None:
+        self.gw = gw
+        self.desired: dict[str, dict[str, Any]] = {}
+        self.clients: list[DeviceClient] = []
+
+    async def start(self, count: int) -> None:
+        async with self.gw.client() as api:
+            for n in range(count):
+                device_id = f"f-{n:03d}"
+                reply = await api.post(
+                    "/api/devices", json={"device_id": device_id, "device_type": "meter"}
+                )
+                assert reply.status_code == 201, reply.text
+                client = DeviceClient(
+                    self.gw.ws_url, device_id, reply.json()["token"], heartbeat_fraction=1 / 6,
+                    on_desired=self._recorder(device_id), backoff_min=0.05, backoff_max=0.5,
+                )  # fmt: skip
+                await client.__aenter__()
+                self.clients.append(client)
+
+    def _recorder(self, device_id: str) -> Any:
+        def on_desired(desired: dict[str, Any], delta: dict[str, Any]) -> None:
+            self.desired[device_id] = desired
+
+        return on_desired
+
+    async def stop(self) -> None:
+        await asyncio.gather(*(client.close() for client in self.clients))
+
+
+class Changes:
+    """Desired changes made through the API in a loop, each a new key, retried until accepted."""
+
+    def __init__(self, api: httpx.AsyncClient, device_ids: list[str]) -> None:
+        self.api = api
+        self.device_ids = device_ids
+        self.accepted: dict[str, set[str]] = {d: set() for d in device_ids}
+        self.refused = 0
+        self._stop = asyncio.Event()
+
+    async def run(self) -> None:
+        n = 0
+        while not self._stop.is_set():
+            device_id = self.device_ids[n % len(self.device_ids)]
+            key = f"k{n}"
+            while True:
+                try:
+                    reply = await self.api.patch(
+                        f"/api/devices/{device_id}/desired", json={"state": {key: n}}
+                    )
+                    if reply.status_code == 200:
+                        self.accepted[device_id].add(key)
+                        break
+                    self.refused += 1  # 503 while the failover runs: made later, not lost
+                except httpx.HTTPError:
+                    self.refused += 1
+                await asyncio.sleep(0.05)
+            n += 1
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class Watcher:
+    """A dashboard that records every event and every fresh start."""
+
+    def __init__(self, gw: LiveGateway) -> None:
+        self.gw = gw
+        self.events: list[dict[str, Any]] = []
+        self.snapshots: list[dict[str, Any]] = []
+        self.closes: list[int] = []
+
+    async def run(self) -> None:
+        url = f"{self.gw.ws_url}/ws/dashboard?token={ADMIN_KEY}"
+        cursor: str | None = None
+        while True:
+            try:
+                async with websockets.connect(
+                    url, origin=websockets.Origin(self.gw.base_url)
+                ) as ws:
+                    async for raw in ws:
+                        frame = orjson.loads(raw)
+                        if frame["type"] == "snapshot":
+                            self.snapshots.append(frame)
+                            if cursor is not None:
+                                await ws.send(
+                                    orjson.dumps({"type": "resume", "after": cursor}).decode()
+                                )
+                            cursor = frame["cursor"]
+                        elif frame["type"] == "events":
+                            self.events += frame["events"]
+                            if not frame.get("replay"):
+                                cursor = frame["cursor"]
+            except websockets.ConnectionClosed as closed:
+                self.closes.append(closed.rcvd.code if closed.rcvd else 1006)
+            except OSError:
+                self.closes.append(1006)
+            await asyncio.sleep(0.1)
+
+    def offline(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e["type"] == "presence" and e["status"] == "offline"]
+
+
+async def busiest_primary(cluster: LocalCluster, device_ids: list[str]) -> Node:
+    """The primary that holds the most of the devices' partitions."""
+    client = connect_cluster(cluster.url)
+    await client.initialize()
+    try:
+        from gateway.keys import Keys
+
+        keys = Keys.cluster()
+        counts: dict[str, int] = {}
+        for device_id in device_ids:
+            node = client.get_node_from_key(keys.state(device_id))
+            counts[node.name] = counts.get(node.name, 0) + 1
+    finally:
+        await client.aclose()
+    name = max(counts, key=lambda n: counts[n])
+    return next(node for node in cluster.nodes if node.address == name)
+
+
+async def wait_failover(cluster: LocalCluster, lost: Node) -> float:
+    """Seconds until the other nodes count a full set of primaries again and serve every
+    slot (the lost node is never asked: it may be hung)."""
+    started = time.monotonic()
+    while time.monotonic() - started < FAILOVER_WITHIN:
+        primaries, healthy = 0, True
+        for node in cluster.nodes:
+            if node is lost or node.pid is None:
+                continue
+            try:
+                async with node.client() as client:
+                    role = (await client.info("replication")).get("role")
+                    info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+            except Exception:
+                healthy = False
+                break
+            primaries += role == "master"
+            healthy = healthy and b"cluster_state:ok" in info
+        if healthy and primaries == cluster.primaries:
+            return time.monotonic() - started
+        await asyncio.sleep(0.1)
+    pytest.fail("the lost primary's replica was not promoted")
+
+
+async def test_a_primary_killed_under_load_loses_nothing(
+    cluster: LocalCluster, gw: LiveGateway
+) -> None:
+    fleet = Fleet(gw)
+    await fleet.start(DEVICES)
+    watcher = Watcher(gw)
+    watching = asyncio.create_task(watcher.run())
+    async with gw.client() as api:
+        changes = Changes(api, [c.device_id for c in fleet.clients])
+        changing = asyncio.create_task(changes.run())
+        try:
+            await asyncio.sleep(2)
+            victim = await busiest_primary(cluster, changes.device_ids)
+            cluster.kill(victim)
+            took = await wait_failover(cluster, victim)
+            print(f"\n[measured] replica promoted {took:.1f} s after kill -9")
+            await asyncio.sleep(3)
+        finally:
+            changes.stop()
+            await changing
+        # every accepted change, before, during and after, reaches its device
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            missing = {
+                d: keys - set(fleet.desired.get(d, {})) for d, keys in changes.accepted.items()
+            }
+            if not any(missing.values()):
+                break
+            await asyncio.sleep(0.2)
+        stored = {
+            d: (await api.get(f"/api/devices/{d}")).json()["desired_state"]
+            for d in changes.device_ids
+        }
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    await fleet.stop()
+    lost_in_redis = {d: keys - set(stored[d]) for d, keys in changes.accepted.items()}
+    assert not any(lost_in_redis.values()), f"accepted changes lost by Redis: {lost_in_redis}"
+    assert not any(missing.values()), f"accepted changes that never reached the device: {missing}"
+    accepted = sum(len(keys) for keys in changes.accepted.values())
+    print(f"[measured] {accepted} changes accepted, {changes.refused} refused during failover")
+    assert watcher.offline() == [], "a device was reported offline by the failover"
+    # the dashboard saw every presence event once, or was told to start over
+    ids = [e["id"] for e in watcher.events]
+    assert len(ids) == len(set(ids)) or len(watcher.snapshots) > 1
+
+
+async def node_id(node: Node) -> str:
+    async with node.client() as client:
+        return str((await client.execute_command("CLUSTER", "MYID")).decode())  # type: ignore[no-untyped-call]
+
+
+async def test_slots_moved_under_load_lose_nothing(cluster: LocalCluster, gw: LiveGateway) -> None:
+    fleet = Fleet(gw)
+    await fleet.start(DEVICES)
+    watcher = Watcher(gw)
+    watching = asyncio.create_task(watcher.run())
+    source, target = cluster.nodes[0], cluster.nodes[1]
+    async with gw.client() as api:
+        changes = Changes(api, [c.device_id for c in fleet.clients])
+        changing = asyncio.create_task(changes.run())
+        try:
+            await asyncio.sleep(1)
+            cli = Path(valkey_executable()).with_name("valkey-cli")
+            moving = await asyncio.create_subprocess_exec(
+                str(cli), "--cluster", "reshard", source.address,
+                "--cluster-from", await node_id(source), "--cluster-to", await node_id(target),
+                "--cluster-slots", "3000", "--cluster-yes",
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )  # fmt: skip
+            output, _ = await moving.communicate()
+            assert moving.returncode == 0, output.decode()[-2000:]
+            await asyncio.sleep(3)
+        finally:
+            changes.stop()
+            await changing
+        deadline = time.monotonic() + SETTLE
+        while time.monotonic() < deadline:
+            missing = {
+                d: keys - set(fleet.desired.get(d, {})) for d, keys in changes.accepted.items()
+            }
+            if not any(missing.values()):
+                break
+            await asyncio.sleep(0.2)
+    watching.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await watching
+    await fleet.stop()
+    assert not any(missing.values()), f"accepted changes that never reached the device: {missing}"
+    moved = gw.gateway.broker.reconnects
+    print(f"\n[measured] 3000 slots moved; broker re-placed subscriptions {moved} time(s)")
+    assert watcher.offline() == []
+
+
+async def test_a_subscription_gone_silent_is_found_by_its_probe(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """A primary that hangs (SIGSTOP) keeps its connections open and silent: only the probe
+    (or the topology check) can tell its subscriptions are dead once its replica took over."""
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5,
+        pubsub_probe_interval=0.5,
+    ) as gw:  # fmt: skip
+        fleet = Fleet(gw)
+        await fleet.start(DEVICES)
+        victim = await busiest_primary(cluster, [c.device_id for c in fleet.clients])
+        assert victim.process is not None
+        victim.process.send_signal(signal.SIGSTOP)
+        try:
+            took = await wait_failover(cluster, victim)
+            async with gw.client() as api:
+                changes = Changes(api, [c.device_id for c in fleet.clients])
+                changing = asyncio.create_task(changes.run())
+                await asyncio.sleep(2)
+                changes.stop()
+                await changing
+            deadline = time.monotonic() + SETTLE
+            while time.monotonic() < deadline:
+                missing = {
+                    d: keys - set(fleet.desired.get(d, {})) for d, keys in changes.accepted.items()
+                }
+                if not any(missing.values()):
+                    break
+                await asyncio.sleep(0.2)
+            assert not any(missing.values()), f"changes lost after the hang: {missing}"
+            found = {
+                reason: gw.gateway.metrics.registry.get_sample_value(
+                    "gateway_pubsub_resubscriptions_total", {"reason": reason}
+                )
+                for reason in ("probe_missed", "topology", "link_failed", "moved")
+            }
+            assert (found["probe_missed"] or 0) + (found["topology"] or 0) >= 1, found
+            print(f"\n[measured] hung primary replaced after {took:.1f} s; found by {found}")
+        finally:
+            victim.process.send_signal(signal.SIGCONT)
+            await fleet.stop()
