@@ -18,8 +18,7 @@ by itself, so the deadline ends there. Refusals and timeouts are counted in /met
 logged in aggregate, at most one line per `LOG_INTERVAL`.
 
 The hook is a subclass of uvicorn's httptools protocol, the class uvicorn creates for every
-accepted connection: the one place the gateway depends on that class's callbacks and its
-`connections` set, checked when this module is imported.
+accepted connection; the callbacks it overrides are checked at start-up (compat.py).
 """
 
 from __future__ import annotations
@@ -31,7 +30,6 @@ from asyncio import TimerHandle
 from collections.abc import Collection
 from typing import ClassVar
 
-import uvicorn
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from gateway.config import Settings, env_name
@@ -55,22 +53,6 @@ REFUSAL = b"".join(
 )
 PROCESS_LIMIT = "process"
 ADDRESS_LIMIT = "address"
-
-# the httptools protocol's callbacks this module overrides: a uvicorn without them would
-# silently skip admission control, so refuse to start instead
-HOOKS = (
-    "connection_made",
-    "connection_lost",
-    "on_message_begin",
-    "on_message_complete",
-    "handle_websocket_upgrade",
-)
-_missing = [name for name in HOOKS if not callable(getattr(HttpToolsProtocol, name, None))]
-if _missing:  # pragma: no cover - a uvicorn this gateway was not tested with
-    raise RuntimeError(
-        f"uvicorn {uvicorn.__version__}: HttpToolsProtocol lacks {', '.join(_missing)}, "
-        "which the gateway's admission control hooks"
-    )
 
 
 def reserve_for(fd_limit: int) -> int:

@@ -13,7 +13,7 @@ from starlette.staticfiles import StaticFiles
 from starlette.types import Receive, Scope, Send
 from starlette.websockets import WebSocket
 
-from gateway import redact
+from gateway import compat, redact
 from gateway.config import Settings
 from gateway.endpoints import api, dashboard, device, health
 from gateway.runtime import Gateway
@@ -63,7 +63,7 @@ class GatewayApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            scope["gateway.raw_send"] = send
+            scope[compat.RAW_SEND] = send
             device_id = _device_path(scope["path"])
             if device_id is not None:
                 scope["app"] = self.app

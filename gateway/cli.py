@@ -26,7 +26,7 @@ from typing import Any, NoReturn
 import uvicorn
 from starlette.types import ASGIApp
 
-from gateway import __version__, redact
+from gateway import __version__, compat, redact
 from gateway.admission import Admission
 from gateway.app import create_app
 from gateway.config import ConfigError, Settings, StartupError, from_env, option_name
@@ -197,10 +197,7 @@ class GatewayServer(uvicorn.Server):
         yield
 
     async def shutdown(self, sockets: list[object] | None = None) -> None:  # type: ignore[override]
-        app = self.config.loaded_app
-        while hasattr(app, "app") and not hasattr(app, "state"):
-            app = app.app
-        gateway = getattr(getattr(app, "state", None), "gateway", None)
+        gateway = getattr(compat.app_state(self.config.loaded_app), "gateway", None)
         if gateway is not None:
             await gateway.drain()
         await super().shutdown(sockets)  # type: ignore[arg-type]
@@ -314,10 +311,15 @@ def main(argv: Sequence[str] | None = None) -> None:
         settings = settings_from(args)
     except ConfigError as exc:
         fail(str(exc))
+    problems = compat.missing()
+    if problems:
+        fail(f"{'; '.join(problems)}: install the versions in pyproject.toml", status=1)
     redact.install()
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    for found in compat.untested():
+        log.warning("untested library version: %s; see pyproject.toml", found)
     try:
         asyncio.run(serve(settings, args.ssl_certfile, args.ssl_keyfile))
     except StartupError as exc:

@@ -17,7 +17,7 @@ from typing import Any
 from prometheus_client import Histogram
 from starlette.websockets import WebSocket
 
-from gateway import disconnect
+from gateway import compat, disconnect
 
 log = logging.getLogger("gateway.writer")
 CLOSE_TIMEOUT = 2.0
@@ -120,18 +120,10 @@ class Writer:
                     await asyncio.wait([self._task])
                 await self.websocket.close(close.code, close.reason)
         except TimeoutError:
-            abort(self.websocket)
+            compat.abort(self.websocket)
         except Exception:  # already closed or gone: nothing left to tell the peer
-            abort(self.websocket)
+            compat.abort(self.websocket)
 
     async def wait_closed(self) -> None:
         if self._closing is not None:
             await asyncio.wait([self._closing])
-
-
-def abort(websocket: WebSocket) -> None:
-    """Drop the TCP connection now. ASGI has no abort; uvicorn's protocol owns the transport."""
-    protocol = getattr(websocket.scope.get("gateway.raw_send"), "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abort()

@@ -6,14 +6,13 @@ import asyncio
 import contextlib
 import logging
 import secrets
-from typing import Any
 
 from starlette.responses import JSONResponse
 from starlette.routing import BaseRoute, WebSocketRoute
 from starlette.types import Receive
 from starlette.websockets import WebSocket
 
-from gateway import disconnect
+from gateway import compat, disconnect
 from gateway.auth import bearer
 from gateway.device_session import DeviceSession
 from gateway.keys import is_device_id
@@ -23,10 +22,6 @@ from gateway.runtime import Gateway
 log = logging.getLogger("gateway.device")
 # a subscription not confirmed by then is re-synced when its connection recovers
 SUBSCRIBE_WAIT = 2.0
-# what only the handshake reads; an accepted socket lives for days without it
-HANDSHAKE_SCOPE_KEYS = (
-    "headers", "query_string", "raw_path", "subprotocols", "extensions", "state", "asgi",
-)  # fmt: skip
 
 
 async def _deny(websocket: WebSocket, gateway: Gateway, status: int, detail: str) -> None:
@@ -68,7 +63,7 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
         return
 
     await websocket.accept()
-    release_handshake(websocket)
+    compat.release_handshake(websocket)
     session_id = secrets.token_urlsafe(12)
     session = DeviceSession(gateway.sessions, websocket, device_id, session_id)
     gateway.hub.add(session)
@@ -119,30 +114,6 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
         else:  # closing already: another close frame would only cut the closing short
             session.ended()
         await session.writer.wait_closed()  # the close frame goes out before uvicorn drops TCP
-
-
-def release_handshake(websocket: WebSocket) -> None:
-    """Drop what the handshake needed and an open socket never reads again (~5 KiB a socket).
-
-    uvicorn keeps the parsed upgrade request and the 101 response on its protocol object, and
-    the scope (shared with that object) keeps a copy of the request headers, which Starlette's
-    cached `headers` and `query_params` also hold. Nothing reads them after `accept`. Scope
-    keys are deleted, not emptied, so a later reader fails loudly instead of seeing nothing.
-    """
-    scope = websocket.scope
-    for key in HANDSHAKE_SCOPE_KEYS:
-        scope.pop(key, None)
-    for cached in ("_headers", "_query_params"):
-        websocket.__dict__.pop(cached, None)
-    server_protocol: Any = getattr(scope.get("gateway.raw_send"), "__self__", None)
-    request = getattr(server_protocol, "request", None)
-    if request is not None:
-        # websockets' frame parser keeps the request alive too (a local of its suspended
-        # generator): empty its headers, the bulk of it and the token, in place
-        request.headers.clear()
-        server_protocol.request = None
-    if getattr(server_protocol, "response", None) is not None:
-        server_protocol.response = None
 
 
 routes: list[BaseRoute] = [WebSocketRoute("/ws/devices/{device_id}", device_socket)]
