@@ -6,6 +6,8 @@ Each case is sent to a gateway holding a small fleet; a full dump of the databas
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -530,3 +532,41 @@ async def test_problem_details_name_the_field(fleet: LiveGateway) -> None:
         for (method, path, body), words in expected.items():
             response = await client.request(method, path, content=body, headers=json_header)
             assert words in response.json()["detail"], (method, path, response.text)
+
+
+async def test_a_client_leaving_mid_body_is_no_error(
+    fleet: LiveGateway, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Headers and part of a body, then the socket closes: nothing is written, and the log
+    gets no error (there is no one left to answer), only a debug line."""
+    caplog.set_level(logging.DEBUG, logger="gateway.api")
+    before = await database_dump(redis_client)
+    part = b'{"device_id": "half-1", "device_type": "t", "metadata": {"pad": "xxxx'
+    targets = [("POST", "/api/devices"), ("PATCH", "/api/devices/dev-1/desired"),
+               ("POST", "/api/session")]  # fmt: skip
+    for method, path in targets:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{fleet.port}\r\n"
+            f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(part) + 1000}\r\n\r\n"
+        )
+        _, writer = await asyncio.open_connection("127.0.0.1", fleet.port)
+        writer.write(head.encode() + part)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the endpoint is waiting for the rest of the body now
+        writer.close()
+        await writer.wait_closed()
+
+    def answered() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.api"]
+
+    for _ in range(250):  # five seconds at most
+        if len(answered()) >= len(targets):
+            break
+        await asyncio.sleep(0.02)
+    assert len(answered()) == len(targets), caplog.text
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [f"{r.levelname} {r.name}: {r.getMessage()}" for r in loud]
+    assert await database_dump(redis_client) == before
+    async with fleet.client() as client:  # and the gateway answers the next client as ever
+        assert (await client.get("/api/devices/dev-1")).status_code == 200

@@ -24,7 +24,7 @@ from msgspec import UnsetType
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
@@ -41,6 +41,7 @@ log = logging.getLogger("gateway.api")
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 REALM = 'Bearer realm="presence-gateway"'
+CLIENT_CLOSED = 499  # nginx's "client closed request": there is no one left to send it to
 INPUTS = ("query", "body")
 CONTEXT = ("request", "store")
 
@@ -145,6 +146,10 @@ def endpoint(
                 return problem_response(request, problem)
             except (GatewayError, shadow.ShadowError) as error:
                 return problem_response(request, from_error(error))
+            except ClientDisconnect:
+                # gone mid-body: nothing was written, and no answer can reach it
+                log.debug("%s %s: the client left mid-request", request.method, request.url.path)
+                return Response(status_code=CLIENT_CLOSED)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
                 return problem_response(
