@@ -1,12 +1,17 @@
 """Problems: every error a client can get, in one table (RFC 9457 problem details).
 
-Domain code raises `Problem` (or a ShadowError, which names its problem); the API turns
-either into `application/problem+json` with a stable `type` and `title`.
+The edge raises `Problem`; the store and the shadow rules raise their own errors
+(`errors.GatewayError`, `shadow.ShadowError`), each naming its kind, and `from_error` turns
+them into problems. The API answers either as `application/problem+json` with a stable `type`
+and `title`.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
+
+from gateway import shadow
+from gateway.errors import GatewayError
 
 TYPE_BASE = "https://presence-gateway.dev/problems/"
 
@@ -67,3 +72,21 @@ class Problem(Exception):
             document["instance"] = instance
         document.update(self.extra)
         return document
+
+
+def from_error(error: GatewayError | shadow.ShadowError) -> Problem:
+    """A domain error as the problem the edge answers with, its members kept."""
+    if isinstance(error, shadow.VersionConflict):
+        # the stale precondition with what was expected, and every version as it is now
+        return Problem(
+            "version-conflict",
+            error.detail,
+            parameter=error.field,
+            **{f"expected_{error.field}": error.expected},
+            current_version=error.versions.version,
+            current_desired_version=error.versions.desired,
+            current_reported_version=error.versions.reported,
+        )
+    if isinstance(error, shadow.ShadowError):
+        return Problem(error.problem, error.detail, **({"path": error.path} if error.path else {}))
+    return Problem(error.problem, error.detail, **error.extra)

@@ -13,7 +13,11 @@ from typing import Any
 
 _PATTERNS = (
     (re.compile(r"([?&](?:token|api_key)=)[^&\s\"']+"), r"\1[redacted]"),
-    (re.compile(r"(?i)\b((?:authorization|cookie|set-cookie)\s*[:=]\s*).*"), r"\1[redacted]"),
+    # to the end of the line, but not again over what is already redacted
+    (
+        re.compile(r"(?i)\b((?:authorization|cookie|set-cookie)\s*[:=]\s*)(?!\[redacted\]).*"),
+        r"\1[redacted]",
+    ),
     (re.compile(r"(?i)(gateway_session=)[^;\s\"']+"), r"\1[redacted]"),
 )
 _installed = False
@@ -40,8 +44,17 @@ def install() -> None:
         except Exception:  # a broken format string: leave it for logging to report
             return record
         cleaned = redact(message)
-        if cleaned != message:
-            record.msg, record.args = cleaned, ()
+        if cleaned == message:
+            return record
+        # Redact the arguments first: formatters that read them (uvicorn's access log unpacks
+        # its five) keep working. Only a secret the arguments alone do not hold (one in the
+        # format string, or across both) collapses the record into its cleaned text.
+        if isinstance(record.args, tuple):
+            record.args = tuple(redact(a) if isinstance(a, str) else a for a in record.args)
+            message = record.getMessage()
+            if redact(message) == message:
+                return record
+        record.msg, record.args = cleaned, ()
         return record
 
     logging.setLogRecordFactory(factory)

@@ -6,6 +6,8 @@ Each case is sent to a gateway holding a small fleet; a full dump of the databas
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -463,8 +465,11 @@ async def test_bad_query_parameters(fleet: LiveGateway, redis_client: aioredis.R
         (history, {"limit": "501"}, "limit"),
         (history, {"before": "abc"}, "before"),
         (history, {"after": "0-0"}, "after"),
-        (events, {"after": "yesterday"}, "after"),
-        (events, {"after": "1-2-3"}, "after"),
+        # `after` is an opaque position: only its shape is checked here
+        (events, {"after": ""}, "after"),
+        (events, {"after": "a b"}, "after"),
+        (events, {"after": "1/2"}, "after"),
+        (events, {"after": "x" * 2049}, "after"),
         (events, {"limit": "0"}, "limit"),
         (events, {"before": "0"}, "before"),
         ("/api/stats", {"verbose": "1"}, "verbose"),
@@ -478,6 +483,10 @@ async def test_bad_query_parameters(fleet: LiveGateway, redis_client: aioredis.R
         Case("GET", devices, 400, "invalid-cursor", params={"cursor": "not-a-cursor"}),
         Case("GET", devices, 400, "invalid-cursor", params={"cursor": "W10"}),  # "[]"
         Case("GET", devices, 400, "invalid-cursor", params={"cursor": "x" * 2000}),
+        # well formed, but no position this gateway issued
+        Case("GET", events, 400, "invalid-cursor", params={"after": "yesterday"}),
+        Case("GET", events, 400, "invalid-cursor", params={"after": "1-2-3"}),
+        Case("GET", events, 400, "invalid-cursor", params={"after": "x" * 2048}),
     ]
     await check_cases(fleet, redis_client, cases)
 
@@ -492,3 +501,72 @@ async def test_problem_details_name_the_field(fleet: LiveGateway) -> None:
         assert "colour" in response.json()["detail"]
         deep = await client.patch("/api/devices/dev-1/desired", json={"state": DEEP})
         assert deep.json()["path"].startswith("n.n.n")
+        # each refusal says what the field must be, and what arrived
+        expected = {
+            ("POST", "/api/devices", '{"device_id": 5, "device_type": "t"}'): (
+                "device_id must be 1–128 characters of A-Z a-z 0-9 . _ -, got number"
+            ),
+            ("POST", "/api/devices", '{"device_id": "a:b", "device_type": "t"}'): (
+                "device_id must be 1–128 characters of A-Z a-z 0-9 . _ -, got 'a:b'"
+            ),
+            ("POST", "/api/devices", '{"device_type": "t"}'): "device_id is required",
+            ("POST", "/api/devices", '{"device_id": "n", "device_type": "t", "x": 1}'): (
+                "unknown field 'x'; expected device_id, device_type, metadata"
+            ),
+            ("PATCH", "/api/devices/dev-1/desired", '{"state": {}, "version": -1}'): (
+                "version must be an integer ≥ 0, got -1"
+            ),
+            ("GET", "/api/presence/events?after=a%20b", ""): "1–2048 characters",
+            ("GET", "/api/devices/dev-1/history?limit=501", ""): (
+                "limit must be an integer 1–500, got '501'"
+            ),
+            ("GET", "/api/devices?stale_seconds=inf", ""): (
+                "stale_seconds must be a number ≥ 0 (seconds), got 'inf'"
+            ),
+            ("GET", "/api/devices?status=null", ""): (
+                "status must be one of offline|online, got 'null'"
+            ),
+            ("GET", "/api/devices/a:b", ""): "device_id must be 1–128 characters",
+        }
+        json_header = {"Content-Type": "application/json"}
+        for (method, path, body), words in expected.items():
+            response = await client.request(method, path, content=body, headers=json_header)
+            assert words in response.json()["detail"], (method, path, response.text)
+
+
+async def test_a_client_leaving_mid_body_is_no_error(
+    fleet: LiveGateway, redis_client: aioredis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Headers and part of a body, then the socket closes: nothing is written, and the log
+    gets no error (there is no one left to answer), only a debug line."""
+    caplog.set_level(logging.DEBUG, logger="gateway.api")
+    before = await database_dump(redis_client)
+    part = b'{"device_id": "half-1", "device_type": "t", "metadata": {"pad": "xxxx'
+    targets = [("POST", "/api/devices"), ("PATCH", "/api/devices/dev-1/desired"),
+               ("POST", "/api/session")]  # fmt: skip
+    for method, path in targets:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: 127.0.0.1:{fleet.port}\r\n"
+            f"Authorization: Bearer {ADMIN_KEY}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(part) + 1000}\r\n\r\n"
+        )
+        _, writer = await asyncio.open_connection("127.0.0.1", fleet.port)
+        writer.write(head.encode() + part)
+        await writer.drain()
+        await asyncio.sleep(0.1)  # the endpoint is waiting for the rest of the body now
+        writer.close()
+        await writer.wait_closed()
+
+    def answered() -> list[logging.LogRecord]:
+        return [r for r in caplog.records if r.name == "gateway.api"]
+
+    for _ in range(250):  # five seconds at most
+        if len(answered()) >= len(targets):
+            break
+        await asyncio.sleep(0.02)
+    assert len(answered()) == len(targets), caplog.text
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert not loud, [f"{r.levelname} {r.name}: {r.getMessage()}" for r in loud]
+    assert await database_dump(redis_client) == before
+    async with fleet.client() as client:  # and the gateway answers the next client as ever
+        assert (await client.get("/api/devices/dev-1")).status_code == 200

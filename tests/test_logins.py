@@ -78,6 +78,35 @@ async def test_login_with_a_malformed_body_is_a_4xx_problem(gw: LiveGateway, bod
     assert "set-cookie" not in response.headers
 
 
+async def test_login_refusals_say_what_is_wrong(gw: LiveGateway) -> None:
+    """The login body is declared like every other: its refusals name the field and limit."""
+    json_type = {"Content-Type": "application/json"}
+    async with anonymous(gw) as http:
+        unknown = await http.post("/api/session", json={"key": ADMIN_KEY})
+        mistyped = await http.post("/api/session", json={"api_key": 5})
+        large = await http.post(
+            "/api/session", content=b'{"api_key": "' + b"k" * 5000 + b'"}', headers=json_type
+        )
+        text = await http.post(
+            "/api/session", content=b'{"api_key": "k"}', headers={"Content-Type": "text/plain"}
+        )
+        wrong = await http.post("/api/session", json={"api_key": "wrong-key"})
+        # an empty key means "the one in the Authorization header"
+        header = await http.post(
+            "/api/session", json={"api_key": ""}, headers={"Authorization": f"Bearer {READ_KEY}"}
+        )
+    assert (unknown.status_code, unknown.json()["parameter"]) == (422, "key")
+    assert "expected api_key" in unknown.json()["detail"]
+    assert (mistyped.status_code, mistyped.json()["parameter"]) == (422, "api_key")
+    assert large.status_code == 413 and "4096" in large.json()["detail"]
+    assert text.status_code == 415
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"].startswith("Bearer")
+    for refused in (unknown, mistyped, large, text, wrong):
+        assert refused.headers["content-type"] == "application/problem+json"
+        assert "set-cookie" not in refused.headers
+    assert header.status_code == 204 and header.cookies[COOKIE]
+
+
 async def test_login_from_a_foreign_origin_is_refused(gw: LiveGateway) -> None:
     async with anonymous(gw) as http:
         response = await http.post(

@@ -309,3 +309,19 @@ async def test_no_token_or_key_is_ever_logged(redis_url: str, gateway_factory: A
     leaked = [s for s in secrets_used if s in log]
     lines = [line for line in log.splitlines() if any(s in line for s in secrets_used)]
     assert leaked == [], "secrets in the log:\n" + "\n".join(lines[:10])
+
+
+async def test_a_query_that_looks_like_a_credential_is_redacted_from_the_access_log(
+    redis_url: str, gateway_factory: Any
+) -> None:
+    """uvicorn's access formatter unpacks the record's arguments: redaction must keep them."""
+    gw = gateway_factory(redis_url)
+    async with httpx.AsyncClient(base_url=gw.base_url, headers=bearer(ADMIN_KEY)) as http:
+        for name in ("cookie", "Set-Cookie", "authorization", "token"):
+            response = await http.get("/api/stats", params={name: "secret-in-query"})
+            assert response.status_code == 422
+    await asyncio.sleep(0.5)
+    log = gw.log_text()
+    assert "Logging error" not in log and "Traceback" not in log, log[-3000:]
+    assert "secret-in-query" not in log
+    assert log.count('"GET /api/stats?') == 4, log[-3000:]

@@ -1,4 +1,9 @@
-"""REST API: thin endpoints that validate, make one store call and respond.
+"""REST API: thin endpoints that make one store call and respond.
+
+A handler's signature is its input contract: `device_id` (or any other path parameter) typed
+with a contract name, `query` and `body` typed with contract Structs, plus `request` and
+`store` when it needs them. `endpoint` checks a request against those types before the
+handler runs, and records them with the handler's reply and docstring for `/openapi.json`.
 
 Every failure leaves as `application/problem+json` (RFC 9457) built from `gateway.problems`,
 and every refusal happens before anything is written, so a bad request never changes Redis.
@@ -8,41 +13,40 @@ from __future__ import annotations
 
 import functools
 import http
+import inspect
 import logging
-import math
-import re
+import typing
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
+from msgspec import UnsetType
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Match, Route
 
-from gateway import logins, openapi, shadow
+from gateway import contract, logins, openapi, shadow, validation
 from gateway.auth import Role, bearer
+from gateway.contract import MAX_BODY_BYTES, Access, Operation, Reply
+from gateway.endpoints import health
 from gateway.errors import GatewayError
-from gateway.keys import is_device_id, is_device_type
-from gateway.problems import KINDS, Problem
+from gateway.problems import KINDS, Problem, from_error
 from gateway.runtime import Gateway
-from gateway.store import MAX_PAGE, Store
+from gateway.store import Store
 
 log = logging.getLogger("gateway.api")
 
-MAX_BODY_BYTES = 256 * 1024
-MAX_HISTORY_PAGE = 500
-DEFAULT_PAGE = 100
-DEFAULT_HISTORY_PAGE = 50
-MAX_CURSOR_LENGTH = 1024
-STREAM_ID = re.compile(r"[0-9]{1,20}(-[0-9]{1,20})?")
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 REALM = 'Bearer realm="presence-gateway"'
+CLIENT_CLOSED = 499  # nginx's "client closed request": there is no one left to send it to
+INPUTS = ("query", "body")
+CONTEXT = ("request", "store")
 
-Handler = Callable[[Request, Store], Awaitable[Response]]
 Endpoint = Callable[[Request], Awaitable[Response]]
+T = TypeVar("T")
 
 
 class ORJSONResponse(Response):
@@ -52,6 +56,11 @@ class ORJSONResponse(Response):
 
     def render(self, content: Any) -> bytes:
         return orjson.dumps(content)
+
+
+def given(value: T | UnsetType) -> T | None:
+    """An optional query parameter: None when absent."""
+    return None if isinstance(value, UnsetType) else value
 
 
 # --- problems ---------------------------------------------------------------
@@ -81,26 +90,7 @@ def problem_response(
     )
 
 
-def _from_shadow(error: shadow.ShadowError) -> Problem:
-    if isinstance(error, shadow.VersionConflict):
-        # the stale precondition with what was expected, and every version as it is now
-        return Problem(
-            "version-conflict",
-            error.detail,
-            parameter=error.field,
-            **{f"expected_{error.field}": error.expected},
-            current_version=error.versions.version,
-            current_desired_version=error.versions.desired,
-            current_reported_version=error.versions.reported,
-        )
-    return Problem(error.problem, error.detail, **({"path": error.path} if error.path else {}))
-
-
-def _invalid(parameter: str, detail: str) -> Problem:
-    return Problem("invalid-request", detail, parameter=parameter)
-
-
-# --- auth and the endpoint wrapper -------------------------------------------
+# --- auth ---------------------------------------------------------------------
 async def _authorize(request: Request, gateway: Gateway, write: bool) -> Role:
     """An API key in the header, or the dashboard's login cookie (same-origin writes only)."""
     role = gateway.api_keys.role(bearer(request.headers.get("authorization")))
@@ -124,24 +114,42 @@ async def _authorize(request: Request, gateway: Gateway, write: bool) -> Role:
     return role
 
 
-def endpoint(*, write: bool) -> Callable[[Handler], Endpoint]:
-    """Authorize, run the handler, and turn every failure into a problem response."""
+# --- the endpoint wrapper -----------------------------------------------------------
+def endpoint(
+    reply: Reply,
+    *,
+    access: Access = "read",
+    problems: Iterable[str] = (),
+    tag: str = "devices",
+    body_limit: int = MAX_BODY_BYTES,
+) -> Callable[[Callable[..., Awaitable[Response]]], Endpoint]:
+    """Authorize, check the declared inputs, run the handler; every failure becomes a problem.
 
-    def wrap(handler: Handler) -> Endpoint:
+    *problems* are the kinds the handler or the store may raise beyond what the inputs and
+    *access* imply.
+    """
+
+    def wrap(handler: Callable[..., Awaitable[Response]]) -> Endpoint:
+        operation = _declare(handler, reply, access, problems, tag, body_limit)
+        wanted = tuple(inspect.signature(handler).parameters)
+
         @functools.wraps(handler)
         async def run(request: Request) -> Response:
             gateway: Gateway = request.app.state.gateway
             try:
-                request.state.role = await _authorize(request, gateway, write)
-                return await handler(request, gateway.store)
+                if access != "public":
+                    request.state.role = await _authorize(request, gateway, access == "write")
+                args = {"request": request, "store": gateway.store}
+                args |= await _inputs(request, operation)
+                return await handler(**{name: args[name] for name in wanted})
             except Problem as problem:
                 return problem_response(request, problem)
-            except GatewayError as error:
-                return problem_response(
-                    request, Problem(error.problem, error.detail, **error.extra)
-                )
-            except shadow.ShadowError as error:
-                return problem_response(request, _from_shadow(error))
+            except (GatewayError, shadow.ShadowError) as error:
+                return problem_response(request, from_error(error))
+            except ClientDisconnect:
+                # gone mid-body: nothing was written, and no answer can reach it
+                log.debug("%s %s: the client left mid-request", request.method, request.url.path)
+                return Response(status_code=CLIENT_CLOSED)
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
                 log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
                 return problem_response(
@@ -153,20 +161,65 @@ def endpoint(*, write: bool) -> Callable[[Handler], Endpoint]:
                     request, Problem("internal-error", "the gateway failed to answer")
                 )
 
+        openapi.describe(run, operation)
         return run
 
     return wrap
 
 
-# --- input ------------------------------------------------------------------
-def _path_id(request: Request) -> str:
-    device_id: str = request.path_params["device_id"]
-    if not is_device_id(device_id):
-        raise Problem(
-            "invalid-device-id",
-            f"device_id must be 1–128 characters of A-Z a-z 0-9 . _ -; got {device_id[:140]!r}",
-        )
-    return device_id
+def _declare(
+    handler: Callable[..., Awaitable[Response]],
+    reply: Reply,
+    access: Access,
+    problems: Iterable[str],
+    tag: str,
+    body_limit: int,
+) -> Operation:
+    """The operation *handler*'s signature, reply and docstring declare."""
+    hints = typing.get_type_hints(handler, include_extras=True)
+    names = inspect.signature(handler).parameters
+    path = {name: hints[name] for name in names if name not in (*INPUTS, *CONTEXT)}
+    query, body = (hints[name] if name in names else None for name in INPUTS)
+    kinds = {*problems, *validation.problems(query)}
+    for annotation in path.values():
+        kinds |= validation.Declared.of(annotation).problems()
+    if body is not None:
+        kinds |= validation.problems(body)
+        kinds |= {"invalid-json", "body-too-large", "unsupported-media-type"}
+    if access != "public":
+        kinds |= {"unauthorized", "redis-unavailable"}
+    if access == "write":
+        kinds |= {"forbidden", "write-contention"}
+    summary, _, description = (inspect.getdoc(handler) or "").partition("\n\n")
+    first, *rest = handler.__name__.split("_")
+    return Operation(
+        operation_id=first + "".join(word.title() for word in rest),
+        summary=" ".join(summary.split()).removesuffix("."),
+        description=" ".join(description.split()),
+        access=access,
+        replies=(reply,),
+        tag=tag,
+        path=path,
+        query=query,
+        body=body,
+        body_limit=body_limit,
+        problems=frozenset(kinds),
+    )
+
+
+async def _inputs(request: Request, operation: Operation) -> dict[str, Any]:
+    """The path, query and body, checked against their declarations (in that order)."""
+    inputs = {
+        name: validation.path(name, request.path_params[name], annotation)
+        for name, annotation in operation.path.items()
+    }
+    query = validation.query(request.query_params.multi_items(), operation.query)
+    if query is not None:
+        inputs["query"] = query
+    if operation.body is not None:
+        raw = await _read_json(request, operation.body_limit)
+        inputs["body"] = validation.body(raw, operation.body)
+    return inputs
 
 
 def _is_json_media(content_type: str) -> bool:
@@ -176,14 +229,15 @@ def _is_json_media(content_type: str) -> bool:
     )
 
 
-async def _read_object(request: Request) -> dict[str, Any]:
-    """The body as a JSON object; refuses oversize bodies without reading them whole."""
+async def _read_json(request: Request, limit: int) -> object:
+    """The body as JSON; refuses an oversize body without reading it whole."""
     declared = request.headers.get("content-length")
     if declared is not None:
         if not declared.isdigit():
-            raise _invalid("Content-Length", "Content-Length must be a byte count")
-        if int(declared) > MAX_BODY_BYTES:
-            raise Problem("body-too-large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+            detail = "Content-Length must be a byte count"
+            raise Problem("invalid-request", detail, parameter="Content-Length")
+        if int(declared) > limit:
+            raise Problem("body-too-large", f"bodies are limited to {limit} bytes here")
     content_type = request.headers.get("content-type", "")
     if not _is_json_media(content_type):
         raise Problem(
@@ -194,133 +248,32 @@ async def _read_object(request: Request) -> dict[str, Any]:
     size = 0
     async for chunk in request.stream():
         size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise Problem("body-too-large", f"bodies are limited to {MAX_BODY_BYTES} bytes")
+        if size > limit:
+            raise Problem("body-too-large", f"bodies are limited to {limit} bytes here")
         chunks.append(chunk)
     raw = b"".join(chunks)
     if not raw.strip():
         raise Problem("invalid-json", "the body is empty; send a JSON object")
     try:
-        value = orjson.loads(raw)
+        return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise Problem("invalid-json", f"the body is not valid JSON: {exc}") from exc
-    if not isinstance(value, dict):
-        raise _invalid("body", f"the body must be a JSON object, got {shadow.json_type(value)}")
-    return value
-
-
-def _only(body: dict[str, Any], allowed: Iterable[str]) -> None:
-    names = tuple(allowed)
-    for name in body:
-        if name not in names:
-            raise _invalid(name, f"unknown field {name[:80]!r}; expected {', '.join(names)}")
-
-
-def _required_string(body: dict[str, Any], name: str) -> str:
-    if name not in body:
-        raise _invalid(name, f"{name} is required")
-    value = body[name]
-    if not isinstance(value, str):
-        raise _invalid(name, f"{name} must be a string, got {shadow.json_type(value)}")
-    return value
-
-
-def _document_field(body: dict[str, Any], name: str, required: bool) -> dict[str, Any]:
-    """A state or metadata document: present but not an object is `invalid-state`."""
-    if name not in body:
-        if required:
-            raise _invalid(name, f"{name} is required (a JSON object)")
-        return {}
-    value = body[name]
-    if not isinstance(value, dict):
-        detail = f"{name} must be a JSON object, got {shadow.json_type(value)}"
-        raise Problem("invalid-state", detail, parameter=name)
-    return value
-
-
-def _version_field(body: dict[str, Any], name: str) -> int | None:
-    value = body.get(name)
-    if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-        raise _invalid(name, f"{name} must be an integer ≥ 0, got {shadow.json_type(value)}")
-    return value
-
-
-class Query:
-    """The query string, refusing parameters an endpoint does not know and repeated ones."""
-
-    def __init__(self, request: Request, allowed: Iterable[str]) -> None:
-        names = tuple(allowed)
-        self.params = request.query_params
-        for name in self.params:
-            if name not in names:
-                expected = ", ".join(names) if names else "none"
-                raise _invalid(name, f"unknown query parameter {name[:80]!r}; expected {expected}")
-            if len(self.params.getlist(name)) > 1:
-                raise _invalid(name, f"query parameter {name!r} is given more than once")
-
-    def text(self, name: str) -> str | None:
-        """An optional string; empty counts as absent (`?cursor=` starts at the beginning)."""
-        value = self.params.get(name)
-        return value or None
-
-    def choice(self, name: str, options: tuple[str, ...]) -> str | None:
-        value = self.params.get(name)
-        if value is None:
-            return None
-        if value not in options:
-            raise _invalid(name, f"{name} must be one of {'|'.join(options)}, got {value[:80]!r}")
-        return value
-
-    def integer(self, name: str, low: int, high: int, default: int) -> int:
-        value = self.params.get(name)
-        if value is None:
-            return default
-        if not re.fullmatch(r"[0-9]{1,9}", value) or not low <= int(value) <= high:
-            raise _invalid(name, f"{name} must be an integer {low}–{high}, got {value[:80]!r}")
-        return int(value)
-
-    def number(self, name: str) -> float | None:
-        value = self.params.get(name)
-        if value is None:
-            return None
-        try:
-            number = float(value)
-        except ValueError:
-            number = math.nan
-        if not math.isfinite(number) or number < 0:
-            raise _invalid(name, f"{name} must be a number ≥ 0 (seconds), got {value[:80]!r}")
-        return number
-
-    def boolean(self, name: str) -> bool:
-        value = self.params.get(name)
-        if value is None:
-            return False
-        lowered = value.lower()
-        if lowered not in ("true", "false", "1", "0"):
-            raise _invalid(name, f"{name} must be true or false, got {value[:80]!r}")
-        return lowered in ("true", "1")
-
-    def stream_id(self, name: str) -> str | None:
-        value = self.params.get(name)
-        if value is None:
-            return None
-        if not STREAM_ID.fullmatch(value):
-            raise _invalid(
-                name, f"{name} must be a stream id like 1700000000000-0, got {value[:80]!r}"
-            )
-        return value
 
 
 # --- endpoints ----------------------------------------------------------------
-@endpoint(write=True)
-async def register_device(request: Request, store: Store) -> Response:
-    body = await _read_object(request)
-    _only(body, ("device_id", "device_type", "metadata"))
-    device_id = _required_string(body, "device_id")
-    device_type = _required_string(body, "device_type")
+ON_DEVICE = ("device-not-found",)
+
+
+@endpoint(
+    Reply(201, contract.RegisteredDevice, "Registered", headers={"Location": "The device's URL"}),
+    access="write",
+    problems=("device-exists",),
+)
+async def register_device(store: Store, body: contract.RegisterRequest) -> Response:
+    """Register a device; the response holds its token, shown only once."""
     # `null` means "absent" in a merge document, so it has nothing to store at registration
-    metadata = shadow.merge({}, _document_field(body, "metadata", required=False))
-    device, token = await store.register(device_id, device_type, metadata)
+    metadata = shadow.merge({}, body.metadata)
+    device, token = await store.register(body.device_id, body.device_type, metadata)
     return ORJSONResponse(
         {**device.to_dict(), "token": token},
         status_code=201,
@@ -328,64 +281,60 @@ async def register_device(request: Request, store: Store) -> Response:
     )
 
 
-@endpoint(write=False)
-async def list_devices(request: Request, store: Store) -> Response:
-    query = Query(request, ("status", "type", "stale_seconds", "include_state", "limit", "cursor"))
-    status = query.choice("status", ("online", "offline"))
-    device_type = query.params.get("type")
-    if device_type is not None and not is_device_type(device_type):
-        raise _invalid(
-            "type", f"type must be 1–64 characters of A-Z a-z 0-9 . _ -, got {device_type[:80]!r}"
-        )
-    cursor = query.text("cursor")
-    if cursor is not None and len(cursor) > MAX_CURSOR_LENGTH:
-        raise Problem("invalid-cursor", "cursor is not one this API issued")
+@endpoint(Reply(200, contract.DevicePage, "A page"))
+async def list_devices(store: Store, query: contract.DeviceQuery) -> Response:
+    """One page of devices, filtered.
+
+    Pages are ordered by device id, or by last_seen with `stale_seconds`. With `stale_seconds`
+    a page may hold fewer than `limit` items (even none) while `next_cursor` is not null:
+    follow it to the end.
+    """
     page = await store.page(
-        status="online" if status == "online" else "offline" if status == "offline" else None,
-        device_type=device_type,
-        stale_seconds=query.number("stale_seconds"),
-        include_state=query.boolean("include_state"),
-        limit=query.integer("limit", 1, MAX_PAGE, DEFAULT_PAGE),
-        cursor=cursor,
+        status=given(query.status),
+        device_type=given(query.type),
+        stale_seconds=given(query.stale_seconds),
+        include_state=query.include_state,
+        limit=query.limit,
+        cursor=given(query.cursor) or None,  # `?cursor=` starts at the beginning
     )
     return ORJSONResponse({"items": page.items, "next_cursor": page.next_cursor})
 
 
-@endpoint(write=False)
-async def get_device(request: Request, store: Store) -> Response:
-    Query(request, ())
-    device = await store.require(_path_id(request))
-    return ORJSONResponse(device.to_dict())
-
-
-@endpoint(write=True)
-async def patch_device(request: Request, store: Store) -> Response:
-    Query(request, ())
-    device_id = _path_id(request)
-    body = await _read_object(request)
-    _only(body, ("metadata",))
-    await store.patch_section(device_id, "metadata", _document_field(body, "metadata", True))
+@endpoint(Reply(200, contract.Device, "The device"), problems=ON_DEVICE)
+async def get_device(store: Store, device_id: contract.DeviceId) -> Response:
+    """The device and its shadow."""
     return ORJSONResponse((await store.require(device_id)).to_dict())
 
 
-@endpoint(write=True)
-async def delete_device(request: Request, store: Store) -> Response:
-    Query(request, ())
-    await store.delete(_path_id(request))
+@endpoint(
+    Reply(200, contract.Device, "The device after the change"), access="write", problems=ON_DEVICE
+)
+async def patch_device_metadata(
+    store: Store, device_id: contract.DeviceId, body: contract.MetadataPatch
+) -> Response:
+    """Merge into the device's metadata (null deletes)."""
+    await store.patch_section(device_id, "metadata", body.metadata)
+    return ORJSONResponse((await store.require(device_id)).to_dict())
+
+
+@endpoint(Reply(204, description="Deleted"), access="write", problems=ON_DEVICE)
+async def delete_device(store: Store, device_id: contract.DeviceId) -> Response:
+    """Deregister the device and close its live socket."""
+    await store.delete(device_id)
     return Response(status_code=204)
 
 
-@endpoint(write=True)
-async def patch_desired(request: Request, store: Store) -> Response:
-    Query(request, ())
-    device_id = _path_id(request)
-    body = await _read_object(request)
-    _only(body, ("state", "version", "desired_version"))
-    patch = _document_field(body, "state", required=True)
-    version = _version_field(body, "version")
-    desired_version = _version_field(body, "desired_version")
+@endpoint(
+    Reply(200, contract.DesiredResult, "The desired state after the merge"),
+    access="write",
+    problems=(*ON_DEVICE, "version-conflict"),
+)
+async def patch_desired_state(
+    store: Store, device_id: contract.DeviceId, body: contract.DesiredPatch
+) -> Response:
+    """Merge into the desired state; the device is told at once."""
     versions, desired = await store.patch_section(
-        device_id, "desired", patch, version, desired_version
+        device_id, "desired", body.state, body.version, body.desired_version
     )
     device = await store.require(device_id)
     return ORJSONResponse(
@@ -400,54 +349,88 @@ async def patch_desired(request: Request, store: Store) -> Response:
     )
 
 
-@endpoint(write=False)
-async def get_delta(request: Request, store: Store) -> Response:
-    Query(request, ())
-    return ORJSONResponse(await store.delta(_path_id(request)))
+@endpoint(Reply(200, contract.DeltaResult, "The delta"), problems=ON_DEVICE)
+async def get_delta(store: Store, device_id: contract.DeviceId) -> Response:
+    """Where reported differs from desired."""
+    return ORJSONResponse(await store.delta(device_id))
 
 
-@endpoint(write=False)
-async def get_history(request: Request, store: Store) -> Response:
-    query = Query(request, ("limit", "before"))
-    device_id = _path_id(request)
-    limit = query.integer("limit", 1, MAX_HISTORY_PAGE, DEFAULT_HISTORY_PAGE)
-    items, next_before = await store.history(device_id, limit, query.stream_id("before"))
+@endpoint(Reply(200, contract.HistoryPage, "A page of history"), problems=ON_DEVICE)
+async def get_history(
+    store: Store, device_id: contract.DeviceId, query: contract.HistoryQuery
+) -> Response:
+    """The device's presence and state changes, newest first."""
+    items, next_before = await store.history(device_id, query.limit, given(query.before))
     return ORJSONResponse({"items": items, "next_before": next_before})
 
 
-@endpoint(write=False)
-async def presence_events(request: Request, store: Store) -> Response:
-    query = Query(request, ("after", "limit"))
-    after = query.stream_id("after") or "0-0"
-    limit = query.integer("limit", 1, MAX_PAGE, DEFAULT_PAGE)
-    items, last, gap = await store.events_after(after, limit, frozenset({"presence"}))
+@endpoint(Reply(200, contract.PresenceEvents, "Presence events"), tag="presence")
+async def presence_events(store: Store, query: contract.EventsQuery) -> Response:
+    """Presence events after a position, oldest first.
+
+    `limit` bounds the events read, of every kind; only presence events are returned, so a
+    page may hold fewer. Continue from `last_id`. Positions are opaque: pass back what the
+    gateway gave; one it did not issue is `invalid-cursor`.
+    """
+    items, last, gap = await store.events_after(query.after, query.limit, frozenset({"presence"}))
     # `last_id` is where the next call continues: past filtered-out events, never backwards
-    return ORJSONResponse({"items": items, "last_id": last or after, "gap": gap})
+    return ORJSONResponse({"items": items, "last_id": last or query.after, "gap": gap})
 
 
-@endpoint(write=False)
-async def stats(request: Request, store: Store) -> Response:
-    Query(request, ())
+@endpoint(Reply(200, contract.Stats, "Counts"), tag="presence")
+async def stats(store: Store) -> Response:
+    """Counts: registered, online, offline, per type."""
     return ORJSONResponse(await store.stats())
 
 
-@endpoint(write=True)
-async def rotate_token(request: Request, store: Store) -> Response:
-    Query(request, ())
-    device_id = _path_id(request)
+@endpoint(
+    Reply(200, contract.TokenResult, "The new token, shown only here"),
+    access="write",
+    problems=ON_DEVICE,
+)
+async def rotate_token(store: Store, device_id: contract.DeviceId) -> Response:
+    """Issue or rotate the device token; the old one stops working."""
     return ORJSONResponse({"device_id": device_id, "token": await store.rotate_token(device_id)})
 
 
-@endpoint(write=False)
-async def session_role(request: Request, store: Store) -> Response:
-    """What the credential of this request (API key or login cookie) may do."""
-    Query(request, ())
+@endpoint(Reply(200, contract.Session, "The role"), tag="session")
+async def get_session(request: Request) -> Response:
+    """What this request's credential (API key or login cookie) may do.
+
+    A dashboard asks this to disable its write controls for a read-only key.
+    """
     role: Role = request.state.role
     return ORJSONResponse({"role": role.value})
 
 
-async def openapi_document(request: Request) -> Response:
-    return ORJSONResponse(openapi.document())
+@endpoint(Reply(200, dict[str, Any], "OpenAPI 3.1"), access="public", tag="meta")
+async def get_openapi(request: Request) -> Response:
+    """This document, built from the route table."""
+    state = request.app.state
+    if getattr(state, "openapi", None) is None:
+        state.openapi = orjson.dumps(openapi.document(request.app.routes))
+    return Response(state.openapi, media_type="application/json")
+
+
+# --- routes served by other modules, described with the rest --------------------------
+def _described(endpoint: Callable[..., Any], summary: str, *replies: Reply) -> None:
+    name = endpoint.__name__
+    operation = Operation(name, summary, "public", replies, tag="operations")
+    openapi.describe(endpoint, operation)
+
+
+_described(health.healthz, "The process is alive", Reply(200, contract.Health, "Alive"))
+_described(
+    health.readyz,
+    "Whether Redis answers now: a load balancer sends traffic only while it does",
+    Reply(200, contract.Readiness, "Ready"),
+    Reply(503, contract.Readiness, "Redis does not answer, or the gateway is still starting"),
+)
+_described(
+    health.metrics,
+    "Prometheus metrics",
+    Reply(200, str, "Prometheus text format", media_type="text/plain; version=0.0.4"),
+)
 
 
 # --- unknown routes and methods ------------------------------------------------
@@ -481,6 +464,9 @@ async def api_fallback(request: Request) -> Response:
     return problem_response(request, missing)
 
 
+openapi.describe(api_fallback, None)  # every path it answers is simply not there
+
+
 async def _http_exception(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     return ORJSONResponse(
@@ -505,16 +491,16 @@ _ROUTES: list[BaseRoute] = [
     Route("/api/devices", register_device, methods=["POST"]),
     Route("/api/devices", list_devices, methods=["GET"]),
     Route(_DEVICE, get_device, methods=["GET"]),
-    Route(_DEVICE, patch_device, methods=["PATCH"]),
+    Route(_DEVICE, patch_device_metadata, methods=["PATCH"]),
     Route(_DEVICE, delete_device, methods=["DELETE"]),
-    Route(_DEVICE + "/desired", patch_desired, methods=["PATCH"]),
+    Route(_DEVICE + "/desired", patch_desired_state, methods=["PATCH"]),
     Route(_DEVICE + "/delta", get_delta, methods=["GET"]),
     Route(_DEVICE + "/history", get_history, methods=["GET"]),
     Route(_DEVICE + "/token", rotate_token, methods=["POST"]),
     Route("/api/presence/events", presence_events, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
-    Route("/api/session", session_role, methods=["GET"]),
-    Route("/openapi.json", openapi_document, methods=["GET"]),
+    Route("/api/session", get_session, methods=["GET"]),
+    Route("/openapi.json", get_openapi, methods=["GET"]),
 ]
 
 _EVERY_METHOD = ["GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "TRACE", "CONNECT"]

@@ -13,7 +13,9 @@ from starlette.websockets import WebSocket
 
 from gateway import disconnect, logins, protocol
 from gateway.auth import Role, bearer
+from gateway.contract import LoginRequest, Reply
 from gateway.dashboards import Dashboard
+from gateway.endpoints.api import endpoint
 from gateway.errors import InvalidCursor
 from gateway.eventlog import Position
 from gateway.presence import REDIS_ERRORS
@@ -152,33 +154,26 @@ async def _serve(websocket: WebSocket, gateway: Gateway, dashboard: Dashboard) -
 
 
 # --- login ------------------------------------------------------------------------
-def _problem(problem: Problem, path: str) -> Response:
-    return Response(
-        orjson.dumps(problem.body(instance=path)),
-        status_code=problem.status,
-        media_type="application/problem+json",
-    )
+@endpoint(
+    Reply(204, description="Signed in", headers={"Set-Cookie": "The session cookie"}),
+    access="public",
+    problems=("unauthorized", "forbidden", "redis-unavailable"),
+    tag="session",
+    body_limit=MAX_LOGIN_BODY,
+)
+async def login(request: Request, body: LoginRequest) -> Response:
+    """Exchange an API key for an HttpOnly, SameSite=Strict session cookie.
 
-
-async def login(request: Request) -> Response:
-    """Exchange an API key for an HttpOnly, SameSite=Strict session cookie."""
+    The dashboard signs in with it: the key never has to stay in the page. Only from this
+    origin (or one allowed by `GATEWAY_ALLOWED_ORIGINS`).
+    """
     gateway: Gateway = request.app.state.gateway
     if not logins.same_origin(request.headers.get("origin"), request.headers.get("host"),
                               gateway.settings.allowed_origins):  # fmt: skip
-        return _problem(Problem("forbidden", "origin not allowed"), request.url.path)
-    body = await request.body()
-    if len(body) > MAX_LOGIN_BODY:
-        return _problem(Problem("body-too-large", "login body too large"), request.url.path)
-    try:
-        payload = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return _problem(Problem("invalid-json", "body is not JSON"), request.url.path)
-    key = payload.get("api_key") if isinstance(payload, dict) else None
-    if not isinstance(key, str):
-        return _problem(Problem("invalid-request", 'send {"api_key": "..."}'), request.url.path)
-    role = gateway.api_keys.role(key or bearer(request.headers.get("authorization")))
+        raise Problem("forbidden", "origin not allowed")
+    role = gateway.api_keys.role(body.api_key or bearer(request.headers.get("authorization")))
     if role is None:
-        return _problem(Problem("unauthorized", "unknown API key"), request.url.path)
+        raise Problem("unauthorized", "unknown API key")
     value = await logins.create(gateway.redis, gateway.keys, role)
     response = Response(status_code=204)
     response.set_cookie(
@@ -193,7 +188,14 @@ async def login(request: Request) -> Response:
     return response
 
 
+@endpoint(
+    Reply(204, description="Signed out", headers={"Set-Cookie": "Clears the session cookie"}),
+    access="public",
+    problems=("redis-unavailable",),
+    tag="session",
+)
 async def logout(request: Request) -> Response:
+    """End the login session of the cookie sent, if any; harmless without one."""
     gateway: Gateway = request.app.state.gateway
     await logins.delete(gateway.redis, gateway.keys, request.cookies.get(logins.COOKIE))
     response = Response(status_code=204)

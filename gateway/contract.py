@@ -1,0 +1,423 @@
+"""The REST contract, declared once: every name, request and response body, query and reply.
+
+Each declaration is a msgspec `Struct` or an annotated type. `gateway.validation` checks requests
+against them (and explains a refusal in their words); `gateway.openapi` builds `/openapi.json`
+from them and from the route table. Neither restates a limit, a pattern or a field.
+
+`Meta(extra=...)` names a refusal where the default `invalid-request` would be too vague, and
+puts a pattern into words:
+
+- `problem`: the problem kind for a value of the right JSON type that breaks a limit;
+- `type_problem`: the problem kind for a value of the wrong JSON type;
+- `also`: kinds the store may still raise about an accepted value (documented, not checked here);
+- `expected`: what a pattern means, for refusals ("1–128 characters of ...").
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Annotated, Any, Literal
+
+from msgspec import UNSET, Meta, Struct, UnsetType
+
+from gateway import keys
+from gateway.store import MAX_PAGE
+
+MAX_BODY_BYTES = 256 * 1024
+MAX_HISTORY_PAGE = 500
+DEFAULT_PAGE = 100
+DEFAULT_HISTORY_PAGE = 50
+MAX_CURSOR_LENGTH = 1024
+MAX_POSITION_LENGTH = 2048
+NAME_CHARACTERS = "A-Z a-z 0-9 . _ -"
+
+
+def _whole(pattern: re.Pattern[str]) -> str:
+    """A keys.py pattern (matched whole there) anchored for msgspec and JSON Schema, which search.
+
+    Python's `$` also matches before a final newline, so "id\\n" passes here; keys.py refuses
+    it in the store, with the same problem kind for ids.
+    """
+    return f"^{pattern.pattern}$"
+
+
+def _text(pattern: str, expected: str, **extra: Any) -> Meta:
+    """A string pattern, with the words that explain it in documents and in refusals."""
+    return Meta(pattern=pattern, description=expected, extra={"expected": expected, **extra})
+
+
+# --- names and values ------------------------------------------------------------
+DeviceId = Annotated[
+    str,
+    _text(
+        _whole(keys.ID_PATTERN),
+        f"1–128 characters of {NAME_CHARACTERS}",
+        problem="invalid-device-id",
+    ),
+]
+DeviceType = Annotated[
+    str, _text(_whole(keys.TYPE_PATTERN), f"1–64 characters of {NAME_CHARACTERS}")
+]
+StreamId = Annotated[
+    str,
+    _text(
+        "^[0-9]{1,20}(-[0-9]{1,20})?$", "a stream id like 1700000000000-0", also=("invalid-cursor",)
+    ),
+]
+# Opaque on purpose: on a cluster one position covers every partition's stream.
+Position = Annotated[
+    str,
+    _text(
+        f"^[A-Za-z0-9_.:-]{{1,{MAX_POSITION_LENGTH}}}$",
+        f"an opaque position: 1–{MAX_POSITION_LENGTH} characters of A-Z a-z 0-9 _ - . :",
+        also=("invalid-cursor",),
+    ),
+]
+Cursor = Annotated[
+    str,
+    Meta(
+        max_length=MAX_CURSOR_LENGTH,
+        description="`next_cursor` of the previous page, as it came; empty starts over",
+        extra={"problem": "invalid-cursor"},
+    ),
+]
+Document = Annotated[
+    dict[str, Any],
+    Meta(
+        description="A JSON object (a state section or metadata)",
+        extra={
+            "type_problem": "invalid-state",
+            "also": ("invalid-state-key", "state-too-deep", "state-too-large"),
+        },
+    ),
+]
+Delta = Annotated[
+    dict[str, dict[str, Any]],
+    Meta(
+        description="Every desired leaf that reported does not match, keyed by its path from "
+        "the root: a leaf is `{desired, reported}` (reported null when absent), an inner node "
+        "is another Delta"
+    ),
+]
+Presence = Literal["online", "offline"]
+Version = Annotated[int, Meta(ge=0)]
+Count = Annotated[int, Meta(ge=0)]
+Seconds = Annotated[float, Meta(description="Epoch seconds")]
+Token = Annotated[str, Meta(min_length=1, description="The device token; shown only here")]
+
+
+# --- request bodies ----------------------------------------------------------------
+class RegisterRequest(Struct, forbid_unknown_fields=True):
+    """A device to register."""
+
+    device_id: DeviceId
+    device_type: Annotated[DeviceType, Meta(extra={"problem": "invalid-device-type"})]
+    metadata: Annotated[Document, Meta(description="Stored as given; null values dropped")] = {}
+
+
+class MetadataPatch(Struct, forbid_unknown_fields=True):
+    """A merge into the device's metadata."""
+
+    metadata: Annotated[Document, Meta(description="Merged into metadata; null deletes a key")]
+
+
+class DesiredPatch(Struct, forbid_unknown_fields=True):
+    """A merge into the desired state, with optional preconditions."""
+
+    state: Annotated[
+        Document,
+        Meta(
+            description="Merged into the desired state: null deletes a key, nested objects "
+            "merge, arrays replace"
+        ),
+    ]
+    version: Annotated[
+        Version | None,
+        Meta(
+            description="Write only if the shadow (desired and reported) is still at this version"
+        ),
+    ] = None
+    desired_version: Annotated[
+        Version | None,
+        Meta(
+            description="Write only if the desired state is still at this version; the "
+            "device's own reports never make it stale"
+        ),
+    ] = None
+
+
+class LoginRequest(Struct, forbid_unknown_fields=True):
+    """An API key to exchange for a session cookie."""
+
+    api_key: Annotated[
+        str,
+        Meta(description="An API key; empty means the one in the Authorization header"),
+    ]
+
+
+# --- path and query parameters -------------------------------------------------------
+# Absent optional parameters are UNSET, never None: msgspec reads the text "null" as None for
+# an optional field, and `?status=null` must be refused, not taken as "no filter".
+class DeviceQuery(Struct, forbid_unknown_fields=True):
+    status: Annotated[Presence, Meta(description="Only devices with this presence")] | UnsetType = (
+        UNSET
+    )
+    type: Annotated[DeviceType, Meta(description="Only devices of this type")] | UnsetType = UNSET
+    stale_seconds: (
+        Annotated[
+            float,
+            Meta(
+                ge=0,
+                le=sys.float_info.max,  # finite: "inf" is no number of seconds
+                description="Only devices not seen for at least this many seconds",
+                extra={"expected": "a number ≥ 0 (seconds)"},
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    include_state: Annotated[
+        bool, Meta(description="Add metadata, reported_state and desired_state to each item")
+    ] = False
+    limit: Annotated[
+        int, Meta(ge=1, le=MAX_PAGE, description="Largest number of items on the page")
+    ] = DEFAULT_PAGE
+    cursor: Cursor | UnsetType = UNSET
+
+
+class HistoryQuery(Struct, forbid_unknown_fields=True):
+    limit: Annotated[
+        int,
+        Meta(ge=1, le=MAX_HISTORY_PAGE, description="Largest number of events on the page"),
+    ] = DEFAULT_HISTORY_PAGE
+    before: (
+        Annotated[StreamId, Meta(description="`next_before` of the previous page")] | UnsetType
+    ) = UNSET
+
+
+class EventsQuery(Struct, forbid_unknown_fields=True):
+    after: Annotated[
+        Position,
+        Meta(description="Return events after this position: `last_id` of the previous call"),
+    ] = "0-0"
+    limit: Annotated[
+        int, Meta(ge=1, le=MAX_PAGE, description="Largest number of fleet events to read")
+    ] = DEFAULT_PAGE
+
+
+# --- responses -------------------------------------------------------------------
+class DeviceSummary(Struct, forbid_unknown_fields=True):
+    """A device as a page lists it."""
+
+    device_id: DeviceId
+    device_type: DeviceType
+    status: Presence
+    last_seen: Annotated[float, Meta(description="Epoch seconds; 0 when never seen")]
+    version: Annotated[
+        Version, Meta(description="Shadow version: moves with every desired or reported change")
+    ]
+
+
+class PageItem(DeviceSummary):
+    """A device as a page lists it; with `include_state`, its documents too."""
+
+    metadata: Document | UnsetType = UNSET
+    reported_state: Document | UnsetType = UNSET
+    desired_state: Document | UnsetType = UNSET
+
+
+class ShadowMetadata(Struct, forbid_unknown_fields=True):
+    """Per-leaf update timestamps of each section."""
+
+    desired: Document
+    reported: Document
+
+
+class Device(DeviceSummary):
+    """A device and its shadow."""
+
+    desired_version: Annotated[Version, Meta(description="Moves with every desired change")]
+    reported_version: Annotated[Version, Meta(description="Moves with every reported change")]
+    registered_at: Seconds
+    presence_version: Annotated[Version, Meta(description="Moves with every presence change")]
+    metadata: Document
+    reported_state: Document
+    desired_state: Document
+    delta: Delta
+    shadow_metadata: ShadowMetadata
+
+
+class RegisteredDevice(Device):
+    """A device just registered, with its first token."""
+
+    token: Token
+
+
+class DevicePage(Struct, forbid_unknown_fields=True):
+    """One page of devices."""
+
+    items: list[PageItem]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null at the end")
+    ]
+
+
+class DesiredResult(Struct, forbid_unknown_fields=True):
+    """The desired state after a merge, with the versions the write left."""
+
+    device_id: DeviceId
+    version: Version
+    desired_version: Version
+    reported_version: Version
+    desired_state: Document
+    delta: Delta
+
+
+class DeltaResult(Struct, forbid_unknown_fields=True):
+    """Where reported differs from desired."""
+
+    device_id: DeviceId
+    in_sync: bool
+    delta: Delta
+    version: Version
+
+
+class Event(Struct, tag_field="type"):
+    """A change recorded in a stream; more members may be added."""
+
+    id: Annotated[StreamId, Meta(description="Stream id")]
+    device_id: DeviceId
+    timestamp: Seconds
+
+
+class PresenceEvent(Event, tag="presence"):
+    status: Presence
+    version: (
+        Annotated[int, Meta(ge=1, description="Per-device presence version; only increases")]
+        | UnsetType
+    ) = UNSET
+    reason: (
+        Annotated[str, Meta(description="connected, closed, connection_lost, expired, …")]
+        | UnsetType
+    ) = UNSET
+
+
+class StateEvent(Event, tag="state"):
+    section: Literal["desired", "reported"]
+    version: Annotated[int, Meta(ge=1)]
+    state: Document
+    external: (
+        Annotated[bool, Meta(description="True when another program wrote the section to Redis")]
+        | UnsetType
+    ) = UNSET
+
+
+class MetadataEvent(Event, tag="metadata"):
+    metadata: Document
+
+
+class HistoryPage(Struct, forbid_unknown_fields=True):
+    """A device's changes, newest first."""
+
+    items: list[PresenceEvent | StateEvent | MetadataEvent]
+    next_before: Annotated[
+        StreamId | None, Meta(description="Pass as `before` for older events; null at the end")
+    ]
+
+
+class PresenceEvents(Struct, forbid_unknown_fields=True):
+    """Presence events after a position, oldest first."""
+
+    items: list[PresenceEvent]
+    last_id: Annotated[Position, Meta(description="Pass as `after` to continue")]
+    gap: Annotated[bool, Meta(description="True when events after `after` were already trimmed")]
+
+
+class Counts(Struct, forbid_unknown_fields=True):
+    registered: Count
+    online: Count
+    offline: Count
+
+
+class Stats(Counts):
+    """Counts of the fleet, and per device type."""
+
+    by_type: dict[DeviceType, Counts]
+
+
+class TokenResult(Struct, forbid_unknown_fields=True):
+    """A new device token, shown only here."""
+
+    device_id: DeviceId
+    token: Token
+
+
+class Session(Struct, forbid_unknown_fields=True):
+    """What the credential of the request may do."""
+
+    role: Annotated[
+        Literal["admin", "read"],
+        Meta(description="admin: reads and writes; read: reads only"),
+    ]
+
+
+class Health(Struct, forbid_unknown_fields=True):
+    status: Literal["ok"]
+
+
+class Readiness(Struct, forbid_unknown_fields=True):
+    status: Literal["ready", "starting", "unavailable"]
+    redis: Annotated[str, Meta(description="Why Redis did not answer")] | UnsetType = UNSET
+
+
+class Problem(Struct):
+    """RFC 9457 problem details; more members may be added."""
+
+    type: Annotated[str, Meta(extra_json_schema={"format": "uri"})]
+    title: str
+    status: Annotated[int, Meta(ge=400, le=599)]
+    detail: str
+    instance: str | UnsetType = UNSET
+    parameter: (
+        Annotated[str, Meta(description="The field or query parameter at fault")] | UnsetType
+    ) = UNSET
+    path: Annotated[str, Meta(description="The state key at fault")] | UnsetType = UNSET
+    expected_version: Version | UnsetType = UNSET
+    expected_desired_version: Version | UnsetType = UNSET
+    current_version: Version | UnsetType = UNSET
+    current_desired_version: Version | UnsetType = UNSET
+    current_reported_version: Version | UnsetType = UNSET
+
+
+# --- operations ------------------------------------------------------------------
+Access = Literal["public", "read", "write"]
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A success (or documented non-problem) answer: status, body type, media type, headers."""
+
+    status: int
+    body: Any = None  # a type msgspec describes; None: no content
+    description: str = ""
+    media_type: str = "application/json"
+    headers: Mapping[str, str] = field(default_factory=dict)  # name → what it holds
+
+
+@dataclass(frozen=True)
+class Operation:
+    """What one route takes and answers; validation and the OpenAPI document both read it."""
+
+    operation_id: str
+    summary: str
+    access: Access
+    replies: tuple[Reply, ...]
+    description: str = ""
+    tag: str = "devices"
+    path: Mapping[str, Any] = field(default_factory=dict)  # name → annotated type
+    query: type[Struct] | None = None  # None: no query parameter is accepted
+    body: type[Struct] | None = None
+    body_limit: int = MAX_BODY_BYTES
+    problems: frozenset[str] = frozenset()  # what the handler or store may raise besides
