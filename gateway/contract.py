@@ -35,13 +35,16 @@ MAX_POSITION_LENGTH = 2048
 NAME_CHARACTERS = "A-Z a-z 0-9 . _ -"
 
 
+END = r"$(?!\n)"  # the end of the text, not the end before a final newline
+
+
 def _whole(pattern: re.Pattern[str]) -> str:
     """A keys.py pattern (matched whole there) anchored for msgspec and JSON Schema, which search.
 
-    Python's `$` also matches before a final newline, so "id\\n" passes here; keys.py refuses
-    it in the store, with the same problem kind for ids.
+    `(?!\\n)`: Python's `$` also matches before a final newline ("id\\n"); both Python and
+    JSON Schema's regexes read the lookahead the same way.
     """
-    return f"^{pattern.pattern}$"
+    return f"^{pattern.pattern}{END}"
 
 
 def _text(pattern: str, expected: str, **extra: Any) -> Meta:
@@ -64,14 +67,16 @@ DeviceType = Annotated[
 StreamId = Annotated[
     str,
     _text(
-        "^[0-9]{1,20}(-[0-9]{1,20})?$", "a stream id like 1700000000000-0", also=("invalid-cursor",)
+        "^[0-9]{1,20}(-[0-9]{1,20})?" + END,
+        "a stream id like 1700000000000-0",
+        also=("invalid-cursor",),
     ),
 ]
 # Opaque on purpose: on a cluster one position covers every partition's stream.
 Position = Annotated[
     str,
     _text(
-        f"^[A-Za-z0-9_.:-]{{1,{MAX_POSITION_LENGTH}}}$",
+        f"^[A-Za-z0-9_.:-]{{1,{MAX_POSITION_LENGTH}}}{END}",
         f"an opaque position: 1–{MAX_POSITION_LENGTH} characters of A-Z a-z 0-9 _ - . :",
         also=("invalid-cursor",),
     ),

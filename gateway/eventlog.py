@@ -30,15 +30,20 @@ StreamId = tuple[int, int]
 ZERO: StreamId = (0, 0)
 POSITION_PREFIX = "p1."
 MAX_POSITION_TEXT = 4096
+LAST_MS = 2**63  # far past any real stream id; ids beyond it cannot be read after
 Entries = list[tuple[bytes, dict[bytes, bytes]]]
 
 
 def parse_id(value: str) -> StreamId:
-    """`ms-seq` (or `ms`) as numbers; InvalidCursor for anything else."""
+    """`ms-seq` (or `ms`) as numbers; InvalidCursor for anything else, and for ids no stream
+    reaches (Redis refuses to read after its very last id)."""
     ms, _, seq = value.partition("-")
     if not ms.isdigit() or not (seq == "" or seq.isdigit()) or len(value) > 41:
         raise InvalidCursor(f"not a stream id: {value[:48]!r}")
-    return int(ms), int(seq or 0)
+    sid = int(ms), int(seq or 0)
+    if sid[0] >= LAST_MS or sid[1] >= LAST_MS:
+        raise InvalidCursor(f"not a stream id this gateway issued: {value[:48]!r}")
+    return sid
 
 
 def format_id(sid: StreamId) -> str:

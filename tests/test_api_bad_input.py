@@ -486,6 +486,13 @@ async def test_bad_query_parameters(fleet: LiveGateway, redis_client: aioredis.R
         # well formed, but no position this gateway issued
         Case("GET", events, 400, "invalid-cursor", params={"after": "yesterday"}),
         Case("GET", events, 400, "invalid-cursor", params={"after": "1-2-3"}),
+        Case(
+            "GET",
+            events,
+            400,
+            "invalid-cursor",
+            params={"after": "18446744073709551615-18446744073709551615"},
+        ),
         Case("GET", events, 400, "invalid-cursor", params={"after": "x" * 2048}),
     ]
     await check_cases(fleet, redis_client, cases)
