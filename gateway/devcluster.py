@@ -79,7 +79,7 @@ class LocalCluster:
         self.node_timeout_ms = node_timeout_ms
         self.extra_args = extra_args
         count = primaries * (1 + replicas)
-        ports = _consecutive_ports(count, base_port)
+        ports = consecutive_ports(count, base_port)
         self.nodes = [Node(port, self.data_dir / str(port)) for port in ports]
 
     @property
@@ -251,7 +251,7 @@ async def _health(node: Node) -> str | None:
     return None
 
 
-def _consecutive_ports(count: int, base: int | None) -> list[int]:
+def consecutive_ports(count: int, base: int | None) -> list[int]:
     """`count` ports that are free with their bus ports (port + 10000), below 55536."""
     if base is not None:
         ports = list(range(base, base + count))

@@ -21,9 +21,11 @@ from typing import Any
 
 import orjson
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 
 from gateway import redisconn, shadow
 from gateway.config import Settings
+from gateway.keys import Keys
 from gateway.metrics import Metrics
 from gateway.presence import CHUNK, PresenceEngine
 from gateway.scripts import SCRIPTS
@@ -50,14 +52,23 @@ async def _in_batches(calls: list[Any], size: int = SETUP_CONCURRENCY) -> list[A
     return results
 
 
+async def layout_client(redis_url: str) -> tuple[Redis | RedisCluster, Keys]:
+    """A client and the key names for *redis_url*: one node, or a cluster (`redis+cluster://`)."""
+    if redisconn.is_cluster_url(redis_url):
+        cluster = redisconn.connect_cluster(redis_url)
+        await cluster.initialize()
+        return cluster, Keys.cluster()
+    return Redis.from_url(redis_url, max_connections=SETUP_CONCURRENCY + 4), Keys()
+
+
 async def setup_devices(redis_url: str, device_ids: list[str]) -> dict[str, float]:
     """Register every device with Store.register and connect it with PresenceEngine.connect."""
-    redis = Redis.from_url(redis_url, max_connections=SETUP_CONCURRENCY + 4)
+    redis, keys = await layout_client(redis_url)
     settings = Settings()
-    store = Store(redis, settings)
+    store = Store(redis, settings, keys)
     engine = PresenceEngine(redis, store, settings, Metrics(), lambda *_: None)
     try:
-        await SCRIPTS.load(redis)
+        await store.scripts.load(redis)
         started = time.perf_counter()
         await _in_batches(
             [

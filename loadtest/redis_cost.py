@@ -24,21 +24,27 @@ import shutil
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import redis
 
-from gateway import redisconn
 from gateway.config import Settings
+from gateway.devcluster import consecutive_ports
 from gateway.embedded import find_free_port, valkey_executable
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.store import Store
 from loadtest import fleet, results
-from loadtest.bench_store import VARIANTS, beat_round, bench_device_id, setup_devices
+from loadtest.bench_store import (
+    VARIANTS,
+    beat_round,
+    bench_device_id,
+    layout_client,
+    setup_devices,
+)
 from loadtest.seedload import add_seed_argument, load_seed
 
 HOST = "127.0.0.1"
@@ -48,9 +54,10 @@ BEAT_SPACING = 1.5  # seconds between one device's beats on its own clock: > the
 class CountedRedis:
     """A valkey-server under callgrind whose instruction count can be zeroed and read."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, port: int | None = None, extra: Sequence[str] = ()) -> None:
         self.workdir = workdir
-        self.port = find_free_port(HOST)
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.port = port or find_free_port(HOST)
         self.dumps = 0
         self.process = subprocess.Popen(
             [
@@ -59,7 +66,7 @@ class CountedRedis:
                 str(valkey_executable()),
                 "--bind", HOST, "--port", str(self.port),
                 "--save", "", "--appendonly", "no", "--daemonize", "no",
-                "--dir", str(workdir),
+                "--dir", str(workdir), *extra,
             ],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -105,10 +112,60 @@ class CountedRedis:
             self.process.wait()
 
 
+class CountedCluster:
+    """Three cluster primaries (no replicas), each under callgrind: the work split per node."""
+
+    def __init__(self, workdir: Path, primaries: int = 3) -> None:
+        ports = consecutive_ports(primaries, None)
+        extra = ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
+                 "--cluster-node-timeout", "15000"]  # fmt: skip
+        self.nodes = [CountedRedis(workdir / str(port), port, extra) for port in ports]
+        cli = valkey_executable().with_name("valkey-cli")
+        subprocess.run(
+            [str(cli), "--cluster", "create", *(f"{HOST}:{port}" for port in ports),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=300,
+        )  # fmt: skip
+        deadline = time.monotonic() + 120
+        for node in self.nodes:
+            with redis.Redis(host=HOST, port=node.port) as client:
+                while b"cluster_state:ok" not in client.execute_command("CLUSTER", "INFO"):
+                    if time.monotonic() > deadline:
+                        raise RuntimeError("the counted cluster did not come up")
+                    time.sleep(0.2)
+        self.url = "redis+cluster://" + ",".join(f"{HOST}:{port}" for port in ports)
+
+    def zero(self) -> None:
+        for node in self.nodes:
+            node.zero()
+
+    def instructions(self) -> list[int]:
+        return [node.instructions() for node in self.nodes]
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 @contextmanager
-def counted_redis() -> Iterator[CountedRedis]:
+def counted_cluster() -> Iterator[CountedCluster]:
+    _need_valgrind()
+    with tempfile.TemporaryDirectory(prefix="loadtest-callgrind-cluster-") as workdir:
+        cluster = CountedCluster(Path(workdir))
+        try:
+            yield cluster
+        finally:
+            cluster.stop()
+
+
+def _need_valgrind() -> None:
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
         raise SystemExit("redis-cost needs valgrind (Debian: apt-get install valgrind)")
+
+
+@contextmanager
+def counted_redis() -> Iterator[CountedRedis]:
+    _need_valgrind()
     with tempfile.TemporaryDirectory(prefix="loadtest-callgrind-") as workdir:
         server = CountedRedis(Path(workdir))
         try:
@@ -120,9 +177,9 @@ def counted_redis() -> Iterator[CountedRedis]:
 async def gateway_rounds(url: str, device_ids: list[str], rounds: int, variant: str,
                          first_round: int, measure: Callable[[], Any]) -> None:  # fmt: skip
     """Whole rounds of heartbeats; *measure* is called after a warm-up round."""
-    client = redisconn.connect(url)
+    client, keys = await layout_client(url)
     settings = Settings()
-    engine = PresenceEngine(client, Store(client, settings), settings, Metrics(), _no_stale)
+    engine = PresenceEngine(client, Store(client, settings, keys), settings, Metrics(), _no_stale)
     epoch = time.time() + 5
     try:
         for index in range(first_round, first_round + rounds + 1):
@@ -162,6 +219,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=5, help="measured rounds per variant")
     parser.add_argument("--seed-rounds", type=int, default=2)
     parser.add_argument(
+        "--cluster", action="store_true",
+        help="also count the same rounds on a 3-primary cluster, per node (the work split); "
+        "use enough devices that each partition's indexes outgrow Redis' compact encoding "
+        "(over 128 per partition: --devices 20000), as in a real fleet",
+    )  # fmt: skip
+    parser.add_argument(
         "--out", type=Path, help=f"results directory (default {results.results_dir()})"
     )
     add_seed_argument(parser)
@@ -194,6 +257,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for variant in VARIANTS:
             ours = metrics[f"gateway_{variant}_instructions_per_heartbeat"]
             metrics[f"gateway_{variant}_to_seed_ratio"] = round(ours / per_call, 2)
+        targets: list[dict[str, Any]] = []
+        if args.cluster:
+            targets = count_cluster(device_ids, args.rounds, metrics)
         document = fleet.write_result(
             "redis_cost",
             started_at=started_at,
@@ -209,11 +275,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "whole server process (command parsing, Lua, replies) divided by heartbeats",
             },
             metrics=metrics,
-            targets=[],
+            targets=targets,
             out_dir=args.out,
         )
     fleet.print_summary(document)
     return document
+
+
+def count_cluster(device_ids: list[str], rounds: int, metrics: dict[str, float]) -> list[Any]:
+    """The same rounds on three primaries: each node's share of one node's instructions."""
+    targets = []
+    with counted_cluster() as cluster:
+        print(f"redis-cost: 3 primaries under callgrind at {cluster.url}", flush=True)
+        asyncio.run(setup_devices(cluster.url, device_ids))
+        for number, variant in enumerate(VARIANTS):
+            asyncio.run(
+                gateway_rounds(cluster.url, device_ids, rounds, variant,
+                               number * (rounds + 1), cluster.zero)
+            )  # fmt: skip
+            per_node = [n / (rounds * len(device_ids)) for n in cluster.instructions()]
+            single = metrics[f"gateway_{variant}_instructions_per_heartbeat"]
+            busiest, total = max(per_node) / single, sum(per_node) / single
+            metrics[f"cluster_{variant}_instructions_per_heartbeat"] = round(sum(per_node))
+            metrics[f"cluster_{variant}_busiest_share"] = round(busiest, 3)
+            metrics[f"cluster_{variant}_total_ratio"] = round(total, 3)
+            shares = ", ".join(f"{n / single:.1%}" for n in per_node)
+            print(f"  cluster, {variant}: per node {shares} of one node; total {total:.2f}x",
+                  flush=True)  # fmt: skip
+            targets += [
+                fleet.target(f"busiest primary's share of one node ({variant})", "≤ 40 %",
+                             round(busiest * 100, 1), "%", busiest <= 0.40),
+                fleet.target(f"3 primaries together vs one node ({variant})", "≤ 1.15×",
+                             round(total, 3), "×", total <= 1.15),
+            ]  # fmt: skip
+    return targets
 
 
 if __name__ == "__main__":
