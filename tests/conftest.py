@@ -23,7 +23,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
-from seedcode import install_ioredis, load_seed
+from seedcode import NodeSeed, install_ioredis, load_seed
 from servers import RedisServer, available_engines, skip_or_fail
 
 from gateway.config import StartupError
@@ -265,6 +265,13 @@ def gateway_factory(tmp_path: Path) -> Iterator[GatewayFactory]:
 def node_modules(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """ioredis installed once per session for the document's Node.js classes."""
     return install_ioredis(tmp_path_factory.mktemp("node"))
+
+
+@pytest.fixture
+async def node_seed(node_modules: Path, redis_url: str) -> AsyncIterator[NodeSeed]:
+    """The document's Node.js classes in their own node process, on the emptied server."""
+    async with NodeSeed(node_modules, redis_url) as seed:
+        yield seed
 
 
 @pytest.fixture(scope="session")

@@ -19,6 +19,7 @@ import types
 from pathlib import Path
 from typing import Any
 
+import redis.asyncio as aioredis
 from servers import skip_or_fail
 
 SEED_NAME = "000_e53ab93c4a8e6ba3.txt"
@@ -64,6 +65,8 @@ def load_seed() -> types.SimpleNamespace:
 # --- the document's Node.js classes ------------------------------------------------------
 HARNESS = Path(__file__).with_name("seed_node_harness.js")
 IOREDIS = "ioredis@5"
+PRESENCE_CHANNEL = "devices:presence"
+MARK = "test_mark"  # the type of the events `settle` publishes; never collected
 
 
 def install_ioredis(directory: Path) -> Path:
@@ -86,7 +89,8 @@ class NodeSeed:
 
     `await seed.call("manager", "registerDevice", "id", "type", {})` calls
     `DeviceStateManager.registerDevice`; "detector" is the `OfflineDetector`. Presence events
-    from `subscribeToPresence` collect in `events`.
+    from `subscribeToPresence` (see `subscribe`) collect in `events`; the classes' own logging
+    goes to stderr.
     """
 
     def __init__(self, node_modules: Path, redis_url: str) -> None:
@@ -97,6 +101,7 @@ class NodeSeed:
         self._pending: dict[int, asyncio.Future[Any]] = {}
         self._ids = itertools.count(1)
         self._reader: asyncio.Task[None] | None = None
+        self._marks: dict[str, asyncio.Event] = {}
 
     async def __aenter__(self) -> NodeSeed:
         path = seed_path()
@@ -118,22 +123,61 @@ class NodeSeed:
             self._reader.cancel()
 
     async def call(self, target: str, method: str, *args: Any) -> Any:
+        return await self._send({"target": target, "method": method, "args": list(args)})
+
+    async def set(self, target: str, name: str, value: Any) -> None:
+        """Set a property of a class instance (`heartbeatTimeout`, say)."""
+        await self._send({"target": target, "set": name, "value": value})
+
+    async def _send(self, request: dict[str, Any]) -> Any:
         assert self._process is not None and self._process.stdin is not None
         call_id = next(self._ids)
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         self._pending[call_id] = future
-        line = {"id": call_id, "target": target, "method": method, "args": list(args)}
+        line = {"id": call_id, **request}
         self._process.stdin.write(json.dumps(line).encode() + b"\n")
         await self._process.stdin.drain()
         async with asyncio.timeout(10):
             return await future
+
+    async def subscribe(self, client: aioredis.Redis) -> None:
+        """`subscribeToPresence`, returning once its subscription delivers (the class
+        subscribes without waiting, so an event published at once could be missed)."""
+        await self.call("manager", "subscribeToPresence")
+        async with asyncio.timeout(10):
+            while True:
+                try:
+                    return await asyncio.wait_for(self.settle(client), 0.2)
+                except TimeoutError:
+                    continue
+
+    async def wait_events(self, count: int, within: float = 10.0) -> list[dict[str, Any]]:
+        """The presence events received, once there are at least *count* of them."""
+        deadline = asyncio.get_running_loop().time() + within
+        while len(self.events) < count:
+            assert asyncio.get_running_loop().time() < deadline, f"events so far: {self.events}"
+            await asyncio.sleep(0.02)
+        return self.events
+
+    async def settle(self, client: aioredis.Redis) -> None:
+        """Publish a mark on the presence channel and wait until the subscriber has it: every
+        event published before it has then arrived (one subscription delivers in order)."""
+        nonce = os.urandom(8).hex()
+        arrived = self._marks[nonce] = asyncio.Event()
+        await client.publish(PRESENCE_CHANNEL, json.dumps({"type": MARK, "nonce": nonce}))
+        async with asyncio.timeout(10):
+            await arrived.wait()
 
     async def _read(self) -> None:
         assert self._process is not None and self._process.stdout is not None
         async for raw in self._process.stdout:
             message = json.loads(raw)
             if "event" in message:
-                self.events.append(message["event"])
+                event = message["event"]
+                if event.get("type") == MARK:
+                    self._marks.pop(event["nonce"], asyncio.Event()).set()
+                else:
+                    self.events.append(event)
                 continue
             future = self._pending.pop(message["id"], None)
             if future is None or future.done():
