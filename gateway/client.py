@@ -404,8 +404,10 @@ class DeviceClient:
         kind = frame.get("type")
         if kind == "state_update":
             # The gateway follows every state_update with a delta frame: the callback runs then.
-            if isinstance(frame.get("desired_state"), dict):
-                self.desired = dict(frame["desired_state"])
+            # the Node.js classes publish `desiredState`
+            desired = frame.get("desired_state", frame.get("desiredState"))
+            if isinstance(desired, dict):
+                self.desired = dict(desired)
             self._set_version(frame.get("version"))
         elif kind == "delta":
             self._set_version(frame.get("version"))

@@ -13,7 +13,9 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
+import redis.asyncio as aioredis
 from live import LiveGateway, live_gateway
 
 from gateway import disconnect
@@ -156,6 +158,25 @@ async def test_desired_change_reaches_on_desired(redis_url: str) -> None:
             desired, delta = await seen.next()
             assert desired == {"led": "on"}
             assert delta == {}
+
+
+async def test_a_change_published_the_node_classes_way_reaches_on_desired(
+    redis_url: str, redis_client: aioredis.Redis
+) -> None:
+    """The Node.js classes of the reference document publish `desiredState`, not
+    `desired_state`: the client takes either."""
+    async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
+        token = await register(gw, "lamp-2")
+        seen = Desired()
+        async with (
+            asyncio.timeout(2 * TIMEOUT),
+            DeviceClient(gw.ws_url, "lamp-2", token, on_desired=seen) as client,
+        ):
+            message = {"type": "state_update", "desiredState": {"led": "on"}, "timestamp": 1}
+            await redis_client.publish("device:lamp-2:commands", orjson.dumps(message))
+            desired, delta = await seen.next()
+            assert desired == {"led": "on"} and client.desired == {"led": "on"}
+            assert delta == {"led": {"desired": "on", "reported": None}}
 
 
 async def test_a_slow_callback_does_not_block_the_reader(redis_url: str) -> None:
