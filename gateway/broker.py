@@ -162,7 +162,9 @@ class Broker:
 
     def _confirmed(self, channel: bytes) -> None:
         device_id = self.keys.device_from_commands(channel.decode())
-        if device_id is None:
+        if device_id is None or device_id not in self._devices:
+            # unsubscribed since this SUBSCRIBE went out: an UNSUBSCRIBE follows it, so the
+            # channel is not live, and the device's next session must subscribe again
             return
         self._live.add(device_id)
         for waiter in self._waiters.pop(device_id, []):
