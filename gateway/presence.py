@@ -285,7 +285,7 @@ class PresenceEngine:
         if not beats:
             return
         self.metrics.batch_size.observe(len(beats))
-        now = now_text()
+        now = time.time()
         calls: list[Call] = []
         chunks: list[list[tuple[str, _Beat]]] = []
         for partition, ids in self._by_partition(beats).items():
@@ -305,24 +305,27 @@ class PresenceEngine:
         if failure is not None:
             raise failure
 
-    def _beat_call(self, part: Partition, chunk: list[tuple[str, _Beat]], now: str) -> Call:
+    def _beat_call(self, part: Partition, chunk: list[tuple[str, _Beat]], now: float) -> Call:
         k = self.keys
+        ttl = self.settings.ttl_ms
         keys = [
             part.online, part.index_online, part.online_seen, part.seen, part.online_by_type,
             part.events, part.presence_channel,
         ]  # fmt: skip
         args: list[Any] = [
-            now,
-            self.settings.ttl_ms,
-            self.settings.history_maxlen,
-            self.settings.events_maxlen,
-        ]
+            now_text(now), self.settings.history_maxlen, self.settings.events_maxlen,
+        ]  # fmt: skip
         for device_id, beat in chunk:
             keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+            # a renewal for a frame seen long ago (re-asserted after Redis returned) gets only
+            # the TTL left since that frame; a tick's own frames get the whole TTL
+            age = now - beat.seen_at
+            px = ttl if age <= 1 else max(1, ttl - int(age * 1000))
             args += [
                 device_id,
                 beat.session,
-                f"{beat.seen_at:.6f}",
+                f"{beat.seen_at:.3f}",
+                px,
                 beat.reported if beat.reported is not None else b"",
                 beat.reported_meta,
             ]

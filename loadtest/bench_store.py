@@ -58,7 +58,7 @@ async def layout_client(redis_url: str) -> tuple[Redis | RedisCluster, Keys]:
         cluster = redisconn.connect_cluster(redis_url)
         await cluster.initialize()
         return cluster, Keys.cluster()
-    return Redis.from_url(redis_url, max_connections=SETUP_CONCURRENCY + 4), Keys()
+    return redisconn.connect(redis_url, max_connections=SETUP_CONCURRENCY + 4), Keys()
 
 
 async def setup_devices(redis_url: str, device_ids: list[str]) -> dict[str, float]:

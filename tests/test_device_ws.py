@@ -391,6 +391,8 @@ async def test_heartbeat_report_and_get(redis_url: str) -> None:
             await ws.send(text({"type": "heartbeat", "reported_state": {"t": 3}}))
             await eventually(lambda: reported_is({"t": 3}), "heartbeat replaced reported")
             seen_before = (await device_doc(gw, "f-1"))["last_seen"]
+            # last_seen moves at most once a second: a beat in a later second moves it
+            await asyncio.sleep(1.05)
             await ws.send(text({"type": "heartbeat"}))
 
             async def seen_moved() -> bool:

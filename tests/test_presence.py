@@ -430,7 +430,7 @@ async def test_heartbeat_writes_reported_and_versions_only_changes(
     async with Listener(redis_client) as listener:
         assert await beat(engine, "d1", "s1", {"t": 20}) == 1
         assert await beat(engine, "d1", "s1", {"t": 20}) == 1
-        assert await beat(engine, "d1", "s1") == 1  # no document: the version as it stands
+        assert await beat(engine, "d1", "s1") == 0  # no document: nothing of the shadow written
         assert await beat(engine, "d1", "s1", {"t": 21}) == 2
         assert await listener.drain() == []  # heartbeats are not presence transitions
     device = await engine.store.require("d1")
