@@ -68,8 +68,8 @@ class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
         "bucket", "close_reason", "context", "desired", "device_id", "last_activity",
-        "malformed", "refused", "reported", "reported_meta", "session", "version",
-        "websocket", "writer",
+        "malformed", "refused", "reported", "reported_encoded", "reported_meta", "session",
+        "version", "websocket", "writer",
     )  # fmt: skip
 
     def __init__(
@@ -86,6 +86,9 @@ class DeviceSession:
         self.writer = Writer(websocket, context.send_queue_size, self._slow)
         self.bucket = TokenBucket(context.rate_limit, context.rate_burst)
         self.reported: shadow.Document = {}
+        # the reported document as last written (or found at connect): a heartbeat that
+        # repeats it byte for byte is a bare heartbeat, nothing of the shadow rewritten
+        self.reported_encoded = b""
         self.reported_meta: shadow.Document = {}
         self.desired: shadow.Document = {}
         self.version = 0
@@ -132,7 +135,8 @@ class DeviceSession:
     def welcome(self, desired: bytes, reported: bytes, meta: bytes, version: int) -> None:
         self.desired = shadow.decode_document(desired)
         self.reported = shadow.decode_document(reported)
-        self.reported_meta = shadow.decode_document(meta)
+        self.reported_encoded = reported
+        self.reported_meta = shadow.decode_stamps(meta, self.reported)
         self.version = version
         context = self.context
         self.send(
@@ -171,10 +175,13 @@ class DeviceSession:
         match frame:
             case protocol.Heartbeat():
                 context.metrics.in_heartbeat.inc()
-                if frame.reported is None:
+                document = frame.reported
+                encoded = document_to_write(self.reported_encoded, document)
+                if document is None or encoded is None:
                     presence.beat(self.device_id, self.session)
                 else:
-                    self._write_reported(frame.reported, shadow.stamp(frame.reported, time.time()))
+                    stamps = shadow.stamp(document, time.time())
+                    self._write_reported(document, stamps, encoded=encoded)
             case protocol.Report():
                 context.metrics.in_report.inc()
                 self._report(frame)
@@ -200,11 +207,20 @@ class DeviceSession:
             waiter.add_done_callback(lambda done: self._acked(request_id, done))
 
     def _write_reported(
-        self, document: shadow.Document, stamps: shadow.Document, ack: bool = False
+        self,
+        document: shadow.Document,
+        stamps: shadow.Document,
+        ack: bool = False,
+        encoded: bytes | None = None,
     ) -> asyncio.Future[int] | None:
         self.reported, self.reported_meta = document, stamps
+        self.reported_encoded = orjson.dumps(document) if encoded is None else encoded
         return self.context.presence.beat(
-            self.device_id, self.session, orjson.dumps(document), orjson.dumps(stamps), ack=ack
+            self.device_id,
+            self.session,
+            self.reported_encoded,
+            shadow.encode_stamps(stamps),
+            ack=ack,
         )
 
     def _acked(self, request_id: str | int | None, done: asyncio.Future[int]) -> None:
@@ -239,3 +255,13 @@ class DeviceSession:
             self.close(disconnect.MALFORMED)
         else:
             self.send(protocol.error(error.code, error.message, error.request_id), "error")
+
+
+def document_to_write(written: bytes, document: shadow.Document | None) -> bytes | None:
+    """The encoded reported document a heartbeat writes, or None when it has none or repeats
+    the one its session last wrote byte for byte: then it is a bare heartbeat in Redis (the
+    session owns its reported section, so nothing else changed it through the gateway)."""
+    if document is None:
+        return None
+    encoded = orjson.dumps(document)
+    return None if encoded == written else encoded

@@ -117,11 +117,13 @@ class Partition:
         return f"{self.base}devices:index:type:{device_type}"
 
     @property
-    def seen(self) -> str:
-        return f"{self.base}devices:seen"
+    def offline_seen(self) -> str:
+        """Offline devices by last seen (never seen: minus their registration time)."""
+        return f"{self.base}devices:offline:seen"
 
     @property
     def online_seen(self) -> str:
+        """Online devices by when their index last moved (at most every few seconds)."""
         return f"{self.base}devices:online:seen"
 
     @property
@@ -186,6 +188,13 @@ class Keys:
     def sharded(self) -> bool:
         """Channels are sharded (SSUBSCRIBE/SPUBLISH): the cluster layout."""
         return self.schema == "cluster"
+
+    @property
+    def seed_sets(self) -> bool:
+        """The seed document's sets (`devices:registered`, `devices:online`, `devices:type:{t}`)
+        are kept: on one node, for its classes. A cluster does without (they cannot run there),
+        and its lists and counts come from the gateway's own indexes either way."""
+        return self.schema != "cluster"
 
     # --- partitions -----------------------------------------------------------
     def partition(self, device_id: str) -> int:

@@ -26,14 +26,16 @@ from redis.exceptions import RedisError
 
 from gateway.config import Settings
 from gateway.keys import Partition
+from gateway.lastseen import step_of
 from gateway.metrics import Metrics
-from gateway.scripts import Call, run_each
+from gateway.scripts import Call, KeyOrArg, run_each
 from gateway.store import Store, now_text, text
 
 log = logging.getLogger("gateway.presence")
 
 CHUNK = 500  # devices per script call: keeps each call well under a millisecond or two
 CHUNKS_IN_FLIGHT = 4
+LATE = 1.0  # seconds: an older frame renews only what is left of its TTL
 TRIM_INTERVAL = 30.0
 SWEEP_BATCH = 1000
 RECONCILE_COUNT = 200
@@ -103,6 +105,9 @@ class PresenceEngine:
         self.db = db
         self._sweep_held_until = 0.0
         self._beats: dict[str, _Beat] = {}
+        # (session, index step) this process last wrote to each live local device's last
+        # seen: a beat in the same step renews the TTL alone (see gateway/lastseen.py)
+        self._indexed: dict[str, tuple[str, int]] = {}
         self._ends: dict[tuple[str, str], _End] = {}
         self._expired: set[str] = set()
         self._wake = asyncio.Event()
@@ -112,33 +117,12 @@ class PresenceEngine:
     # --- transitions --------------------------------------------------------
     async def connect(self, device_id: str, session: str, token_hash: str) -> Welcome | None:
         """Take the device's one session; None for an unknown device. Raises Revoked."""
-        k, part = self.keys, self.keys.of(device_id)
+        now = time.time()
+        call = connect_call(self.store, device_id, session, token_hash, now)
         with self.metrics.redis_latency.labels("connect").time():
-            reply = await self.scripts.connect(
-                self.redis,
-                [
-                    k.state(device_id),
-                    k.heartbeat(device_id),
-                    k.history(device_id),
-                    part.online,
-                    part.index_online,
-                    part.online_seen,
-                    part.seen,
-                    part.online_by_type,
-                    part.events,
-                    part.presence_channel,
-                    part.control_channel,
-                ],
-                [
-                    device_id,
-                    session,
-                    now_text(),
-                    self.settings.ttl_ms,
-                    self.settings.history_maxlen,
-                    self.settings.events_maxlen,
-                    token_hash,
-                ],
-            )
+            reply = await call.script(self.redis, call.keys, call.args)
+        if reply[0] == 1:
+            self._note_index(device_id, session, now)
         if reply[0] == 0:
             return None
         if reply[0] == -1:
@@ -182,6 +166,7 @@ class PresenceEngine:
     def end(self, device_id: str, session: str, reason: str) -> asyncio.Future[int]:
         """Queue the end of a session for the next tick, after its pending heartbeat."""
         pending = self._ends.setdefault((device_id, session), _End(reason))
+        self._forget_index(device_id, session)
         waiter: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         pending.waiters.append(waiter)
         self._wake.set()
@@ -196,8 +181,8 @@ class PresenceEngine:
     def _offline_keys(part: Partition) -> list[str]:
         """The partition's keys every offline-capable script (disconnect, expire) takes first."""
         return [
-            part.online, part.index_online, part.online_seen, part.online_by_type, part.events,
-            part.presence_channel,
+            part.online, part.index_online, part.online_seen, part.offline_seen,
+            part.online_by_type, part.events, part.presence_channel,
         ]  # fmt: skip
 
     def _by_partition(self, device_ids: Iterable[str]) -> dict[int, list[str]]:
@@ -280,7 +265,8 @@ class PresenceEngine:
                 _settle(old.waiters, STALE)
 
     async def _write_beats(self, beats: dict[str, _Beat]) -> None:
-        """One heartbeat_batch call per partition and chunk; the beats of a call that failed
+        """Per partition and chunk, one heartbeat_batch call for bare beats and one
+        report_batch call for beats with a reported document; the beats of a call that failed
         are put back (re-raising after the rest were written)."""
         if not beats:
             return
@@ -289,56 +275,90 @@ class PresenceEngine:
         calls: list[Call] = []
         chunks: list[list[tuple[str, _Beat]]] = []
         for partition, ids in self._by_partition(beats).items():
-            for start in range(0, len(ids), CHUNK):
-                chunk = [(device_id, beats[device_id]) for device_id in ids[start : start + CHUNK]]
-                chunks.append(chunk)
-                calls.append(self._beat_call(self.keys.part(partition), chunk, now))
+            part = self.keys.part(partition)
+            for reporting in (False, True):
+                group = [d for d in ids if (beats[d].reported is not None) == reporting]
+                # the scripts take beats with the tick's own TTL first, late re-asserts after
+                group.sort(key=lambda d: now - beats[d].seen_at > LATE)
+                for start in range(0, len(group), CHUNK):
+                    chunk = [(d, beats[d]) for d in group[start : start + CHUNK]]
+                    chunks.append(chunk)
+                    calls.append(self._beat_call(part, chunk, now, reporting))
         with self.metrics.redis_latency.labels("heartbeat_batch").time():
             results = await run_each(self.redis, calls, CHUNKS_IN_FLIGHT)
         failure: BaseException | None = None
-        for chunk, reply in zip(chunks, results, strict=True):
+        for chunk, call, reply in zip(chunks, calls, results, strict=True):
             if isinstance(reply, BaseException):
                 failure = failure or reply
                 self._restore_beats(dict(chunk))
+            elif call.script is self.scripts.report_batch:
+                self._settle_beats(chunk, reply[0::2], reply[1::2])
             else:
-                self._settle_beats(chunk, reply)
+                self._settle_beats(chunk, reply, [0] * len(chunk))
         if failure is not None:
             raise failure
 
-    def _beat_call(self, part: Partition, chunk: list[tuple[str, _Beat]], now: float) -> Call:
+    def _beat_call(
+        self, part: Partition, chunk: list[tuple[str, _Beat]], now: float, reporting: bool
+    ) -> Call:
         k = self.keys
         ttl = self.settings.ttl_ms
         keys = [
-            part.online, part.index_online, part.online_seen, part.seen, part.online_by_type,
-            part.events, part.presence_channel,
+            part.online, part.index_online, part.online_seen, part.offline_seen,
+            part.online_by_type, part.events, part.presence_channel,
         ]  # fmt: skip
-        args: list[Any] = [
-            now_text(now), self.settings.history_maxlen, self.settings.events_maxlen,
+        plain = sum(1 for _, beat in chunk if now - beat.seen_at <= LATE)
+        args: list[KeyOrArg] = [
+            now_text(now), ttl, self.settings.history_maxlen, self.settings.events_maxlen, plain,
         ]  # fmt: skip
-        for device_id, beat in chunk:
-            keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
-            # a renewal for a frame seen long ago (re-asserted after Redis returned) gets only
-            # the TTL left since that frame; a tick's own frames get the whole TTL
-            age = now - beat.seen_at
-            px = ttl if age <= 1 else max(1, ttl - int(age * 1000))
-            args += [
-                device_id,
-                beat.session,
-                f"{beat.seen_at:.3f}",
-                px,
-                beat.reported if beat.reported is not None else b"",
-                beat.reported_meta,
-            ]
-        return Call(self.scripts.heartbeat_batch, keys, args)
-
-    def _settle_beats(self, chunk: list[tuple[str, _Beat]], reply: Any) -> None:
         for index, (device_id, beat) in enumerate(chunk):
-            code, version = int(reply[2 * index]), int(reply[2 * index + 1])
+            keys += [k.state(device_id), k.heartbeat(device_id), k.history(device_id)]
+            args += [device_id, beat.session, self._seen_arg(device_id, beat)]
+            if reporting:
+                args += [beat.reported or b"", beat.reported_meta]
+            if index >= plain:
+                # a renewal for a frame seen long ago (re-asserted after Redis returned) gets
+                # only the TTL left since that frame
+                args.append(max(1, ttl - int((now - beat.seen_at) * 1000)))
+        script = self.scripts.report_batch if reporting else self.scripts.heartbeat_batch
+        return Call(script, keys, args)
+
+    def _seen_arg(self, device_id: str, beat: _Beat) -> str:
+        """The beat's time when it moves the device's last seen (a later index step than this
+        session last wrote), else '' (the TTL alone is renewed)."""
+        indexed = self._indexed.get(device_id)
+        if (
+            indexed is not None
+            and indexed[0] == beat.session
+            and step_of(beat.seen_at) <= indexed[1]
+        ):
+            return ""
+        return f"{beat.seen_at:.3f}"
+
+    def _settle_beats(
+        self, chunk: list[tuple[str, _Beat]], codes: list[Any], versions: list[Any]
+    ) -> None:
+        for (device_id, beat), code_raw, version_raw in zip(chunk, codes, versions, strict=True):
+            code, version = int(code_raw), int(version_raw)
             if code == RESUMED:
                 self.metrics.transitions.labels("online", "resumed").inc()
             if code in (STALE, UNKNOWN):
+                self._forget_index(device_id, beat.session)
                 self.on_stale(device_id, beat.session, code)
+            else:
+                self._note_index(device_id, beat.session, beat.seen_at)
             _settle(beat.waiters, version if code > 0 else code)
+
+    def _note_index(self, device_id: str, session: str, seen_at: float) -> None:
+        indexed = self._indexed.get(device_id)
+        step = step_of(seen_at)
+        if indexed is None or indexed[0] != session or step > indexed[1]:
+            self._indexed[device_id] = (session, step)
+
+    def _forget_index(self, device_id: str, session: str) -> None:
+        indexed = self._indexed.get(device_id)
+        if indexed is not None and indexed[0] == session:
+            del self._indexed[device_id]
 
     async def _write_ends(self, ends: dict[tuple[str, str], _End], grace: float) -> None:
         """One disconnect call per partition and chunk; failed ones are put back and raised."""
@@ -562,6 +582,29 @@ release_free_memory = _libc_trim()
 A connect storm allocates and frees handshake buffers between the long-lived objects of
 thousands of sockets; glibc keeps those holes, so RSS stays at the storm's peak. Trimming
 every half minute returns them (a few milliseconds per call)."""
+
+
+def connect_call(
+    store: Store,
+    device_id: str,
+    session: str,
+    token_hash: str,
+    now: float,
+    ttl_ms: int | None = None,
+) -> Call:
+    """connect.lua's call: *session* takes the device (bulk loaders pipeline these)."""
+    k, part = store.keys, store.keys.of(device_id)
+    settings = store.settings
+    keys = [
+        k.state(device_id), k.heartbeat(device_id), k.history(device_id), part.online,
+        part.index_online, part.online_seen, part.offline_seen, part.online_by_type, part.events,
+        part.presence_channel, part.control_channel,
+    ]  # fmt: skip
+    args: list[KeyOrArg] = [
+        device_id, session, now_text(now), ttl_ms or settings.ttl_ms, settings.history_maxlen,
+        settings.events_maxlen, token_hash,
+    ]  # fmt: skip
+    return Call(store.scripts.connect, keys, args)
 
 
 def _settle(waiters: list[asyncio.Future[int]], value: int) -> None:

@@ -15,7 +15,7 @@ import binascii
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import orjson
 from redis.asyncio import Redis
@@ -24,6 +24,7 @@ from redis.asyncio.cluster import RedisCluster
 from gateway import shadow
 from gateway.errors import InvalidCursor, InvalidDeviceType, InvalidRequest
 from gateway.keys import Keys, Partition, is_device_id, is_device_type
+from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.scripts import Call, Scripts
 
 Status = Literal["online", "offline"]
@@ -68,8 +69,11 @@ class Page:
 class Queries:
     """Pages and counts over every partition of one layout."""
 
-    def __init__(self, redis: Redis | RedisCluster, keys: Keys, scripts: Scripts) -> None:
+    def __init__(
+        self, redis: Redis | RedisCluster, keys: Keys, scripts: Scripts, ttl_ms: int
+    ) -> None:
         self.redis = redis
+        self.ttl_ms = ttl_ms
         self.keys = keys
         self.scripts = scripts
         f = keys.fields
@@ -155,33 +159,48 @@ class Queries:
     async def _stale_ids(
         self, status: Status | None, stale_seconds: float, limit: int, state: dict[str, Any]
     ) -> tuple[list[str], dict[str, Any] | None]:
+        """Walk the last-seen indexes below the cutoff, oldest first: the offline index, the
+        online one, or both merged. An online device's score trails its frames by under a
+        second, never leads them: a candidate is checked against its hash, none is missed.
+
+        The cursor holds the last score returned and, per index, how many members with that
+        score were returned already (ties are ordered by index, then by id)."""
         if stale_seconds < 0:
             raise InvalidRequest("stale_seconds must be ≥ 0")
         cutoff = time.time() - stale_seconds
+        indexes = {None: (0, 1), "offline": (0,), "online": (1,)}[status]
         partition = state.get("p", 0)
         score = state.get("score", "-inf")
-        skip = state.get("skip", 0)
-        if not isinstance(skip, int) or skip < 0 or not isinstance(score, int | float | str):
+        skips = [state.get("skip0", 0), state.get("skip1", 0)]
+        if not all(isinstance(skip, int) and skip >= 0 for skip in skips) or not isinstance(
+            score, int | float | str
+        ):
             raise InvalidCursor("cursor is not one this API issued")
         ids: list[str] = []
         while partition < self.keys.partitions:
             part = self.keys.part(partition)
-            key = part.online_seen if status == "online" else part.seen
             want = limit - len(ids)
-            rows = cast(
-                list[tuple[bytes, float]],
-                await self.redis.zrangebyscore(
-                    key, score, f"({cutoff}", start=skip, num=want, withscores=True
-                ),
-            )
-            ids += [text(member) for member, _ in rows]
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for index in indexes:
+                    key = part.online_seen if index else part.offline_seen
+                    pipe.zrangebyscore(
+                        key, score, f"({cutoff}", start=skips[index], num=want, withscores=True
+                    )
+                replies = await pipe.execute()
+            rows = sorted(
+                (float(seen), index, text(member))
+                for index, reply in zip(indexes, replies, strict=True)
+                for member, seen in reply
+            )[:want]
+            ids += [member for _, _, member in rows]
             if len(rows) == want:
-                last_score = rows[-1][1]
-                ties = sum(1 for _, s in rows if s == last_score)
-                if last_score == score:
-                    ties += skip
-                return ids, _cursor(partition, score=last_score, skip=ties)
-            partition, score, skip = partition + 1, "-inf", 0
+                last = rows[-1][0]
+                cursor = _cursor(partition, score=last)
+                for index in indexes:
+                    ties = sum(1 for seen, i, _ in rows if seen == last and i == index)
+                    cursor[f"skip{index}"] = ties + (skips[index] if last == score else 0)
+                return ids, cursor
+            partition, score, skips = partition + 1, "-inf", [0, 0]
         return ids, None
 
     async def describe(self, ids: list[str], include_state: bool) -> list[dict[str, Any]]:
@@ -205,15 +224,20 @@ class Queries:
         rows = {device_id: row for group, reply in zip(groups, replies, strict=True)
                 for device_id, row in zip(group, reply, strict=True)}  # fmt: skip
         items = []
+        now = time.time()
         for device_id in ids:
             row = rows[device_id]
+            expires_at = int(row[-1])
+            online = expires_at != NO_KEY
             if row[0] is None:
                 continue  # deleted between the index read and now
             item: dict[str, Any] = {
                 "device_id": text(row[0]),
                 "device_type": text(row[1]),
-                "status": "online" if row[-1] else "offline",
-                "last_seen": number(row[2]) / self.seen_scale,
+                "status": "online" if online else "offline",
+                "last_seen": refined_last_seen(
+                    number(row[2]) / self.seen_scale, expires_at, self.ttl_ms, now
+                ),
                 "version": int(number(row[3])),
             }
             if include_state:

@@ -26,7 +26,7 @@ KeyOrArg = str | bytes | int | float
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 Client = Redis | RedisCluster
 NAMES = (
-    "register", "deregister", "connect", "heartbeat_batch", "disconnect", "expire",
+    "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
     "section_write", "rotate_token", "page", "adopt", "describe", "stats",
 )  # fmt: skip
 
@@ -48,6 +48,7 @@ def prelude(keys: Keys) -> str:
             f"local MILLIS = {'true' if f.millis else 'false'}",
             f"local PUBLISH = '{'SPUBLISH' if keys.sharded else 'PUBLISH'}'",
             f"local NODE_EVENTS = {'true' if keys.schema == 'node' else 'false'}",
+            f"local SEED_SETS = {'true' if keys.seed_sets else 'false'}",
             "",
         ]
     )
@@ -89,6 +90,7 @@ class Scripts:
         self.deregister = Script("deregister", head)
         self.connect = Script("connect", head)
         self.heartbeat_batch = Script("heartbeat_batch", head)
+        self.report_batch = Script("report_batch", head)
         self.disconnect = Script("disconnect", head)
         self.expire = Script("expire", head)
         self.section_write = Script("section_write", head)

@@ -9,6 +9,7 @@ rule is tested without Redis.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
@@ -153,7 +154,8 @@ def merge(document: Document, patch: Document) -> Document:
 
 
 def stamp(document: Document, now: float) -> Document:
-    """Per-leaf timestamps for a document written whole at *now*."""
+    """Per-leaf timestamps for a document written whole at *now* (to the millisecond)."""
+    now = round(now, 3)
     return {
         key: stamp(value, now) if isinstance(value, dict) else {"timestamp": now}
         for key, value in document.items()
@@ -162,7 +164,9 @@ def stamp(document: Document, now: float) -> Document:
 
 
 def merge_stamps(stamps: Document, patch: Document, now: float) -> Document:
-    """Timestamps after *patch* merged at *now*: touched leaves get *now*, deleted ones go."""
+    """Timestamps after *patch* merged at *now*: touched leaves get *now* (to the
+    millisecond), deleted ones go."""
+    now = round(now, 3)
     result = dict(stamps)
     for key, value in patch.items():
         if value is None:
@@ -174,6 +178,37 @@ def merge_stamps(stamps: Document, patch: Document, now: float) -> Document:
         else:
             result[key] = {"timestamp": now}
     return result
+
+
+def encode_stamps(stamps: Document) -> bytes:
+    """Stamps as stored: when every leaf was written at one time (a section written whole, the
+    common case) just that time, to the millisecond; else the document. A compact value keeps
+    the device hash within Redis's compact encoding (values of at most 64 bytes)."""
+    times = set(_stamp_times(stamps))
+    if len(times) == 1:
+        return orjson.dumps(round(times.pop(), 3))
+    return orjson.dumps(stamps)
+
+
+def decode_stamps(raw: bytes | str | None, section: Document) -> Document:
+    """Stored stamps as a document: a single time stamps every leaf of *section*."""
+    if not raw:
+        return {}
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return {}
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return stamp(section, value)
+    return value if isinstance(value, dict) else {}
+
+
+def _stamp_times(stamps: Document) -> Iterator[float]:
+    for node in stamps.values():
+        if isinstance(node, dict) and _is_stamp(node):
+            yield node["timestamp"]
+        elif isinstance(node, dict):
+            yield from _stamp_times(node)
 
 
 def _is_stamp(node: Document) -> bool:

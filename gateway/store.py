@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import random
 import time
@@ -35,12 +36,14 @@ from gateway.errors import (
 )
 from gateway.eventlog import EventLog, Position, merged, parse_id
 from gateway.keys import Fields, Keys, is_device_id, is_device_type
+from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.queries import MAX_PAGE, Page, Queries, Status, text
-from gateway.scripts import Scripts
+from gateway.scripts import Call, KeyOrArg, Scripts
 
 __all__ = ["MAX_PAGE", "Device", "Page", "Status", "Store", "now_text", "text"]
 
 CAS_ATTEMPTS = 8
+HISTORY_WINDOW = 100
 REPLICA_WAIT_MS = 500
 log = logging.getLogger("gateway.store")
 # the gateway's own fields of the device hash, after the layout's seed fields
@@ -105,6 +108,8 @@ class Device:
          version, presence_version, reported_meta, desired_meta, desired_version,
          reported_version, _) = values  # fmt: skip
         scale = 1000.0 if millis else 1.0
+        reported_state = shadow.decode_document(reported)
+        desired_state = shadow.decode_document(desired)
         return cls(
             device_id=text(device_id),
             device_type=text(device_type),
@@ -112,12 +117,12 @@ class Device:
             last_seen=_float(last_seen) / scale,
             registered_at=_float(registered_at) / scale,
             metadata=shadow.decode_document(metadata),
-            reported_state=shadow.decode_document(reported),
-            desired_state=shadow.decode_document(desired),
+            reported_state=reported_state,
+            desired_state=desired_state,
             version=_int(version),
             presence_version=_int(presence_version),
-            reported_meta=shadow.decode_document(reported_meta),
-            desired_meta=shadow.decode_document(desired_meta),
+            reported_meta=shadow.decode_stamps(reported_meta, reported_state),
+            desired_meta=shadow.decode_stamps(desired_meta, desired_state),
             desired_version=_int(desired_version),
             reported_version=_int(reported_version),
         )
@@ -169,7 +174,7 @@ class Store:
         self.scripts = scripts or Scripts(self.keys)
         self.fields = self.keys.fields
         self.hash_fields = hash_fields(self.fields)
-        self.queries = Queries(redis, self.keys, self.scripts)
+        self.queries = Queries(redis, self.keys, self.scripts, settings.ttl_ms)
         self.events = EventLog(redis, self.keys)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
         self.limits = shadow.Limits(
@@ -189,34 +194,34 @@ class Store:
             )
         encoded = shadow.check_size(shadow.validate_patch(metadata, self.limits), self.limits)
         token = new_secret()
-        k, part = self.keys, self.keys.of(device_id)
-        created = await self.scripts.register(
-            self.redis,
-            [
-                k.state(device_id),
-                part.registered,
-                part.type_set(device_type),
-                part.index,
-                part.index_type(device_type),
-                part.seen,
-                part.types,
-                part.retired_versions,
-                part.events,
-            ],
-            [
-                device_id,
-                device_type,
-                now_text(),
-                encoded,
-                hash_token(token),
-                self.settings.events_maxlen,
-            ],
-        )
+        call = self.register_call(device_id, device_type, encoded, hash_token(token), time.time())
+        created = await call.script(self.redis, call.keys, call.args)
         if not created:
             raise DeviceExists(device_id)
         device = await self.get(device_id)
         assert device is not None
         return device, token
+
+    def register_call(
+        self,
+        device_id: str,
+        device_type: str,
+        encoded_metadata: bytes,
+        token_hash: str,
+        now: float,
+    ) -> Call:
+        """register.lua's call for a valid device (bulk loaders pipeline these)."""
+        k, part = self.keys, self.keys.of(device_id)
+        keys = [
+            k.state(device_id), part.registered, part.type_set(device_type), part.index,
+            part.index_type(device_type), part.offline_seen, part.types, part.retired_versions,
+            part.events,
+        ]  # fmt: skip
+        args: list[KeyOrArg] = [
+            device_id, device_type, now_text(now), encoded_metadata, token_hash,
+            self.settings.events_maxlen,
+        ]  # fmt: skip
+        return Call(self.scripts.register, keys, args)
 
     async def get(self, device_id: str) -> Device | None:
         """The device, or None when its hash has no `device_id` (what "registered" means).
@@ -225,24 +230,27 @@ class Store:
         (see `_patch_section`), so the versions read here are ones a precondition may use.
         """
         _require_id(device_id)
-        values, online = await self._read(device_id)
+        values, expires_at = await self._read(device_id)
         if values[0] is None:
             return None
         desired, desired_meta, known = values[6], values[11], values[14]
         if shadow.written_elsewhere(desired, text(known) if known else None, bool(desired_meta)):
             with contextlib.suppress(DeviceNotFound, Contention):  # gone or busy: read as is
                 await self.patch_section(device_id, "desired", {})
-            values, online = await self._read(device_id)
+            values, expires_at = await self._read(device_id)
             if values[0] is None:
                 return None
-        return Device.from_hash(values, bool(online), self.fields.millis)
+        device = Device.from_hash(values, expires_at != NO_KEY, self.fields.millis)
+        seen = refined_last_seen(device.last_seen, expires_at, self.settings.ttl_ms, time.time())
+        return device if seen == device.last_seen else dataclasses.replace(device, last_seen=seen)
 
     async def _read(self, device_id: str) -> tuple[list[bytes | None], int]:
+        """The device hash's fields and its heartbeat's expiry, epoch ms (NO_KEY: offline)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             pipe.hmget(self.keys.state(device_id), self.hash_fields)
-            pipe.exists(self.keys.heartbeat(device_id))
-            values, online = await pipe.execute()
-        return values, int(online)
+            pipe.pexpiretime(self.keys.heartbeat(device_id))
+            values, expires_at = await pipe.execute()
+        return values, int(expires_at)
 
     async def require(self, device_id: str) -> Device:
         device = await self.get(device_id)
@@ -270,7 +278,7 @@ class Store:
                     part.online,
                     part.index,
                     part.index_online,
-                    part.seen,
+                    part.offline_seen,
                     part.online_seen,
                     part.online_by_type,
                     part.retired_versions,
@@ -366,45 +374,11 @@ class Store:
             )
             if exists is None:
                 raise DeviceNotFound(device_id)
-            now = time.time()
-            current = shadow.decode_document(raw)
-            merged_section = shadow.merge(current, document_patch)
-            encoded = shadow.check_size(merged_section, self.limits)
-            unchanged = raw is not None and shadow.same(merged_section, current)
-            known_hash = text(known) if known else None
-            elsewhere = section == "desired" and shadow.written_elsewhere(
-                raw, known_hash, raw_meta is not None
-            )
-            # another program's write is a write of the whole section: every leaf stamped now
-            base = shadow.stamp(current, now) if elsewhere else shadow.decode_document(raw_meta)
-            stamps = shadow.merge_stamps(base, document_patch, now)
-            reply = await self.scripts.section_write(
-                self.redis,
-                [
-                    k.state(device_id),
-                    k.history(device_id),
-                    k.of(device_id).events,
-                    k.commands(device_id),
-                ],
-                [
-                    device_id,
-                    section,
-                    shadow.section_hash(raw),
-                    "" if expected_version is None else expected_version,
-                    "" if expected_section_version is None else expected_section_version,
-                    encoded,
-                    shadow.section_hash(encoded),
-                    orjson.dumps(stamps),
-                    now_text(now),
-                    self.settings.history_maxlen,
-                    self.settings.events_maxlen,
-                    "1" if unchanged else "",
-                    known_hash or "",
-                    "1" if elsewhere else "",
-                    orjson.dumps(base),
-                    shadow.encode(current),
-                ],
-            )
+            call, merged_section = self.section_call(
+                device_id, section, raw, raw_meta, known, document_patch, time.time(),
+                expected_version, expected_section_version,
+            )  # fmt: skip
+            reply = await call.script(self.redis, call.keys, call.args)
             code, version, desired_version, reported_version, *stale = reply
             versions = shadow.Versions(int(version), int(desired_version), int(reported_version))
             if code == 1:
@@ -417,6 +391,54 @@ class Store:
                 expected = (expected_version, expected_section_version)
                 raise _conflict(text(stale[0]), versions, *expected)
         raise Contention(f"the {section} state kept changing; try again")
+
+    def section_call(
+        self,
+        device_id: str,
+        section: Literal["desired", "reported", "metadata"],
+        raw: bytes | str | None,
+        raw_meta: bytes | str | None,
+        known: bytes | str | None,
+        document_patch: shadow.Document,
+        now: float,
+        expected_version: int | None = None,
+        expected_section_version: int | None = None,
+    ) -> tuple[Call, shadow.Document]:
+        """section_write.lua's call merging a valid patch into the section as read (*raw*,
+        its stamps *raw_meta*, `desired_sha` *known*), and the section it writes."""
+        k = self.keys
+        current = shadow.decode_document(raw)
+        merged_section = shadow.merge(current, document_patch)
+        encoded = shadow.check_size(merged_section, self.limits)
+        unchanged = raw is not None and shadow.same(merged_section, current)
+        known_hash = text(known) if known else None
+        elsewhere = section == "desired" and shadow.written_elsewhere(
+            raw, known_hash, raw_meta is not None
+        )
+        # another program's write is a write of the whole section: every leaf stamped now
+        base = shadow.stamp(current, now) if elsewhere else shadow.decode_stamps(raw_meta, current)
+        stamps = shadow.merge_stamps(base, document_patch, now)
+        keys = [k.state(device_id), k.history(device_id), k.of(device_id).events,
+                k.commands(device_id)]  # fmt: skip
+        args = [
+            device_id,
+            section,
+            shadow.section_hash(raw),
+            "" if expected_version is None else expected_version,
+            "" if expected_section_version is None else expected_section_version,
+            encoded,
+            shadow.section_hash(encoded),
+            shadow.encode_stamps(stamps),
+            now_text(now),
+            self.settings.history_maxlen,
+            self.settings.events_maxlen,
+            "1" if unchanged else "",
+            known_hash or "",
+            "1" if elsewhere else "",
+            shadow.encode_stamps(base),
+            shadow.encode(current),
+        ]
+        return Call(self.scripts.section_write, keys, args), merged_section
 
     async def _replicated(self, device_id: str) -> None:
         """On a cluster shard with replicas, answer only once one has the write (WAIT), so a
@@ -449,14 +471,29 @@ class Store:
     async def history(
         self, device_id: str, limit: int, before: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first; *before* is the stream id to continue below."""
+        """Newest first; *before* is the id to continue below.
+
+        The history is a list, newest first, bounded by GATEWAY_HISTORY_MAXLEN; a page after
+        *before* reads from the start in windows until it passes *before*: bounded by that
+        length, whatever was added since.
+        """
         await self.require(device_id)
-        if before is not None:
-            parse_id(before)
-        top = f"({before}" if before else "+"
-        rows = await self.redis.xrevrange(self.keys.history(device_id), top, "-", count=limit)
-        entries = cast(list[tuple[bytes, dict[bytes, bytes]]], rows or [])
-        items = [_event(text(entry_id), body) for entry_id, body in entries]
+        key = self.keys.history(device_id)
+        after = parse_id(before) if before is not None else None
+        items: list[dict[str, Any]] = []
+        start = 0
+        window = max(limit, HISTORY_WINDOW)
+        while len(items) < limit and start < self.settings.history_maxlen:
+            rows = cast(list[bytes], await self.redis.lrange(key, start, start + window - 1))
+            for raw in rows:
+                event = _history_event(raw, device_id)
+                if after is None or parse_id(str(event.get("id", "0"))) < after:
+                    items.append(event)
+                    if len(items) == limit:
+                        break
+            if len(rows) < window:
+                break
+            start += window
         return items, items[-1]["id"] if len(items) == limit else None
 
     async def events_after(
@@ -530,7 +567,7 @@ class Store:
                 pipe.hmget(k.state(device_id), fields)
             types = [text(t) if known else "" for known, t in await pipe.execute()]
         keys = [
-            part.index, part.seen, part.types, part.index_online, part.online_seen,
+            part.index, part.offline_seen, part.types, part.index_online, part.online_seen,
             part.online_by_type,
         ]  # fmt: skip
         args: list[str] = []
@@ -567,3 +604,12 @@ def _event(event_id: str, body: dict[bytes, bytes]) -> dict[str, Any]:
     event = orjson.loads(body.get(b"event", b"{}"))
     event["id"] = event_id
     return dict(event)
+
+
+def _history_event(raw: bytes, device_id: str) -> dict[str, Any]:
+    """A history entry as the API shows it: the device id its key implies put back."""
+    event = orjson.loads(raw)
+    if not isinstance(event, dict):
+        return {"id": "0-0", "device_id": device_id}
+    return {"id": event.pop("id", "0-0"), "type": event.pop("type", ""), "device_id": device_id,
+            **event}  # fmt: skip

@@ -25,6 +25,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway import redisconn, shadow
 from gateway.config import Settings
+from gateway.device_session import document_to_write
 from gateway.keys import Keys
 from gateway.metrics import Metrics
 from gateway.presence import CHUNK, PresenceEngine
@@ -97,21 +98,32 @@ def beat_round(
     device_ids: list[str],
     variant: str,
     round_no: int,
+    written: dict[str, bytes],
     seen_at: float | None = None,
 ) -> dict[str, int]:
     """Note one heartbeat of every device on *engine* (written by its next flush).
 
     The reported state is `{"temp": round_no, "hum": 40}` for `changing`, the same every
-    round for `unchanged`, none for `bare`; returned so the caller can check what landed.
+    round for `unchanged` and `noop_report`, none for `bare`; returned so the caller can
+    check what landed. As a device session does, a heartbeat whose document repeats the one
+    last written (*written*, per device, kept by the caller across rounds) is a bare beat;
+    `noop_report` sends it anyway, as a `report` frame that changes nothing does.
     """
     state = {"temp": round_no if variant == "changing" else 0, "hum": 40}
-    meta = orjson.dumps(shadow.merge_stamps({}, state, time.time()))
+    meta = shadow.encode_stamps(shadow.stamp(state, time.time()))
     for device_id in device_ids:
         # encoded per device, as a gateway encodes each device's own frame
         if variant == "bare":
             engine.beat(device_id, SESSION, seen_at=seen_at)
+            continue
+        encoded = document_to_write(written.get(device_id, b""), state)
+        if encoded is None and variant == "noop_report":
+            encoded = orjson.dumps(state)
+        if encoded is None:
+            engine.beat(device_id, SESSION, seen_at=seen_at)
         else:
-            engine.beat(device_id, SESSION, orjson.dumps(state), meta, seen_at=seen_at)
+            written[device_id] = encoded
+            engine.beat(device_id, SESSION, encoded, meta, seen_at=seen_at)
     return state
 
 
@@ -126,9 +138,9 @@ async def run_batched_heartbeats(
     """Whole rounds of `engine.beat` for every device, each round written by `engine.flush()`.
 
     *variant*: `changing` — a reported state that changes every round (every heartbeat writes
-    state, timestamps, version and both history streams); `unchanged` — the same reported
-    state every round (a device that reports its full state with each heartbeat); `bare` —
-    heartbeats with no state.
+    state, timestamps, versions, the device's history and the fleet log); `unchanged` — the
+    same reported state every round (a device that reports its full state with each
+    heartbeat: written once, then bare beats); `bare` — heartbeats with no state.
     """
     redis = redisconn.connect(redis_url)
     settings = Settings()
@@ -144,13 +156,14 @@ async def run_batched_heartbeats(
     try:
         await SCRIPTS.load(redis)
         rounds = beats = 0
+        written: dict[str, bytes] = {}
         round_times: list[float] = []
         cpu_before, client_before = cpu(), process_cpu_seconds()
         started = time.perf_counter()
         while True:
             rounds += 1
             round_started = time.perf_counter()
-            state = beat_round(engine, device_ids, variant, rounds)
+            state = beat_round(engine, device_ids, variant, rounds, written)
             await engine.flush()
             beats += len(device_ids)
             round_times.append(time.perf_counter() - round_started)
@@ -168,8 +181,8 @@ async def run_batched_heartbeats(
     if refused:
         raise RuntimeError(f"{len(refused)} heartbeats refused (stale/unknown), e.g. {refused[0]}")
     expected_version = rounds if variant == "changing" else 0
-    written = orjson.loads(reported or b"{}") == state or variant == "bare"
-    if int(version or 0) < expected_version or not written:
+    landed = orjson.loads(reported or b"{}") == state or variant == "bare"
+    if int(version or 0) < expected_version or not landed:
         raise RuntimeError(f"reported state not written: version {version!r}, {reported!r}")
     return {
         "heartbeats": beats,

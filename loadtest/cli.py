@@ -35,6 +35,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "bench-api": ("loadtest.bench_api", "REST API latency over HTTP on a loaded fleet"),
     "redis-cost": ("loadtest.redis_cost", "Redis instructions per heartbeat (callgrind)"),
     "fleet": ("loadtest.fleet", "Load a registered fleet straight into Redis"),
+    "memory": ("loadtest.memory", "Redis memory per registered device, by key kind"),
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
 }
 OWN = {

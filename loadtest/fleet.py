@@ -32,18 +32,21 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import orjson
 import redis
+import redis.asyncio as aioredis
 
 from gateway import shadow
 from gateway.auth import hash_token
 from gateway.config import Settings
 from gateway.embedded import find_free_port, valkey_executable
 from gateway.keys import Keys
-from gateway.scripts import SCRIPTS
+from gateway.presence import connect_call
+from gateway.scripts import Call
+from gateway.store import Store
 from loadtest import results
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -366,75 +369,59 @@ def load_fleet(
     hash of `token-<id>`. Refuses to run on a database that already holds a `dev-0000000`.
     """
     settings = Settings()
-    k = Keys(settings.key_prefix)
+    k = Keys.single(settings.key_prefix, settings.seed_schema)
+    # the gateway's own call builders: the fleet is what its register and connect would write
+    store = Store(aioredis.Redis(), settings, k)
     client = redis.Redis.from_url(redis_url, max_connections=concurrency + 1)
     try:
         if client.exists(k.state(device_id(0))):
             raise RuntimeError(f"{redis_url} already holds a fleet (device {device_id(0)})")
-        for script in SCRIPTS.all():
+        for script in store.scripts.all():
             client.script_load(script.source)
-        register_sha = SCRIPTS.register.sha
-        section_sha = SCRIPTS.section_write.sha
-        connect_sha = SCRIPTS.connect.sha
-        events_maxlen = settings.events_maxlen
-        history_maxlen = settings.history_maxlen
         desired_bytes = orjson.dumps(desired_state(0))
         stamp_time = time.time()
-        desired_meta = orjson.dumps(shadow.merge_stamps({}, desired_state(0), stamp_time))
+        desired_meta = shadow.encode_stamps(shadow.stamp(desired_state(0), stamp_time))
+
+        def send(pipe: Any, call: Call) -> None:
+            pipe.evalsha(call.script.sha, len(call.keys), *call.keys, *call.args)
 
         def register(pipe: Any, index: int) -> None:
-            ident, kind, now = device_id(index), device_type(index), f"{time.time():.6f}"
-            pipe.evalsha(
-                register_sha, 9,
-                k.state(ident), k.registered, k.type_set(kind), k.index, k.index_type(kind),
-                k.seen, k.types, k.retired_versions, k.events,
-                ident, kind, now, orjson.dumps({"site": f"site-{index % 100}"}),
-                hash_token(f"token-{ident}"), events_maxlen,
-            )  # fmt: skip
+            ident, kind, now = device_id(index), device_type(index), time.time()
+            metadata = orjson.dumps({"site": f"site-{index % 100}"})
+            send(
+                pipe, store.register_call(ident, kind, metadata, hash_token(f"token-{ident}"), now)
+            )
             if state_writes == "none":
                 return
             if state_writes == "hset":
                 # what section_write.lua leaves after one reported and one desired write,
-                # without its two history entries (a 4 KiB stream per device: see the report)
+                # without its two history entries (see the report)
                 reported = reported_state(index)
                 pipe.hset(
                     k.state(ident),
                     mapping={
                         "reported_state": orjson.dumps(reported),
-                        "reported_meta": orjson.dumps(
-                            shadow.merge_stamps({}, reported, stamp_time)
-                        ),
+                        "reported_meta": shadow.encode_stamps(shadow.stamp(reported, stamp_time)),
                         "desired_state": desired_bytes,
                         "desired_meta": desired_meta,
                         "version": 2,
                     },
                 )
                 return
-            for section, state in (
+            sections: tuple[tuple[Literal["reported", "desired"], dict[str, Any]], ...] = (
                 ("reported", reported_state(index)),
                 ("desired", desired_state(index)),
-            ):
-                encoded = desired_bytes if section == "desired" else orjson.dumps(state)
-                stamps = orjson.dumps(shadow.merge_stamps({}, state, stamp_time))
-                pipe.evalsha(
-                    section_sha, 4,
-                    k.state(ident), k.history(ident), k.events, k.commands(ident),
-                    ident, section, EMPTY_SHA1, "", encoded, stamps, now,
-                    history_maxlen, events_maxlen,
-                )  # fmt: skip
+            )
+            for section, state in sections:
+                call, _ = store.section_call(ident, section, None, None, None, state, now)
+                send(pipe, call)
 
         ttl_ms = int(online_ttl * 1000)
 
         def connect(pipe: Any, index: int) -> None:
-            ident = device_id(index)
-            pipe.evalsha(
-                connect_sha, 11,
-                k.state(ident), k.heartbeat(ident), k.history(ident), k.online,
-                k.index_online, k.online_seen, k.seen, k.online_by_type, k.events,
-                k.presence_channel, k.control_channel,
-                ident, FLEET_SESSION, f"{time.time():.6f}", ttl_ms, history_maxlen,
-                events_maxlen, "",
-            )  # fmt: skip
+            send(
+                pipe, connect_call(store, device_id(index), FLEET_SESSION, "", time.time(), ttl_ms)
+            )
 
         per_device = {"none": 1, "hset": 2, "script": 3}[state_writes]
         started = time.perf_counter()
@@ -457,7 +444,7 @@ def load_fleet(
             print(f"  connected {connected:,} devices in {connect_seconds:.1f} s", flush=True)
         memory = client.info("memory")
         dbsize = client.dbsize()
-        online_count = client.scard(k.online)
+        online_count = client.zcard(k.part(0).index_online)
     finally:
         client.close()
     used = int(memory["used_memory"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import orjson
 import pytest
 
 from gateway import shadow
@@ -21,7 +22,9 @@ from gateway.shadow import (
     VersionConflict,
     check_version,
     decode_document,
+    decode_stamps,
     delta,
+    encode_stamps,
     merge,
     merge_stamps,
     same,
@@ -166,6 +169,28 @@ def test_merge_stamps_deletes_with_null_and_replaces_leaf_with_object() -> None:
     stamps = stamp({"a": 1, "b": 2}, 1.0)
     after = merge_stamps(stamps, {"a": None, "b": {"x": 1}}, 3.0)
     assert after == {"b": {"x": {"timestamp": 3.0}}}
+
+
+def test_stamps_of_a_section_written_at_once_are_stored_as_one_time() -> None:
+    section = {"temp": 21.5, "hum": 40, "fw": {"version": "1.4.2"}}
+    stamps = stamp(section, 1764325000.1234567)
+    stored = encode_stamps(stamps)
+    assert stored == b"1764325000.123"  # one number, not a document per leaf
+    assert decode_stamps(stored, section) == stamp(section, 1764325000.123)
+
+
+def test_stamps_written_at_several_times_are_stored_whole() -> None:
+    section = {"a": 1, "b": {"c": 2}}
+    stamps = merge_stamps(stamp(section, 1.0), {"b": {"c": 3}}, 2.0004)
+    stored = encode_stamps(stamps)
+    assert orjson.loads(stored) == {"a": {"timestamp": 1.0}, "b": {"c": {"timestamp": 2.0}}}
+    assert decode_stamps(stored, section) == orjson.loads(stored)
+
+
+@pytest.mark.parametrize("raw", [None, b"", b"not json", b"[1]", b"true"])
+def test_unreadable_stamps_read_as_none(raw: bytes | None) -> None:
+    assert decode_stamps(raw, {"a": 1}) == {}
+    assert encode_stamps({}) == b"{}"
 
 
 # --- limits ------------------------------------------------------------------

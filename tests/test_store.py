@@ -143,7 +143,9 @@ async def test_delete_removes_every_key_and_index_entry(
     await store.delete("d1")
     after = {bytes(key).decode() for key in await redis_client.keys("*")}
     assert {k for k in after if "d1" in k} == set()
-    for zset in ("devices:index", "devices:seen", "devices:index:online", "devices:online:seen"):
+    for zset in (
+        "devices:index", "devices:offline:seen", "devices:index:online", "devices:online:seen"
+    ):  # fmt: skip
         assert await redis_client.zscore(zset, "d1") is None, zset
     for plain_set in ("devices:registered", "devices:online", "devices:type:solo"):
         assert not await redis_client.sismember(plain_set, "d1"), plain_set
@@ -210,7 +212,7 @@ async def test_patch_section_merges_and_versions_only_on_change(
         "l": {"on": {"desired": True, "reported": False}},
         "x": {"desired": [1], "reported": None},
     }
-    history = await redis_client.xlen("device:history:d1")
+    history = await redis_client.llen("device:history:d1")
     assert history == 4  # three state changes and one metadata change
 
 

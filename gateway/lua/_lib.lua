@@ -29,55 +29,80 @@ local function id_json(id)
   return '"device_id":"' .. id .. '"'
 end
 
-local function stream_add(history_key, events_key, history_maxlen, events_maxlen, body)
-  if history_key then
-    redis.call('XADD', history_key, 'MAXLEN', '~', history_maxlen, '*', 'event', body .. '}')
+-- Record an event: appended to the partition's fleet log (a bounded stream), and, when a
+-- history key is given, pushed on the device's history (a list, newest first, bounded by
+-- *history_cap*, a number: trimmed back to it once it is an eighth over, so a push costs no
+-- trim). The history entry carries the log's id and leaves out the device id (its key says
+-- it): lean. *rest* is the event's members after its type and device id, each with its
+-- leading comma. A batch passes no *events_maxlen* and trims the log once at its end.
+-- Returns the log's id.
+local function record(history_key, events_key, history_cap, events_maxlen, kind, id, rest)
+  local body = '{"type":"' .. kind .. '",' .. id_json(id) .. rest .. '}'
+  local stream_id
+  if events_maxlen then
+    stream_id = redis.call('XADD', events_key, 'MAXLEN', '~', events_maxlen, '*', 'event', body)
+  else
+    stream_id = redis.call('XADD', events_key, '*', 'event', body)
   end
-  return redis.call('XADD', events_key, 'MAXLEN', '~', events_maxlen, '*', 'event', body .. '}')
+  if history_key then
+    local length = redis.call('LPUSH', history_key,
+      '{"id":"' .. stream_id .. '","type":"' .. kind .. '"' .. rest .. '}')
+    if length > history_cap + math.floor(history_cap / 8) then
+      redis.call('LTRIM', history_key, 0, history_cap - 1)
+    end
+  end
+  return stream_id
 end
 
--- Bump the presence version, record the transition in both streams, publish it once.
+-- Bump the presence version, record the transition, publish it once.
 local function presence_transition(state_key, history_key, events_key, channel, id, status, now,
                                    reason, history_maxlen, events_maxlen)
   local version = redis.call('HINCRBY', state_key, 'presence_version', 1)
-  local body = '{"type":"presence",' .. id_json(id) .. ',"status":"' .. status ..
-    '","timestamp":' .. now .. ',"version":' .. version .. ',"reason":"' .. reason .. '"'
-  local stream_id = stream_add(history_key, events_key, history_maxlen, events_maxlen, body)
-  redis.call(PUBLISH, channel, body .. ',"stream_id":"' .. stream_id .. '"}')
+  local rest = ',"status":"' .. status .. '","timestamp":' .. now .. ',"version":' .. version ..
+    ',"reason":"' .. reason .. '"'
+  local stream_id = record(history_key, events_key, history_maxlen, events_maxlen, 'presence',
+    id, rest)
+  redis.call(PUBLISH, channel, '{"type":"presence",' .. id_json(id) .. rest .. ',"stream_id":"' ..
+    stream_id .. '"}')
   return version
 end
 
--- Take a device out of every online index; publish `offline` once if any index held it.
--- Returns the new presence version, or 0 when the device was already offline.
-local function go_offline(state_key, history_key, online_key, index_online_key, online_seen_key,
-                          by_type_key, events_key, channel, id, now, reason, history_maxlen,
+-- Take a device out of every online index (into the offline last-seen index); publish
+-- `offline` once if any index held it. Returns the new presence version, or 0 when the
+-- device was already offline.
+-- *offline* is {online set, online id index, online last-seen index, offline last-seen
+-- index, online count by type, fleet log, presence channel}: the offline scripts' head.
+local function go_offline(state_key, history_key, offline, id, now, reason, history_maxlen,
                           events_maxlen)
-  local in_set = redis.call('SREM', online_key, id)
-  local in_index = redis.call('ZREM', index_online_key, id)
-  redis.call('ZREM', online_seen_key, id)
-  if in_index == 1 then
-    local device_type = redis.call('HGET', state_key, F_TYPE)
-    if device_type then
-      redis.call('HINCRBY', by_type_key, device_type, -1)
-    end
+  local in_set = SEED_SETS and redis.call('SREM', offline[1], id) or 0
+  local in_index = redis.call('ZREM', offline[2], id)
+  redis.call('ZREM', offline[3], id)
+  local fields = redis.call('HMGET', state_key, F_ID, F_TYPE, F_SEEN)
+  if in_index == 1 and fields[2] then
+    redis.call('HINCRBY', offline[5], fields[2], -1)
   end
   if redis.call('EXISTS', state_key) == 0 then
     return 0
   end
+  if fields[1] then  -- a device of this layout (another layout's hash is only announced)
+    redis.call('ZADD', offline[4], time_of(fields[3]), id)
+  end
   redis.call('HSET', state_key, F_STATUS, 'offline')
   redis.call('HDEL', state_key, 'linger_reason')
   if in_set == 1 or in_index == 1 then
-    return presence_transition(state_key, history_key, events_key, channel, id, 'offline', now,
+    return presence_transition(state_key, history_key, offline[6], offline[7], id, 'offline', now,
       reason, history_maxlen, events_maxlen)
   end
   return 0
 end
 
 -- Put a device in every online index (idempotent; the per-type count moves only with the index).
-local function mark_online(state_key, online_key, index_online_key, online_seen_key, seen_key,
-                           by_type_key, id, seen_at)
+local function mark_online(state_key, online_key, index_online_key, online_seen_key,
+                           offline_seen_key, by_type_key, id, seen_at)
   redis.call('HSET', state_key, F_STATUS, 'online', F_SEEN, stored_time(seen_at))
-  redis.call('SADD', online_key, id)
+  if SEED_SETS then
+    redis.call('SADD', online_key, id)
+  end
   if redis.call('ZADD', index_online_key, 0, id) == 1 then
     local device_type = redis.call('HGET', state_key, F_TYPE)
     if device_type then
@@ -85,7 +110,7 @@ local function mark_online(state_key, online_key, index_online_key, online_seen_
     end
   end
   redis.call('ZADD', online_seen_key, seen_at, id)
-  redis.call('ZADD', seen_key, seen_at, id)
+  redis.call('ZREM', offline_seen_key, id)
 end
 
 local function kick(control_channel, id, session, code, reason)

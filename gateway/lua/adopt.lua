@@ -1,6 +1,6 @@
 -- Bring devices written by other programs (the seed's classes) into the gateway's indexes.
 -- Idempotent; publishes nothing: whoever registered or heartbeated them announced it.
--- KEYS[1] devices:index  KEYS[2] devices:seen  KEYS[3] devices:types
+-- KEYS[1] devices:index  KEYS[2] devices:offline:seen  KEYS[3] devices:types
 -- KEYS[4] devices:index:online  KEYS[5] devices:online:seen  KEYS[6] devices:stats:online_by_type
 -- then for each device i: KEYS[7+4i] device:state:{id}  KEYS[8+4i] device:heartbeat:{id}
 --   KEYS[9+4i] devices:type:{type}  KEYS[10+4i] devices:index:type:{type}
@@ -17,15 +17,19 @@ for i = 0, (#KEYS - 6) / 4 - 1 do
     if seen <= 0 then
       seen = -time_of(fields[3])
     end
-    -- GT: a device the seed heartbeats moves forward in the last-seen index, never back
-    changed = changed + redis.call('ZADD', KEYS[2], 'GT', 'CH', seen, id)
     redis.call('SADD', KEYS[3], device_type)
     redis.call('SADD', KEYS[9 + 4 * i], id)
     changed = changed + redis.call('ZADD', KEYS[10 + 4 * i], 'NX', 0, id)
-    if redis.call('EXISTS', heartbeat_key) == 1 and redis.call('ZADD', KEYS[4], 'NX', 0, id) == 1 then
-      redis.call('HINCRBY', KEYS[6], device_type, 1)
-      redis.call('ZADD', KEYS[5], math.max(seen, 0), id)
-      changed = changed + 1
+    if redis.call('EXISTS', heartbeat_key) == 1 then
+      if redis.call('ZADD', KEYS[4], 'NX', 0, id) == 1 then
+        redis.call('HINCRBY', KEYS[6], device_type, 1)
+        redis.call('ZADD', KEYS[5], math.max(seen, 0), id)
+        redis.call('ZREM', KEYS[2], id)
+        changed = changed + 1
+      end
+    elseif not redis.call('ZSCORE', KEYS[4], id) then
+      -- GT: a device the seed heartbeats moves forward in the last-seen index, never back
+      changed = changed + redis.call('ZADD', KEYS[2], 'GT', 'CH', seen, id)
     end
     if changed > 0 then
       adopted = adopted + 1

@@ -3,7 +3,7 @@
 -- the same id continues the sequence instead of resetting it.
 -- KEYS[1] device:state:{id}   KEYS[2] device:heartbeat:{id}  KEYS[3] device:history:{id}
 -- KEYS[4] devices:registered  KEYS[5] devices:online         KEYS[6] devices:index
--- KEYS[7] devices:index:online KEYS[8] devices:seen          KEYS[9] devices:online:seen
+-- KEYS[7] devices:index:online KEYS[8] devices:offline:seen  KEYS[9] devices:online:seen
 -- KEYS[10] devices:stats:online_by_type  KEYS[11] devices:presence:retired
 -- KEYS[12] devices:events     KEYS[13] devices:type:{type}   KEYS[14] devices:index:type:{type}
 -- KEYS[15] devices:types      KEYS[16] devices:presence (channel)  KEYS[17] gateway:control
@@ -18,23 +18,24 @@ if device_type ~= ARGV[2] then
   return -1
 end
 local session = redis.call('HGET', KEYS[1], 'session')
-go_offline(KEYS[1], nil, KEYS[5], KEYS[7], KEYS[9], KEYS[10], KEYS[12], KEYS[16], id, now,
-  'deleted', 0, ARGV[4])
+go_offline(KEYS[1], nil, {KEYS[5], KEYS[7], KEYS[9], KEYS[8], KEYS[10], KEYS[12], KEYS[16]}, id,
+  now, 'deleted', 0, ARGV[4])
 if session and session ~= '' then
   kick(KEYS[17], id, session, 1008, 'deleted')
 end
 local presence_version = redis.call('HGET', KEYS[1], 'presence_version') or '0'
 redis.call('HSET', KEYS[11], id, presence_version)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
-redis.call('SREM', KEYS[4], id)
+if SEED_SETS then
+  redis.call('SREM', KEYS[4], id)
+  redis.call('SREM', KEYS[13], id)
+end
 redis.call('ZREM', KEYS[6], id)
 redis.call('ZREM', KEYS[8], id)
-redis.call('SREM', KEYS[13], id)
 redis.call('ZREM', KEYS[14], id)
-if redis.call('SCARD', KEYS[13]) == 0 then
+if redis.call('ZCARD', KEYS[14]) == 0 then
   redis.call('SREM', KEYS[15], device_type)
   redis.call('HDEL', KEYS[10], device_type)
 end
-stream_add(nil, KEYS[12], 0, ARGV[4], '{"type":"deleted","device_id":"' .. id ..
-  '","timestamp":' .. now)
+record(nil, KEYS[12], 0, ARGV[4], 'deleted', id, ',"timestamp":' .. now)
 return 1

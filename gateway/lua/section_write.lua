@@ -42,17 +42,16 @@ local function versions()
   return tonumber(v[1] or '0') or 0, tonumber(v[2] or '0') or 0, tonumber(v[3] or '0') or 0
 end
 
-local function record(version, body, external)
-  stream_add(KEYS[2], KEYS[3], ARGV[10], ARGV[11], '{"type":"state","device_id":"' .. id ..
-    '","section":"' .. section .. '","version":' .. version .. ',"timestamp":' .. now ..
-    external .. ',"state":' .. body)
+local function record_state(version, body, external)
+  record(KEYS[2], KEYS[3], tonumber(ARGV[10]), ARGV[11], 'state', id, ',"section":"' .. section ..
+    '","version":' .. version .. ',"timestamp":' .. now .. external .. ',"state":' .. body)
 end
 
 if desired and ARGV[14] == '1' then
   local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
   redis.call('HINCRBY', KEYS[1], 'desired_version', 1)
   redis.call('HSET', KEYS[1], 'desired_meta', ARGV[15], 'desired_sha', ARGV[3])
-  record(version, ARGV[16], ',"external":true')
+  record_state(version, ARGV[16], ',"external":true')
 end
 
 local version, desired_version, reported_version = versions()
@@ -72,8 +71,8 @@ if current == ARGV[6] or ARGV[12] == '1' then
 end
 if section == 'metadata' then
   redis.call('HSET', KEYS[1], field, ARGV[6])
-  stream_add(KEYS[2], KEYS[3], ARGV[10], ARGV[11], '{"type":"metadata","device_id":"' .. id ..
-    '","timestamp":' .. now .. ',"metadata":' .. ARGV[6])
+  record(KEYS[2], KEYS[3], tonumber(ARGV[10]), ARGV[11], 'metadata', id, ',"timestamp":' .. now ..
+    ',"metadata":' .. ARGV[6])
   return {1, version, desired_version, reported_version}
 end
 redis.call('HSET', KEYS[1], field, ARGV[6], section .. '_meta', ARGV[8])
@@ -84,7 +83,7 @@ if desired then
 else
   reported_version = redis.call('HINCRBY', KEYS[1], 'reported_version', 1)
 end
-record(version, ARGV[6], '')
+record_state(version, ARGV[6], '')
 if desired then
   redis.call(PUBLISH, KEYS[4], '{"type":"state_update","desired_state":' .. ARGV[6] ..
     ',"timestamp":' .. now .. ',"version":' .. version .. '}')
