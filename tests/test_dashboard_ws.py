@@ -97,17 +97,18 @@ async def close_code(ws: ClientConnection, within: float = TIMEOUT) -> int | Non
     return ws.close_code
 
 
-def reached(received: list[Frame], wanted: list[str]) -> bool:
-    """Whether, in every partition of *wanted*, its last event or a later one has arrived
-    (a later one: a state event may be superseded within a batch)."""
+def behind(received: list[Frame], wanted: list[str]) -> dict[int, tuple[str, StreamId]]:
+    """The partitions of *wanted* whose last event has not arrived, nor a later one (a state
+    event may be superseded within a batch): partition → (that event, newest received)."""
     newest: dict[int, StreamId] = {}
     for event in received:
         partition, entry = where(event["id"])
         newest[partition] = max(newest.get(partition, (0, 0)), entry)
-    return all(
-        newest.get(partition, (0, 0)) >= where(ids[-1])[1]
+    return {
+        partition: (ids[-1], newest.get(partition, (0, 0)))
         for partition, ids in by_partition(wanted).items()
-    )
+        if newest.get(partition, (0, 0)) < where(ids[-1])[1]
+    }
 
 
 class Received(NamedTuple):
@@ -119,19 +120,25 @@ class Received(NamedTuple):
 async def events_through(
     ws: ClientConnection, wanted: list[str], within: float = 3 * TIMEOUT
 ) -> Received:
-    """Every event until those *wanted* have arrived (see `reached`)."""
+    """Every event until those *wanted* have arrived (see `behind`)."""
     assert wanted, "nothing to wait for"
     events: list[Frame] = []
     frames = 0
     cursor = ""
-    async with asyncio.timeout(within):
-        while not reached(events, wanted):
-            frame = await receive(ws, within)
-            if frame["type"] != "events":
-                continue
-            frames += 1
-            events += frame["events"]
-            cursor = frame["cursor"]
+    try:
+        async with asyncio.timeout(within):
+            while behind(events, wanted):
+                frame = await receive(ws, within)
+                if frame["type"] != "events":
+                    continue
+                frames += 1
+                events += frame["events"]
+                cursor = frame["cursor"]
+    except TimeoutError:
+        raise AssertionError(
+            f"{len(events)} events in {frames} frames in {within} s, still behind in "
+            f"(partition: (last wanted, newest received)) {behind(events, wanted)}"
+        ) from None
     return Received(events, frames, cursor)
 
 
@@ -162,10 +169,10 @@ class Collector:
             self._changed.set()
 
     async def through(self, wanted: list[str], within: float = 3 * TIMEOUT) -> list[Frame]:
-        """Wait until the events *wanted* have arrived (see `reached`); every event so far."""
+        """Wait until the events *wanted* have arrived (see `behind`); every event so far."""
         assert wanted, "nothing to wait for"
         async with asyncio.timeout(within):
-            while not reached(self.events, wanted):
+            while behind(self.events, wanted):
                 if self._task.done():
                     raise AssertionError(f"socket closed ({self.ws.close_code}) early")
                 self._changed.clear()
