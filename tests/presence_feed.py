@@ -25,19 +25,18 @@ from redis.crc import key_slot
 
 from gateway.keys import Keys
 
-PRESENCE = "devices:presence"
-CONTROL = "gateway:control"
 SENTINEL_TYPE = "test_sentinel"
 LISTEN_TIMEOUT = 10.0
 Message = tuple[str, dict[str, Any]]
-TIMEOUT = 5.0
 POLL = 0.02
 
 
 class _Link:
     """One subscribing connection and the channel its sentinels go to."""
 
-    def __init__(self, pubsub: PubSub, publisher: aioredis.Redis, channel: str, sharded: bool):
+    def __init__(
+        self, pubsub: PubSub, publisher: aioredis.Redis, channel: str, sharded: bool
+    ) -> None:
         self.pubsub = pubsub
         self.publisher = publisher
         self.channel = channel
