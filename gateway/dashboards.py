@@ -137,30 +137,38 @@ class DashboardHub:
         self._delivered: Position | None = None  # what every batch so far went up to
         self._started = asyncio.Lock()
         self._joining = 0  # joins in progress: the feed keeps its position for them
+        self._held = asyncio.Lock()  # taken by a join's last read: no batch goes out meanwhile
 
     # --- membership -----------------------------------------------------------
     async def join(self, dashboard: Dashboard) -> None:
         """Start live delivery after the dashboard's position (its snapshot's), with nothing
         lost in between: the replay is read until it reaches what the feed has delivered, so an
-        event delivered while a read was in flight is then in the replay."""
+        event delivered while a read was in flight is then in the replay.
+
+        In a burst the reads may keep falling behind the batches (on a cluster a read takes a
+        round trip per partition, and the first partitions read are the stalest): the last read
+        holds the batches back, so it reaches past everything delivered.
+        """
         self._joining += 1
         self._wanted.set()
         try:
             delivered = await self._feed_position()
             replay: list[Event] = []
             position = dashboard.after
-            for _ in range(JOIN_READS):
-                fresh = await self._events_after(position, None)
-                replay += fresh
-                for event in fresh:
-                    position = position.advanced(event.partition, event.sid)
-                if position.covers(self._delivered or delivered):
-                    break
-            # no await from here on: the feed cannot slip an event between read and join
-            self.dashboards.add(dashboard)
-            self.metrics.dashboards_connected.set(len(self.dashboards))
-            dashboard.send_events(replay)
-            dashboard.after = position
+            for attempt in range(JOIN_READS):
+                last = attempt == JOIN_READS - 1
+                async with self._held if last else contextlib.nullcontext():
+                    fresh = await self._events_after(position, None)
+                    replay += fresh
+                    for event in fresh:
+                        position = position.advanced(event.partition, event.sid)
+                    if last or position.covers(self._delivered or delivered):
+                        # no await from here on: no batch can go out between read and join
+                        self.dashboards.add(dashboard)
+                        self.metrics.dashboards_connected.set(len(self.dashboards))
+                        dashboard.send_events(replay)
+                        dashboard.after = position
+                        return
         finally:
             self._joining -= 1
 
@@ -298,12 +306,13 @@ class DashboardHub:
             wait = last + interval - loop.time()
             if wait > 0:
                 await asyncio.sleep(wait)
-            # cleared only now: whatever arrives from here on is in the next batch and wakes it
-            self._arrived.clear()
-            events, self._tick = self._tick, []
-            last = loop.time()
-            if events:
-                self.deliver(events, Relay(self._tick_since, self.metrics.relay_dashboard))
+            async with self._held:  # not while a join's last read is in flight
+                # cleared only now: whatever arrives from here on is in the next batch and wakes it
+                self._arrived.clear()
+                events, self._tick = self._tick, []
+                last = loop.time()
+                if events:
+                    self.deliver(events, Relay(self._tick_since, self.metrics.relay_dashboard))
 
     def deliver(self, events: list[Event], relay: Relay | None = None) -> None:
         """One coalesced batch to every dashboard; a shared frame for those that want all

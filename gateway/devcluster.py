@@ -28,6 +28,7 @@ from redis.exceptions import RedisError
 
 from gateway.config import StartupError
 from gateway.embedded import HOST, parent_death_signal, valkey_executable
+from gateway.redisconn import NO_RETRY
 
 BUS_PORT_OFFSET = 10000
 MAX_PORT = 65535 - BUS_PORT_OFFSET
@@ -56,7 +57,11 @@ class Node:
         return self.process.pid if self.process and self.process.poll() is None else None
 
     def client(self) -> aioredis.Redis:
-        return aioredis.Redis(host=HOST, port=self.port, socket_timeout=2, socket_connect_timeout=1)
+        # no retries: a node that is starting, stopping or killed says so at once (redis-py's
+        # default retries with backoff turned each SHUTDOWN into seconds of reconnecting)
+        return aioredis.Redis(
+            host=HOST, port=self.port, socket_timeout=2, socket_connect_timeout=1, retry=NO_RETRY
+        )
 
 
 class LocalCluster:

@@ -1,8 +1,11 @@
-"""The dashboard WebSocket (contract §6, docs/dashboard.md) over real sockets and real engines.
+"""The dashboard WebSocket (contract §6, docs/dashboard.md) over real sockets, every backend.
 
-"Every event, exactly once" is always judged against the fleet stream itself: the ids a
-dashboard received after its snapshot cursor must equal an XRANGE of `devices:events` over the
-same span. Waits are bounded by multiples of TIMEOUT; nothing sleeps and hopes.
+"Every event, exactly once" is always judged against the fleet log itself: the ids a dashboard
+received after its snapshot cursor must equal an XRANGE of `devices:events` over the same span.
+On a cluster the log is one stream per partition: event ids are `<partition>:<stream id>`,
+cursors are opaque positions, and order is guaranteed per partition (so per device), which is
+what these tests compare; on one node that is the whole stream in order. Waits are bounded by
+multiples of TIMEOUT; nothing sleeps and hopes.
 """
 
 from __future__ import annotations
@@ -14,15 +17,17 @@ import os
 import socket
 import time
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import httpx
 import orjson
 import pytest
-import redis.asyncio as aioredis
+from backends import Client
 from live import ADMIN_KEY, READ_KEY, LiveGateway, live_gateway
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
+
+from gateway.eventlog import Position, format_id
 
 TIMEOUT = 5.0
 Frame = dict[str, Any]
@@ -35,6 +40,24 @@ StreamId = tuple[int, int]
 def sid(value: str) -> StreamId:
     ms, _, seq = value.partition("-")
     return int(ms), int(seq or 0)
+
+
+def where(event_id: str) -> tuple[int, StreamId]:
+    """(partition, stream id) of an event id: `ms-seq` on one node, `p:ms-seq` on a cluster."""
+    partition, _, entry = event_id.rpartition(":")
+    return int(partition or 0), sid(entry)
+
+
+def by_partition(ids: list[str]) -> dict[int, list[str]]:
+    """Event ids per partition, each partition's in the order given."""
+    grouped: dict[int, list[str]] = {}
+    for event_id in ids:
+        grouped.setdefault(where(event_id)[0], []).append(event_id)
+    return grouped
+
+
+def ids_of(events: list[Frame]) -> list[str]:
+    return [e["id"] for e in events]
 
 
 def text(value: bytes | str) -> str:
@@ -74,21 +97,49 @@ async def close_code(ws: ClientConnection, within: float = TIMEOUT) -> int | Non
     return ws.close_code
 
 
+def behind(received: list[Frame], wanted: list[str]) -> dict[int, tuple[str, StreamId]]:
+    """The partitions of *wanted* whose last event has not arrived, nor a later one (a state
+    event may be superseded within a batch): partition → (that event, newest received)."""
+    newest: dict[int, StreamId] = {}
+    for event in received:
+        partition, entry = where(event["id"])
+        newest[partition] = max(newest.get(partition, (0, 0)), entry)
+    return {
+        partition: (ids[-1], newest.get(partition, (0, 0)))
+        for partition, ids in by_partition(wanted).items()
+        if newest.get(partition, (0, 0)) < where(ids[-1])[1]
+    }
+
+
+class Received(NamedTuple):
+    events: list[Frame]
+    frames: int  # how many `events` frames carried them
+    cursor: str  # the last frame's: where a dashboard that stops here resumes
+
+
 async def events_through(
-    ws: ClientConnection, last_id: str, within: float = 3 * TIMEOUT
-) -> tuple[list[Frame], int]:
-    """Every event up to and including *last_id*, and how many frames carried them."""
+    ws: ClientConnection, wanted: list[str], within: float = 3 * TIMEOUT
+) -> Received:
+    """Every event until those *wanted* have arrived (see `behind`)."""
+    assert wanted, "nothing to wait for"
     events: list[Frame] = []
     frames = 0
-    target = sid(last_id)
-    async with asyncio.timeout(within):
-        while not events or sid(events[-1]["id"]) < target:
-            frame = await receive(ws, within)
-            if frame["type"] != "events":
-                continue
-            frames += 1
-            events += frame["events"]
-    return events, frames
+    cursor = ""
+    try:
+        async with asyncio.timeout(within):
+            while behind(events, wanted):
+                frame = await receive(ws, within)
+                if frame["type"] != "events":
+                    continue
+                frames += 1
+                events += frame["events"]
+                cursor = frame["cursor"]
+    except TimeoutError:
+        raise AssertionError(
+            f"{len(events)} events in {frames} frames in {within} s, still behind in "
+            f"(partition: (last wanted, newest received)) {behind(events, wanted)}"
+        ) from None
+    return Received(events, frames, cursor)
 
 
 class Collector:
@@ -117,15 +168,13 @@ class Collector:
         finally:
             self._changed.set()
 
-    def reached(self, last_id: str) -> bool:
-        return bool(self.events) and sid(self.events[-1]["id"]) >= sid(last_id)
-
-    async def through(self, last_id: str, within: float = 3 * TIMEOUT) -> list[Frame]:
-        """Wait until the event *last_id* has arrived; every event so far."""
+    async def through(self, wanted: list[str], within: float = 3 * TIMEOUT) -> list[Frame]:
+        """Wait until the events *wanted* have arrived (see `behind`); every event so far."""
+        assert wanted, "nothing to wait for"
         async with asyncio.timeout(within):
-            while not self.reached(last_id):
+            while behind(self.events, wanted):
                 if self._task.done():
-                    raise AssertionError(f"socket closed ({self.ws.close_code}) before {last_id}")
+                    raise AssertionError(f"socket closed ({self.ws.close_code}) early")
                 self._changed.clear()
                 await self._changed.wait()
         return self.events
@@ -136,28 +185,54 @@ class Collector:
             await self._task
 
 
-async def stream_ids(
-    redis: aioredis.Redis, gw: LiveGateway, after: str, end: str = "+"
-) -> list[str]:
-    entries = await redis.xrange(gw.gateway.store.keys.events, f"({after}", end)
-    return [text(entry_id) for entry_id, _ in entries]
-
-
 async def stream_events(
-    redis: aioredis.Redis, gw: LiveGateway, after: str, end: str = "+"
+    redis: Client, gw: LiveGateway, after: str, end: str | None = None
 ) -> list[Frame]:
-    entries = await redis.xrange(gw.gateway.store.keys.events, f"({after}", end)
-    return [{"id": text(i), **orjson.loads(fields[b"event"])} for i, fields in entries]
+    """The log's events after position *after* up to position *end* (default: the end),
+    partition by partition, each in stream order (on one node: the stream in order)."""
+    keys, log = gw.gateway.keys, gw.gateway.store.events
+    start, upto = log.decode(after), None if end is None else log.decode(end)
+    async with redis.pipeline(transaction=False) as pipe:
+        for part in keys.parts:
+            high = "+" if upto is None else format_id(upto[part.number])
+            pipe.xrange(part.events, f"({format_id(start[part.number])}", high)
+        replies = await pipe.execute()
+    events = []
+    for part, entries in zip(keys.parts, replies, strict=True):
+        prefix = f"{part.number}:" if keys.sharded else ""  # the documented id forms
+        events += [
+            {"id": prefix + text(i), **orjson.loads(fields[b"event"])} for i, fields in entries
+        ]
+    return events
+
+
+async def stream_ids(
+    redis: Client, gw: LiveGateway, after: str, end: str | None = None
+) -> list[str]:
+    return ids_of(await stream_events(redis, gw, after, end))
 
 
 async def last_id(gw: LiveGateway) -> str:
+    """The log's position now (on one node: its last stream id)."""
     return await gw.gateway.store.last_event_id()
 
 
-async def wait_stream_growth(
-    redis: aioredis.Redis, gw: LiveGateway, after: str, count: int
-) -> list[str]:
-    """Wait until at least *count* events follow *after* in the fleet stream."""
+def advanced(gw: LiveGateway, position: str, ids: list[str]) -> str:
+    """*position* moved past every event in *ids* (on one node: the last of them)."""
+    moved = gw.gateway.store.events.decode(position)
+    for event_id in ids:
+        moved = moved.advanced(*where(event_id))
+    return moved.encode()
+
+
+async def trim_log(redis: Client, gw: LiveGateway) -> None:
+    """Empty every partition's stream, as trimming a bounded log does to its oldest events."""
+    for part in gw.gateway.keys.parts:
+        await redis.xtrim(part.events, maxlen=0)
+
+
+async def wait_stream_growth(redis: Client, gw: LiveGateway, after: str, count: int) -> list[str]:
+    """Wait until at least *count* events follow *after* in the fleet log."""
     deadline = time.monotonic() + 3 * TIMEOUT
     while len(ids := await stream_ids(redis, gw, after)) < count:
         assert time.monotonic() < deadline, f"the stream did not grow by {count} events"
@@ -174,9 +249,9 @@ async def cycle(gw: LiveGateway, device_id: str, token: str) -> None:
 def assert_delivered(received: list[Frame], written: list[Frame]) -> None:
     """Live delivery: every event in order, except that within a batch a state event may be
     superseded by a later one for the same device and section (it carries the whole section).
-    So: an ordered subset of the stream holding every non-state event and, per device and
-    section, the last state event."""
-    ids = [e["id"] for e in received]
+    So: an ordered subset of the log (per partition) holding every non-state event and, per
+    device and section, the last state event."""
+    ids = ids_of(received)
     assert_increasing(ids)
     by_id = {e["id"]: e for e in written}
     assert set(ids) <= set(by_id), "received events that are not in the stream"
@@ -188,18 +263,25 @@ def assert_delivered(received: list[Frame], written: list[Frame]) -> None:
         if e["type"] == "state":
             last_state[(e["device_id"], e["section"])] = e["id"]
     must += last_state.values()
-    missing = sorted(set(must) - set(ids), key=sid)
+    missing = sorted(set(must) - set(ids), key=where)
     assert not missing, f"{len(missing)} events never delivered, first {missing[:3]}"
 
 
 def assert_increasing(ids: list[str]) -> None:
-    parsed = [sid(i) for i in ids]
-    assert parsed == sorted(set(parsed)), "stream ids must strictly increase"
+    """Ids strictly increase within each partition (on one node: throughout)."""
+    for partition, group in by_partition(ids).items():
+        parsed = [where(i)[1] for i in group]
+        assert parsed == sorted(set(parsed)), f"stream ids must strictly increase ({partition})"
+
+
+def assert_same_log_order(received: list[str], written: list[str]) -> None:
+    """The same events, in the log's order within each partition (on one node: the same list)."""
+    assert by_partition(received) == by_partition(written)
 
 
 @pytest.fixture
-async def gw(redis_url: str) -> AsyncIterator[LiveGateway]:
-    async with live_gateway(redis_url) as live:
+async def gw(backend_url: str) -> AsyncIterator[LiveGateway]:
+    async with live_gateway(backend_url) as live:
         yield live
 
 
@@ -228,17 +310,20 @@ async def test_snapshot_comes_first_with_devices_cursor_and_stats(gw: LiveGatewa
 
 
 async def test_snapshot_cursor_is_the_stream_position(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     await gw.gateway.store.register("pos-1", "thermo", {})
     async with open_dashboard(gw) as ws:
         first = await snapshot(ws)
     assert first["cursor"] == await last_id(gw)
-    assert await stream_ids(redis_client, gw, first["cursor"]) == []
+    registered = await stream_ids(backend_client, gw, "0")
+    assert len(registered) == 1
+    assert first["cursor"] == advanced(gw, "0", registered)
+    assert await stream_ids(backend_client, gw, first["cursor"]) == []
 
 
 async def test_live_presence_and_state_events_arrive_batched_with_increasing_ids(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     _, token = await gw.gateway.store.register("live-1", "thermo", {})
     async with open_dashboard(gw) as ws:
@@ -249,11 +334,14 @@ async def test_live_presence_and_state_events_arrive_batched_with_increasing_ids
                 orjson.dumps({"type": "report", "reported_state": {"t": 21.5}}).decode()
             )
             assert (await receive(device))["type"] == "ack"
-        ids = await wait_stream_growth(redis_client, gw, cursor, 3)
-        events, _ = await events_through(ws, ids[-1])
+        ids = await wait_stream_growth(backend_client, gw, cursor, 3)
+        events = (await events_through(ws, ids)).events
 
-    assert [e["id"] for e in events] == ids
-    assert_increasing([e["id"] for e in events])
+    assert ids_of(events) == ids  # one device: one partition, in order
+    assert_increasing(ids)
+    keys = gw.gateway.keys
+    prefix = f"{keys.partition('live-1')}:" if keys.sharded else ""
+    assert all(i.startswith(prefix) and ":" not in i.removeprefix(prefix) for i in ids), ids
     online, state, offline = events
     assert (online["type"], online["device_id"], online["status"]) == (
         "presence",
@@ -280,9 +368,7 @@ async def test_ping_is_answered_with_pong(gw: LiveGateway) -> None:
 # --- subscribe ------------------------------------------------------------------------
 
 
-async def test_subscribe_filters_by_types_and_ids(
-    gw: LiveGateway, redis_client: aioredis.Redis
-) -> None:
+async def test_subscribe_filters_by_types_and_ids(gw: LiveGateway, backend_client: Client) -> None:
     store = gw.gateway.store
     _, token_a = await store.register("sub-a", "thermo", {})
     _, token_b = await store.register("sub-b", "thermo", {})
@@ -296,11 +382,11 @@ async def test_subscribe_filters_by_types_and_ids(
         await cycle(gw, "sub-b", token_b)  # other device: filtered out
         await store.patch_section("sub-a", "reported", {"x": 1})  # other type: filtered out
         await cycle(gw, "sub-a", token_a)
-        await wait_stream_growth(redis_client, gw, start, 5)
-        written = await stream_events(redis_client, gw, start)
+        await wait_stream_growth(backend_client, gw, start, 5)
+        written = await stream_events(backend_client, gw, start)
         wanted = [e for e in written if e["type"] == "presence" and e["device_id"] == "sub-a"]
         # ordered delivery: once sub-a's last event is in, everything before it was judged
-        events, _ = await events_through(ws, wanted[-1]["id"])
+        events = (await events_through(ws, ids_of(wanted))).events
         await ws.send('{"type":"ping"}')
         assert await receive(ws) == {"type": "pong"}  # and nothing after it slipped through
 
@@ -309,9 +395,7 @@ async def test_subscribe_filters_by_types_and_ids(
     assert [e["status"] for e in events] == ["online", "offline"]
 
 
-async def test_subscribe_by_type_only_then_clear(
-    gw: LiveGateway, redis_client: aioredis.Redis
-) -> None:
+async def test_subscribe_by_type_only_then_clear(gw: LiveGateway, backend_client: Client) -> None:
     store = gw.gateway.store
     _, token = await store.register("sub-t", "thermo", {})
     async with open_dashboard(gw) as ws:
@@ -320,10 +404,13 @@ async def test_subscribe_by_type_only_then_clear(
         assert await receive(ws) == {"type": "subscribed", "types": ["state"], "ids": None}
         start = await last_id(gw)
         await cycle(gw, "sub-t", token)
+        # the offline is written at the next tick: it must come before the state change, so
+        # that the last event awaited below is the one the filter keeps
+        await wait_stream_growth(backend_client, gw, start, 2)
         await store.patch_section("sub-t", "desired", {"led": "on"})
-        await wait_stream_growth(redis_client, gw, start, 3)
-        wanted = [e for e in await stream_events(redis_client, gw, start) if e["type"] == "state"]
-        events, _ = await events_through(ws, wanted[-1]["id"])
+        await wait_stream_growth(backend_client, gw, start, 3)
+        wanted = [e for e in await stream_events(backend_client, gw, start) if e["type"] == "state"]
+        events = (await events_through(ws, ids_of(wanted))).events
         await ws.send('{"type":"ping"}')
         assert await receive(ws) == {"type": "pong"}
         assert events == wanted
@@ -333,9 +420,9 @@ async def test_subscribe_by_type_only_then_clear(
         assert await receive(ws) == {"type": "subscribed", "types": None, "ids": None}
         start = await last_id(gw)
         await cycle(gw, "sub-t", token)
-        ids = await wait_stream_growth(redis_client, gw, start, 2)
-        events, _ = await events_through(ws, ids[-1])
-        assert [e["id"] for e in events] == ids
+        ids = await wait_stream_growth(backend_client, gw, start, 2)
+        events = (await events_through(ws, ids)).events
+        assert ids_of(events) == ids
 
 
 async def test_subscribe_with_too_many_ids_is_refused(gw: LiveGateway) -> None:
@@ -361,37 +448,39 @@ async def test_subscribe_with_unknown_type_is_an_error(gw: LiveGateway) -> None:
 
 
 async def test_resume_after_reconnect_replays_exactly_the_missed_events(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     store = gw.gateway.store
     tokens = {}
     for i in range(4):
         _, tokens[f"res-{i}"] = await store.register(f"res-{i}", "thermo", {})
     async with open_dashboard(gw) as ws:
-        seen = (await snapshot(ws))["cursor"]
+        start = (await snapshot(ws))["cursor"]
         await cycle(gw, "res-0", tokens["res-0"])  # events this dashboard does see live
-        ids = await wait_stream_growth(redis_client, gw, seen, 2)
-        events, _ = await events_through(ws, ids[-1])
-        seen = events[-1]["id"]
+        ids = await wait_stream_growth(backend_client, gw, start, 2)
+        live = await events_through(ws, ids)
+        # the position it got to: past every event it saw (on one node, the last id it saw)
+        seen = live.cursor
+        assert seen == advanced(gw, start, ids_of(live.events))
 
     # away: N events, all of them missed
     for _ in range(2):
         before = await last_id(gw)
         await asyncio.gather(*(cycle(gw, name, token) for name, token in tokens.items()))
-        await wait_stream_growth(redis_client, gw, before, 8)  # all offline before the next
+        await wait_stream_growth(backend_client, gw, before, 8)  # all offline before the next
     await store.patch_section("res-1", "reported", {"fw": "2.0"})
-    missed = await wait_stream_growth(redis_client, gw, seen, 2 * 2 * 4 + 1)
+    missed = await wait_stream_growth(backend_client, gw, seen, 2 * 2 * 4 + 1)
     assert len(missed) == 17
 
     async with open_dashboard(gw) as ws:
         fresh = await snapshot(ws)
-        assert fresh["cursor"] == missed[-1]
+        assert fresh["cursor"] == advanced(gw, seen, missed)
         await ws.send(orjson.dumps({"type": "resume", "after": seen}).decode())
-        replayed, _ = await events_through(ws, fresh["cursor"])
+        replayed = (await events_through(ws, missed)).events
         await ws.send('{"type":"ping"}')  # nothing else queued before the pong: no duplicates
         assert await receive(ws) == {"type": "pong"}
 
-    assert [e["id"] for e in replayed] == missed
+    assert_same_log_order(ids_of(replayed), missed)
     assert sum(e["type"] == "presence" for e in replayed) == 16
 
 
@@ -405,15 +494,15 @@ async def test_resume_from_the_cursor_replays_nothing(gw: LiveGateway) -> None:
 
 
 async def test_resume_from_a_trimmed_id_gets_a_fresh_snapshot(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     store = gw.gateway.store
     _, token = await store.register("gap-1", "thermo", {})
     async with open_dashboard(gw) as ws:
         seen = (await snapshot(ws))["cursor"]
     await cycle(gw, "gap-1", token)
-    await wait_stream_growth(redis_client, gw, seen, 2)
-    await redis_client.xtrim(store.keys.events, maxlen=0)  # the missed events are gone
+    await wait_stream_growth(backend_client, gw, seen, 2)
+    await trim_log(backend_client, gw)  # the missed events are gone
     await store.patch_section("gap-1", "reported", {"after": "trim"})
 
     async with open_dashboard(gw) as ws:
@@ -424,29 +513,30 @@ async def test_resume_from_a_trimmed_id_gets_a_fresh_snapshot(
         assert [d["device_id"] for d in again["devices"]] == ["gap-1"]
         assert again["cursor"] == fresh["cursor"]
 
-        # an id from before the stream's oldest: the same answer
-        await ws.send('{"type":"resume","after":"1-0"}')
+        # a position from before the stream's oldest (on one node, the id 1-0): the same answer
+        ancient = Position(((1, 0),) * gw.gateway.keys.partitions).encode()
+        await ws.send(orjson.dumps({"type": "resume", "after": ancient}).decode())
         third = await receive(ws)
         assert third["type"] == "snapshot" and third["reason"] == "resume_gap", third
 
         # and live delivery goes on after the fresh snapshot
         start = await last_id(gw)
         await cycle(gw, "gap-1", token)
-        ids = await wait_stream_growth(redis_client, gw, start, 2)
-        events, _ = await events_through(ws, ids[-1])
-        assert [e["id"] for e in events] == ids
+        ids = await wait_stream_growth(backend_client, gw, start, 2)
+        events = (await events_through(ws, ids)).events
+        assert ids_of(events) == ids
 
 
 async def test_resume_when_the_whole_stream_was_trimmed_gets_a_fresh_snapshot(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     store = gw.gateway.store
     _, token = await store.register("gap-2", "thermo", {})
     async with open_dashboard(gw) as ws:
         seen = (await snapshot(ws))["cursor"]
     await cycle(gw, "gap-2", token)
-    await wait_stream_growth(redis_client, gw, seen, 2)
-    await redis_client.xtrim(store.keys.events, maxlen=0)  # nothing after the trim
+    await wait_stream_growth(backend_client, gw, seen, 2)
+    await trim_log(backend_client, gw)  # nothing after the trim
 
     async with open_dashboard(gw) as ws:
         await snapshot(ws)
@@ -471,7 +561,7 @@ async def test_resume_from_an_invalid_id_is_an_error(gw: LiveGateway, after: str
 
 
 async def test_dashboards_joining_during_a_burst_each_get_every_event_after_their_cursor(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     store = gw.gateway.store
     names = [f"join-{i}" for i in range(8)]
@@ -500,17 +590,19 @@ async def test_dashboards_joining_during_a_burst_each_get_every_event_after_thei
         stop.set()
         await asyncio.gather(*producers)
         final = await last_id(gw)
-        received = await asyncio.gather(*(events_through(ws, final) for ws in sockets))
+        written = [await stream_events(backend_client, gw, c, final) for c in cursors]
+        assert all(written), "events must have flowed after every snapshot"
+        received = await asyncio.gather(
+            *(events_through(ws, ids_of(w)) for ws, w in zip(sockets, written, strict=True))
+        )
 
     assert len(set(cursors)) > 1, "the dashboards should have joined at different positions"
-    for cursor, (events, _) in zip(cursors, received, strict=True):
-        written = await stream_events(redis_client, gw, cursor, final)
-        assert written, "events must have flowed after every snapshot"
-        assert_delivered(events, written)
+    for got, expected in zip(received, written, strict=True):
+        assert_delivered(got.events, expected)
 
 
 async def test_a_high_event_rate_is_coalesced_into_few_frames(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     """2000 registrations (events that are never superseded) arrive whole, in few frames."""
     store = gw.gateway.store
@@ -524,13 +616,14 @@ async def test_a_high_event_rate_is_coalesced_into_few_frames(
         collector = Collector(ws)
         began = time.monotonic()
         await asyncio.gather(*(produce(worker) for worker in range(50)))
-        events = await collector.through(await last_id(gw))
+        written = await stream_ids(backend_client, gw, cursor)
+        events = await collector.through(written)
         elapsed = time.monotonic() - began
         await collector.stop()
 
     assert len(events) == 2000
     assert {e["type"] for e in events} == {"registered"}
-    assert [e["id"] for e in events] == await stream_ids(redis_client, gw, cursor)
+    assert_same_log_order(ids_of(events), written)
     # at most one batch per interval (docs/dashboard.md): the first at once, then one per
     # interval that passed; one frame of margin for the clocks' granularity
     interval = gw.gateway.settings.dashboard_batch_interval
@@ -538,10 +631,10 @@ async def test_a_high_event_rate_is_coalesced_into_few_frames(
     assert collector.frames * 10 < len(events)
 
 
-async def test_an_event_after_a_quiet_spell_is_sent_at_once(redis_url: str) -> None:
+async def test_an_event_after_a_quiet_spell_is_sent_at_once(backend_url: str) -> None:
     """Batches are throttled from the previous one, not ticked: a lone event does not wait
     for the interval, and the next one within the interval waits for it."""
-    async with live_gateway(redis_url, dashboard_batch_interval=60.0) as gw:
+    async with live_gateway(backend_url, dashboard_batch_interval=60.0) as gw:
         store = gw.gateway.store
         async with open_dashboard(gw) as ws:
             await snapshot(ws)
@@ -554,7 +647,7 @@ async def test_an_event_after_a_quiet_spell_is_sent_at_once(redis_url: str) -> N
 
 
 async def test_state_events_within_a_batch_keep_each_devices_latest(
-    gw: LiveGateway, redis_client: aioredis.Redis
+    gw: LiveGateway, backend_client: Client
 ) -> None:
     """Reports faster than the batch interval: the dashboard may skip superseded state events
     but always ends with every device's latest section, and never reorders."""
@@ -571,11 +664,10 @@ async def test_state_events_within_a_batch_keep_each_devices_latest(
         cursor = (await snapshot(ws))["cursor"]
         collector = Collector(ws)
         await asyncio.gather(*(produce(name) for name in names))
-        final = await last_id(gw)
-        events = await collector.through(final)
+        written = await stream_events(backend_client, gw, cursor)
+        events = await collector.through(ids_of(written))
         await collector.stop()
 
-    written = await stream_events(redis_client, gw, cursor, final)
     assert len(written) == 500
     assert_delivered(events, written)
     latest = {e["device_id"]: e["state"] for e in events}
@@ -627,8 +719,8 @@ async def test_the_page_own_origin_is_accepted(gw: LiveGateway) -> None:
         assert (await snapshot(ws))["type"] == "snapshot"
 
 
-async def test_allowed_origins_admit_a_listed_origin(redis_url: str) -> None:
-    async with live_gateway(redis_url, allowed_origins=("https://ops.example",)) as gw:
+async def test_allowed_origins_admit_a_listed_origin(backend_url: str) -> None:
+    async with live_gateway(backend_url, allowed_origins=("https://ops.example",)) as gw:
         async with open_dashboard(gw, origin="https://ops.example") as ws:  # type: ignore[arg-type]
             assert (await snapshot(ws))["type"] == "snapshot"
         with pytest.raises(InvalidStatus) as refused:
@@ -643,8 +735,8 @@ async def test_allowed_origins_admit_a_listed_origin(redis_url: str) -> None:
 BAD_FRAMES: list[str | bytes] = ["not json", b"\x00\x01", '{"type":"launch"}', "[]"]
 
 
-async def test_malformed_frames_are_answered_with_error_frames(redis_url: str) -> None:
-    async with live_gateway(redis_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
+async def test_malformed_frames_are_answered_with_error_frames(backend_url: str) -> None:
+    async with live_gateway(backend_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
         await snapshot(ws)
         for frame in BAD_FRAMES[:3]:
             await ws.send(frame)
@@ -657,8 +749,8 @@ async def test_malformed_frames_are_answered_with_error_frames(redis_url: str) -
             await receive(ws)
 
 
-async def test_too_many_malformed_frames_close_with_4400(redis_url: str) -> None:
-    async with live_gateway(redis_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
+async def test_too_many_malformed_frames_close_with_4400(backend_url: str) -> None:
+    async with live_gateway(backend_url, malformed_tolerance=3) as gw, open_dashboard(gw) as ws:
         await snapshot(ws)
         for frame in BAD_FRAMES:
             await ws.send(frame)
@@ -691,9 +783,9 @@ async def _stalled_socket(gw: LiveGateway) -> socket.socket:
 
 
 async def test_a_stalled_dashboard_is_dropped_and_the_others_keep_up(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
-    async with live_gateway(redis_url, dashboard_batch_interval=0.02) as gw:
+    async with live_gateway(backend_url, dashboard_batch_interval=0.02) as gw:
         store = gw.gateway.store
         hub = gw.gateway.dashboards
         names = [f"stall-{i}" for i in range(4)]
@@ -719,8 +811,8 @@ async def test_a_stalled_dashboard_is_dropped_and_the_others_keep_up(
                                 for m in names
                             )
                         )
-                final = await last_id(gw)
-                events = await healthy.through(final, within=2 * TIMEOUT)  # promptly
+                written = await stream_events(backend_client, gw, cursor)
+                events = await healthy.through(ids_of(written), within=2 * TIMEOUT)  # promptly
                 # the dropped socket is closed by the gateway, not left half-open
                 assert await _closed_by_peer(stalled)
             finally:
@@ -730,7 +822,7 @@ async def test_a_stalled_dashboard_is_dropped_and_the_others_keep_up(
             "gateway_slow_clients_dropped_total", {"kind": "dashboard"}
         )
     assert dropped == 1
-    assert_delivered(events, await stream_events(redis_client, gw, cursor, final))
+    assert_delivered(events, written)
 
 
 async def _closed_by_peer(sock: socket.socket) -> bool:

@@ -1,8 +1,10 @@
-"""The device WebSocket (contract §5) end to end: real uvicorn, real sockets, real Redis engines.
+"""The device WebSocket (contract §5) end to end: real uvicorn, real sockets, every backend
+(each single-node engine and the cluster).
 
-Presence is observed the way any other service would: a subscription to `devices:presence`.
-"Exactly once" is decided by a sentinel the test publishes after the fact, never by sleeping
-and hoping; every wait is bounded by a multiple of TIMEOUT or by a deadline from the contract.
+Presence is observed the way any other service would: a subscription to `devices:presence`
+(on a cluster, to every partition's presence channel). "Exactly once" is decided by sentinels
+the test publishes after the fact, never by sleeping and hoping; every wait is bounded by a
+multiple of TIMEOUT or by a deadline from the contract.
 """
 
 from __future__ import annotations
@@ -19,17 +21,19 @@ from typing import Any
 
 import orjson
 import pytest
-import redis.asyncio as aioredis
+from backends import Client, node_of, publish
 from live import LiveGateway, live_gateway
+from presence_feed import Feed
+from presence_feed import presence_feed as shared_presence_feed
 from prometheus_client.parser import text_string_to_metric_families
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.datastructures import Headers
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
+from gateway.keys import Keys
+
 TIMEOUT = 5.0  # the one bound every wait here is a multiple of
 POLL = 0.02
-PRESENCE = "devices:presence"
-SENTINEL_TYPE = "test_sentinel"
 
 Event = dict[str, Any]
 
@@ -110,7 +114,7 @@ async def eventually(
         await asyncio.sleep(POLL * 5)
 
 
-async def dump(client: aioredis.Redis) -> dict[bytes, Any]:
+async def dump(client: Client) -> dict[bytes, Any]:
     """Every key with its type and content (TTLs left out: they tick)."""
     snapshot: dict[bytes, Any] = {}
     async for key in client.scan_iter(count=1000):
@@ -135,51 +139,19 @@ async def dump(client: aioredis.Redis) -> dict[bytes, Any]:
 
 
 class PresenceFeed:
-    """Everything published on `devices:presence`, in order, with the time it arrived."""
+    """Everything published on every partition's presence channel, with the time it arrived
+    (in order per device: a device's events share its partition's channel)."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
-        self.client = client
-        self.pubsub = client.pubsub()
-        self.events: list[tuple[float, Event]] = []
-        self._sentinels: dict[str, asyncio.Event] = {}
-        self._task: asyncio.Task[None] | None = None
-
-    async def __aenter__(self) -> PresenceFeed:
-        await self.pubsub.subscribe(PRESENCE)
-        message = await self.pubsub.get_message(timeout=TIMEOUT)
-        assert message is not None and message["type"] == "subscribe"
-        self._task = asyncio.create_task(self._read())
-        return self
-
-    async def __aexit__(self, *exc: object) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-        await self.pubsub.aclose()  # type: ignore[no-untyped-call]
-
-    async def _read(self) -> None:
-        while True:
-            message = await self.pubsub.get_message(ignore_subscribe_messages=True, timeout=1.0)
-            if message is None:
-                continue
-            event = orjson.loads(message["data"])
-            if event.get("type") == SENTINEL_TYPE:
-                self._sentinels.pop(event["nonce"], asyncio.Event()).set()
-            else:
-                self.events.append((time.monotonic(), event))
+    def __init__(self, feed: Feed) -> None:
+        self.feed = feed
 
     def of(self, device_id: str, status: str | None = None) -> list[Event]:
-        return [
-            e
-            for _, e in self.events
-            if e.get("device_id") == device_id and (status is None or e.get("status") == status)
-        ]
+        return self.feed.of(device_id, status)
 
     def timed(self, device_id: str, status: str) -> list[tuple[float, Event]]:
         return [
             (t, e)
-            for t, e in self.events
+            for t, e in self.feed.events
             if e.get("device_id") == device_id and e.get("status") == status
         ]
 
@@ -197,16 +169,13 @@ class PresenceFeed:
 
     async def settle(self) -> None:
         """Return once everything published before this call has been read."""
-        nonce = os.urandom(8).hex()
-        arrived = self._sentinels[nonce] = asyncio.Event()
-        await self.client.publish(PRESENCE, orjson.dumps({"type": SENTINEL_TYPE, "nonce": nonce}))
-        await asyncio.wait_for(arrived.wait(), TIMEOUT)
+        await self.feed.settle()
 
 
 @contextlib.asynccontextmanager
-async def presence_feed(client: aioredis.Redis) -> AsyncIterator[PresenceFeed]:
-    async with PresenceFeed(client) as feed:
-        yield feed
+async def presence_feed(client: Client) -> AsyncIterator[PresenceFeed]:
+    async with shared_presence_feed(client) as feed:
+        yield PresenceFeed(feed)
 
 
 async def metric_samples(gw: LiveGateway) -> dict[str, list[Any]]:
@@ -238,14 +207,12 @@ async def refused_status(url: str, headers: dict[str, str] | None = None) -> int
     return int(caught.value.response.status_code)
 
 
-async def test_refused_handshakes_write_nothing(
-    redis_url: str, redis_client: aioredis.Redis
-) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_refused_handshakes_write_nothing(backend_url: str, backend_client: Client) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "hs-1")
         other_token = await register(gw, "hs-2")
         base = f"{gw.ws_url}/ws/devices"
-        before = await dump(redis_client)
+        before = await dump(backend_client)
         cases: list[tuple[str, dict[str, str] | None, int]] = [
             (f"{base}/hs-1", None, 401),
             (f"{base}/hs-1", {"Authorization": "Bearer "}, 401),
@@ -263,15 +230,15 @@ async def test_refused_handshakes_write_nothing(
         ]
         for url, headers, status in cases:
             assert await refused_status(url, headers) == status, url
-        assert await dump(redis_client) == before
+        assert await dump(backend_client) == before
         assert not gw.gateway.hub.sessions
         families = await metric_samples(gw)
         assert sample(families, "gateway_handshakes_refused_total", status="404") == 7
 
 
-async def test_query_token_and_128_character_id(redis_url: str) -> None:
+async def test_query_token_and_128_character_id(backend_url: str) -> None:
     longest = "d" * 128
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, longest)
         async with connect(f"{gw.ws_url}/ws/devices/{longest}?token={token}") as ws:
             welcome = await receive(ws)
@@ -280,9 +247,9 @@ async def test_query_token_and_128_character_id(redis_url: str) -> None:
         assert (await device_doc(gw, longest))["device_id"] == longest
 
 
-async def test_open_socket_keeps_no_handshake_state(redis_url: str) -> None:
+async def test_open_socket_keeps_no_handshake_state(backend_url: str) -> None:
     """An accepted socket drops its upgrade request (headers, token) and keeps working."""
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "h-1")
         ws = await connect(
             f"{gw.ws_url}/ws/devices/h-1?token={token}",
@@ -324,8 +291,8 @@ async def test_open_socket_keeps_no_handshake_state(redis_url: str) -> None:
 # --- welcome ------------------------------------------------------------------------
 
 
-async def test_welcome_frame_shape(redis_url: str) -> None:
-    async with live_gateway(redis_url, heartbeat_timeout=7) as gw:
+async def test_welcome_frame_shape(backend_url: str) -> None:
+    async with live_gateway(backend_url, heartbeat_timeout=7) as gw:
         token = await register(gw, "w-1")
         async with open_device(gw, "w-1", token) as ws:
             welcome = await receive(ws)
@@ -347,8 +314,8 @@ async def test_welcome_frame_shape(redis_url: str) -> None:
         assert isinstance(welcome["version"], int)
 
 
-async def test_desired_change_while_offline_arrives_in_welcome(redis_url: str) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_desired_change_while_offline_arrives_in_welcome(backend_url: str) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "w-2")
         async with open_device(gw, "w-2", token) as ws:
             await receive(ws)
@@ -376,8 +343,8 @@ def text(frame: dict[str, Any]) -> str:
     return orjson.dumps(frame).decode()
 
 
-async def test_heartbeat_report_and_get(redis_url: str) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_heartbeat_report_and_get(backend_url: str) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "f-1")
         async with open_device(gw, "f-1", token) as ws:
             await receive(ws)
@@ -419,9 +386,9 @@ async def test_heartbeat_report_and_get(redis_url: str) -> None:
             assert shadow["version"] == ack["version"]
 
 
-async def test_get_right_after_report_sees_the_report(redis_url: str) -> None:
+async def test_get_right_after_report_sees_the_report(backend_url: str) -> None:
     """Frames of one device are answered in order: a `get` sent after a `report` reflects it."""
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "f-2")
         async with open_device(gw, "f-2", token) as ws:
             await receive(ws)
@@ -434,8 +401,8 @@ async def test_get_right_after_report_sees_the_report(redis_url: str) -> None:
         assert shadow["version"] >= ack["version"], frames
 
 
-async def test_bad_frames_get_error_frames_and_write_nothing(redis_url: str) -> None:
-    async with live_gateway(redis_url, malformed_tolerance=50) as gw:
+async def test_bad_frames_get_error_frames_and_write_nothing(backend_url: str) -> None:
+    async with live_gateway(backend_url, malformed_tolerance=50) as gw:
         token = await register(gw, "f-3")
         async with open_device(gw, "f-3", token) as ws:
             await receive(ws)
@@ -473,8 +440,8 @@ async def test_bad_frames_get_error_frames_and_write_nothing(redis_url: str) -> 
         assert (stored["reported_state"], stored["version"]) == ({"keep": 1}, version)
 
 
-async def test_error_frames_echo_every_readable_id(redis_url: str) -> None:
-    async with live_gateway(redis_url, malformed_tolerance=50) as gw:
+async def test_error_frames_echo_every_readable_id(backend_url: str) -> None:
+    async with live_gateway(backend_url, malformed_tolerance=50) as gw:
         token = await register(gw, "f-7")
         async with open_device(gw, "f-7", token) as ws:
             await receive(ws)
@@ -494,9 +461,9 @@ async def test_error_frames_echo_every_readable_id(redis_url: str) -> None:
                 assert ("id" in error) == (request_id is not None), (frame, error)
 
 
-async def test_malformed_beyond_tolerance_closes_4400(redis_url: str) -> None:
+async def test_malformed_beyond_tolerance_closes_4400(backend_url: str) -> None:
     tolerance = 10
-    async with live_gateway(redis_url, malformed_tolerance=tolerance) as gw:
+    async with live_gateway(backend_url, malformed_tolerance=tolerance) as gw:
         token = await register(gw, "f-4")
         async with open_device(gw, "f-4", token) as ws:
             await receive(ws)
@@ -509,8 +476,8 @@ async def test_malformed_beyond_tolerance_closes_4400(redis_url: str) -> None:
         assert (await device_doc(gw, "f-4"))["reported_state"] == {}
 
 
-async def test_frame_over_64_kib_closes_1009(redis_url: str) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_frame_over_64_kib_closes_1009(backend_url: str) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "f-5")
         async with open_device(gw, "f-5", token, max_size=None) as ws:
             await receive(ws)
@@ -521,9 +488,9 @@ async def test_frame_over_64_kib_closes_1009(redis_url: str) -> None:
         assert (await device_doc(gw, "f-5"))["reported_state"] == {}
 
 
-async def test_flood_is_refused_then_closed_4429(redis_url: str) -> None:
+async def test_flood_is_refused_then_closed_4429(backend_url: str) -> None:
     burst = 5
-    async with live_gateway(redis_url, rate_limit=0.5, rate_burst=burst) as gw:
+    async with live_gateway(backend_url, rate_limit=0.5, rate_burst=burst) as gw:
         token = await register(gw, "f-6")
         async with open_device(gw, "f-6", token) as ws:
             await receive(ws)
@@ -552,15 +519,19 @@ async def test_flood_is_refused_then_closed_4429(redis_url: str) -> None:
 
 
 async def test_connect_is_online_and_clean_close_is_one_offline(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
-    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "p-1")
         ws = await connected(gw, "p-1", token)
         online = (await feed.wait("p-1", "online"))[0]
         assert (online["reason"], online["type"]) == ("connected", "presence")
         assert isinstance(online["version"], int) and isinstance(online["timestamp"], int | float)
         assert (await device_doc(gw, "p-1"))["status"] == "online"
+        assert await backend_client.exists(layout.heartbeat("p-1"))
+        assert await backend_client.zscore(layout.of("p-1").index_online, "p-1") == 0
+        seed_set = await backend_client.sismember(layout.of("p-1").online, "p-1")
+        assert seed_set == layout.seed_sets  # the seed document's set: on one node only
         await ws.close()
         offline = (await feed.wait("p-1", "offline"))[0]
         assert offline["reason"] == "closed"
@@ -569,15 +540,16 @@ async def test_connect_is_online_and_clean_close_is_one_offline(
         await feed.settle()
         assert [e["status"] for e in feed.of("p-1")] == ["online", "offline"]
         assert (await device_doc(gw, "p-1"))["status"] == "offline"
-        assert not await redis_client.exists("device:heartbeat:p-1")
-        assert not await redis_client.sismember("devices:online", "p-1")
+        assert not await backend_client.exists(layout.heartbeat("p-1"))
+        assert not await backend_client.sismember(layout.of("p-1").online, "p-1")
+        assert await backend_client.zscore(layout.of("p-1").index_online, "p-1") is None
 
 
 async def test_aborted_tcp_connection_is_connection_lost(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
     settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
-    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "p-2")
         ws = await connected(gw, "p-2", token)
         await feed.wait("p-2", "online")
@@ -589,11 +561,11 @@ async def test_aborted_tcp_connection_is_connection_lost(
 
 
 async def test_unresponsive_tcp_peer_is_connection_lost(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
     """A peer that stops reading (half-open TCP) fails the pings and is dropped."""
     settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
-    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "p-3")
         ws = await connected(gw, "p-3", token, ping_interval=None)
         await feed.wait("p-3", "online")
@@ -606,7 +578,7 @@ async def test_unresponsive_tcp_peer_is_connection_lost(
 
 
 async def test_silent_device_expires_within_timeout_plus_two(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
     timeout = 3.0
     settings = {
@@ -615,7 +587,7 @@ async def test_silent_device_expires_within_timeout_plus_two(
         "ws_ping_timeout": 0.5,
         "sweep_interval": 0.1,  # frequent sweeps must never stretch a silent device's life
     }
-    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "p-4")
         started = time.monotonic()
         ws = await connected(gw, "p-4", token)
@@ -637,7 +609,7 @@ async def test_silent_device_expires_within_timeout_plus_two(
 
 
 async def test_device_sending_within_each_timeout_never_goes_offline(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
     timeout = 2.0
     settings = {"heartbeat_timeout": timeout, "sweep_interval": 0.5}
@@ -649,7 +621,7 @@ async def test_device_sending_within_each_timeout_never_goes_offline(
         "not json counts too",
         text({"type": "heartbeat", "reported_state": {"n": 2}}),
     ]
-    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "p-5")
         async with open_device(gw, "p-5", token) as ws:
             await receive(ws)
@@ -663,9 +635,9 @@ async def test_device_sending_within_each_timeout_never_goes_offline(
             assert (await device_doc(gw, "p-5"))["status"] == "online"
 
 
-async def test_heartbeats_of_many_devices_are_batched(redis_url: str) -> None:
+async def test_heartbeats_of_many_devices_are_batched(backend_url: str) -> None:
     count = 200
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         ids = [f"b-{i:03d}" for i in range(count)]
         tokens = [(await gw.gateway.store.register(i, "bulk", {}))[1] for i in ids]
         sockets: list[ClientConnection] = []
@@ -693,10 +665,10 @@ async def test_heartbeats_of_many_devices_are_batched(redis_url: str) -> None:
         assert single < ticks, "no tick held more than one device"
 
 
-async def test_reconnect_storm_is_admitted(redis_url: str) -> None:
+async def test_reconnect_storm_is_admitted(backend_url: str) -> None:
     """A fleet reconnecting at once (after a restart) is admitted, not refused with 503."""
     count = 200
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         ids = [f"storm-{i:03d}" for i in range(count)]
         tokens = [(await gw.gateway.store.register(i, "bulk", {}))[1] for i in ids]
         results = await asyncio.gather(
@@ -713,9 +685,9 @@ async def test_reconnect_storm_is_admitted(redis_url: str) -> None:
 
 
 async def test_second_connection_replaces_the_first(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
-    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "s-1")
         first = await connected(gw, "s-1", token)
         await feed.wait("s-1", "online")
@@ -728,7 +700,7 @@ async def test_second_connection_replaces_the_first(
         await feed.settle()
         assert feed.of("s-1", "offline") == []
         assert (await device_doc(gw, "s-1"))["status"] == "online"
-        assert await redis_client.exists("device:heartbeat:s-1")
+        assert await backend_client.exists(layout.heartbeat("s-1"))
         # the new session is the live one: it still works
         await second.send(text({"type": "report", "reported_state": {"ok": True}, "id": 1}))
         assert (await receive_type(second, "ack"))["id"] == 1
@@ -739,8 +711,8 @@ async def test_second_connection_replaces_the_first(
 # --- commands -----------------------------------------------------------------------
 
 
-async def test_desired_patch_reaches_the_socket(redis_url: str) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_desired_patch_reaches_the_socket(backend_url: str) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "c-1")
         async with open_device(gw, "c-1", token) as ws:
             await receive(ws)
@@ -760,19 +732,20 @@ async def test_desired_patch_reaches_the_socket(redis_url: str) -> None:
 
 
 async def test_anything_published_on_the_command_channel_arrives_as_is(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "c-2")
         async with open_device(gw, "c-2", token) as ws:
             await receive(ws)
+            channel = layout.commands("c-2")
             custom = b'{"type":"reboot","after": 5}'
-            await redis_client.publish("device:c-2:commands", custom)
+            assert await publish(backend_client, channel, custom) == 1  # the gateway listens
             assert await asyncio.wait_for(ws.recv(), TIMEOUT) == custom.decode()
-            await redis_client.publish("device:c-2:commands", b"plain words")
+            await publish(backend_client, channel, b"plain words")
             assert await asyncio.wait_for(ws.recv(), TIMEOUT) == "plain words"
             seed_style = b'{"type": "state_update", "desired_state": {"a": 1}, "timestamp": 1.5}'
-            await redis_client.publish("device:c-2:commands", seed_style)
+            await publish(backend_client, channel, seed_style)
             assert await asyncio.wait_for(ws.recv(), TIMEOUT) == seed_style.decode()
             delta = await receive(ws)
             assert delta["type"] == "delta"
@@ -780,16 +753,16 @@ async def test_anything_published_on_the_command_channel_arrives_as_is(
 
 
 async def test_non_utf8_command_reaches_the_socket(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     """Whatever is published reaches the socket: bytes that are not text go as a binary frame."""
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "c-3")
         async with open_device(gw, "c-3", token) as ws:
             await receive(ws)
             payload = b"\xff\xfe\x00firmware"
-            await redis_client.publish("device:c-3:commands", payload)
-            await redis_client.publish("device:c-3:commands", b"after")
+            await publish(backend_client, layout.commands("c-3"), payload)
+            await publish(backend_client, layout.commands("c-3"), b"after")
             received = [
                 await asyncio.wait_for(ws.recv(), TIMEOUT),
                 await asyncio.wait_for(ws.recv(), TIMEOUT),
@@ -832,11 +805,11 @@ async def _drained_to_eof(sock: socket.socket) -> bool:
 
 
 async def test_slow_consumer_is_dropped_and_others_keep_working(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with (
-        live_gateway(redis_url, send_queue_size=32) as gw,
-        presence_feed(redis_client) as feed,
+        live_gateway(backend_url, send_queue_size=32) as gw,
+        presence_feed(backend_client) as feed,
     ):
         slow_token = await register(gw, "slow-1")
         fine_token = await register(gw, "fine-1")
@@ -846,7 +819,7 @@ async def test_slow_consumer_is_dropped_and_others_keep_working(
             await feed.wait("slow-1", "online")
             payload = orjson.dumps({"type": "blob", "data": "z" * 16_000})
             for _ in range(1000):
-                await redis_client.publish("device:slow-1:commands", payload)
+                await publish(backend_client, layout.commands("slow-1"), payload)
                 if feed.of("slow-1", "offline"):
                     break
             offline = (await feed.wait("slow-1", "offline", within=TIMEOUT * 2))[0]
@@ -869,9 +842,9 @@ async def test_slow_consumer_is_dropped_and_others_keep_working(
 
 
 async def test_token_rotation_closes_the_session_1008(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client
 ) -> None:
-    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
         old = await register(gw, "t-1")
         ws = await connected(gw, "t-1", old)
         rotated = await rest(gw, "POST", "/api/devices/t-1/token")
@@ -884,10 +857,11 @@ async def test_token_rotation_closes_the_session_1008(
 
 
 async def test_deleting_the_device_closes_the_session_1008(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
-    async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "t-2")
+        assert await backend_client.exists(layout.state("t-2"))
         ws = await connected(gw, "t-2", token)
         await feed.wait("t-2", "online")
         async with gw.client() as http:
@@ -899,16 +873,16 @@ async def test_deleting_the_device_closes_the_session_1008(
         await feed.settle()
         assert len(feed.of("t-2", "offline")) == 1
         assert await refused_status(f"{gw.ws_url}/ws/devices/t-2", bearer(token)) == 404
-        assert not await redis_client.exists("device:state:t-2")
+        assert not await backend_client.exists(layout.state("t-2"))
 
 
 # --- offline grace ------------------------------------------------------------------
 
 
-async def test_offline_grace(redis_url: str, redis_client: aioredis.Redis) -> None:
+async def test_offline_grace(backend_url: str, backend_client: Client) -> None:
     grace = 2.0
     settings = {"offline_grace": grace, "sweep_interval": 0.5}
-    async with live_gateway(redis_url, **settings) as gw, presence_feed(redis_client) as feed:
+    async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
         token = await register(gw, "g-1")
         ws = await connected(gw, "g-1", token)
         await feed.wait("g-1", "online")
@@ -935,21 +909,27 @@ async def test_offline_grace(redis_url: str, redis_client: aioredis.Redis) -> No
 
 
 async def test_desired_change_while_pubsub_reconnects_is_resent(
-    redis_url: str, redis_client: aioredis.Redis
+    backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
-    async with live_gateway(redis_url) as gw:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "r-1")
         async with open_device(gw, "r-1", token) as ws:
             await receive(ws)
             reconnects = gw.gateway.broker.reconnects
             desired = orjson.dumps({"mode": "eco"})
             # the kill and the change in one transaction: no subscriber can see a publish, so
-            # only the re-sync after the reconnect can tell the device
-            async with redis_client.pipeline(transaction=True) as pipe:
+            # only the re-sync after the reconnect can tell the device (on a cluster: on the
+            # node that holds the device, whose pub/sub link the gateway loses)
+            async with (
+                node_of(backend_client, layout.state("r-1")) as node,
+                node.pipeline(transaction=True) as pipe,
+            ):
                 pipe.execute_command("CLIENT", "KILL", "TYPE", "pubsub")
-                pipe.hset("device:state:r-1", "desired_state", desired)
-                pipe.publish("device:r-1:commands", b'{"type":"lost"}')
-                await pipe.execute()
+                pipe.hset(layout.state("r-1"), "desired_state", desired)
+                publish_command = "SPUBLISH" if layout.sharded else "PUBLISH"
+                pipe.execute_command(publish_command, layout.commands("r-1"), b'{"type":"lost"}')
+                killed, _, _ = await pipe.execute()
+            assert killed >= 1
             update = await receive_type(ws, "state_update")
             assert update["desired_state"] == {"mode": "eco"}
             delta = await receive(ws)
@@ -965,8 +945,8 @@ async def test_desired_change_while_pubsub_reconnects_is_resent(
 # --- metrics ------------------------------------------------------------------------
 
 
-async def test_metrics_describe_the_sockets(redis_url: str) -> None:
-    async with live_gateway(redis_url) as gw:
+async def test_metrics_describe_the_sockets(backend_url: str) -> None:
+    async with live_gateway(backend_url) as gw:
         token = await register(gw, "m-1")
         ws = await connected(gw, "m-1", token)
         await ws.send(text({"type": "heartbeat"}))

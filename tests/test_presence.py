@@ -11,17 +11,19 @@ import asyncio
 import random
 import time
 import types
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
-from presence_feed import CONTROL, PRESENCE, Listener
+from backends import Client, connect, dbsize, primaries, single_node
+from presence_feed import Listener
 from servers import RedisServer
 
 from gateway.config import Settings
+from gateway.keys import Keys
 from gateway.lastseen import INDEX_STEP
 from gateway.metrics import Metrics
 from gateway.presence import RESUMED, STALE, UNKNOWN, WRITTEN, PresenceEngine, cancel_and_wait
@@ -29,7 +31,7 @@ from gateway.store import Store
 
 TIMEOUT = 10.0  # the one generous bound every wait here is a multiple of
 
-EngineFactory = Callable[..., PresenceEngine]
+EngineFactory = Callable[..., Awaitable[PresenceEngine]]
 
 
 def brief(events: list[dict[str, Any]]) -> list[tuple[str, str, int | None, str | None]]:
@@ -53,16 +55,19 @@ def stale() -> StaleLog:
 
 
 @pytest.fixture
-async def make_engine(redis_url: str, stale: StaleLog) -> AsyncIterator[EngineFactory]:
-    """`make_engine(**settings)`: an engine on its own new client (closed after the test)."""
-    clients: list[aioredis.Redis] = []
+async def make_engine(
+    backend_url: str, layout: Keys, stale: StaleLog
+) -> AsyncIterator[EngineFactory]:
+    """`await make_engine(**settings)`: an engine on its own new client (closed after the test)."""
+    clients: list[Client] = []
 
-    def build(**overrides: Any) -> PresenceEngine:
+    async def build(**overrides: Any) -> PresenceEngine:
         values: dict[str, Any] = {"heartbeat_timeout": 2.0, **overrides}
-        settings = Settings(redis_url=redis_url, **values)
-        client = aioredis.Redis.from_url(redis_url)
+        settings = Settings(redis_url=backend_url, **values)
+        client = await connect(backend_url)
         clients.append(client)
-        return PresenceEngine(client, Store(client, settings), settings, Metrics(), stale, db=0)
+        store = Store(client, settings, layout)
+        return PresenceEngine(client, store, settings, Metrics(), stale, db=0)
 
     yield build
     for client in clients:
@@ -70,8 +75,26 @@ async def make_engine(redis_url: str, stale: StaleLog) -> AsyncIterator[EngineFa
 
 
 @pytest.fixture
-def engine(make_engine: EngineFactory) -> PresenceEngine:
-    return make_engine()
+async def engine(make_engine: EngineFactory) -> PresenceEngine:
+    return await make_engine()
+
+
+async def members(client: Client, layout: Keys, name: str) -> set[bytes]:
+    """The union of one fleet list (`online`, `registered`) over every partition: the
+    gateway's index, which the seed document's set matches where it is kept (one node)."""
+    index = {"online": "index_online", "registered": "index"}[name]
+    found: set[bytes] = set()
+    for part in layout.parts:
+        indexed = set(await client.zrange(getattr(part, index), 0, -1))
+        if layout.seed_sets:
+            assert await client.smembers(getattr(part, name)) == indexed, name
+        found |= indexed
+    return found
+
+
+async def zcard(client: Client, layout: Keys, name: str) -> int:
+    """The size of one fleet index (`index_online`, `online_seen`) over every partition."""
+    return sum([await client.zcard(getattr(part, name)) for part in layout.parts])
 
 
 async def register(engine: PresenceEngine, *ids: str, device_type: str = "t") -> None:
@@ -79,7 +102,7 @@ async def register(engine: PresenceEngine, *ids: str, device_type: str = "t") ->
         await engine.store.register(device_id, device_type, {})
 
 
-async def wait_until_gone(client: aioredis.Redis, key: str) -> None:
+async def wait_until_gone(client: Client, key: str) -> None:
     """Wait for a key's TTL to run out on the server (bounded by TIMEOUT)."""
     async with asyncio.timeout(TIMEOUT):
         while True:
@@ -107,10 +130,10 @@ async def beat(
 
 # --- connect and disconnect -----------------------------------------------------
 async def test_versions_only_increase_across_cycles_delete_and_re_register(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         for cycle in range(3):
             welcome = await engine.connect("d1", f"s{cycle}", "")
             assert welcome is not None
@@ -131,19 +154,19 @@ async def test_versions_only_increase_across_cycles_delete_and_re_register(
     for event in events:
         assert event["type"] == "presence"
         assert isinstance(event["timestamp"], float) and event["stream_id"]
-    stream = await redis_client.xrange("devices:events")
+    stream = await backend_client.xrange(layout.of("d1").events)
     stream_presence = [orjson.loads(body[b"event"]) for _, body in stream]
     versions = [e["version"] for e in stream_presence if e["type"] == "presence"]
     assert versions == list(range(1, 10))
 
 
 async def test_connect_of_unknown_device_writes_nothing(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client
 ) -> None:
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         assert await engine.connect("ghost", "s1", "") is None
         assert await listener.drain() == []
-    assert await redis_client.dbsize() == 0
+    assert await dbsize(backend_client) == 0
 
 
 async def test_connect_welcome_carries_the_shadow(engine: PresenceEngine) -> None:
@@ -169,121 +192,130 @@ async def test_connect_checks_the_token_hash(engine: PresenceEngine) -> None:
 
 
 async def test_second_session_replaces_and_kicks_the_first(
-    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+    engine: PresenceEngine, backend_client: Client, layout: Keys, stale: StaleLog
 ) -> None:
     await register(engine, "d1")
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         await engine.connect("d1", "old", "")
         await beat(engine, "d1", "old", {"t": 1})
         welcome = await engine.connect("d1", "new", "")
         assert welcome is not None and welcome.reason == "replaced"
         messages = await listener.drain()
-    presence = [body for channel, body in messages if channel == PRESENCE]
-    kicks = [body for channel, body in messages if channel == CONTROL]
+    part = layout.of("d1")
+    presence = [body for channel, body in messages if channel == part.presence_channel]
+    kicks = [body for channel, body in messages if channel == part.control_channel]
+    assert len(presence) + len(kicks) == len(messages)  # on the device's partition's channels
     assert brief(presence) == [("d1", "online", 1, "connected"), ("d1", "online", 2, "replaced")]
     assert kicks == [
         {"op": "kick", "device_id": "d1", "session": "old", "code": 4409, "reason": "replaced"}
     ]
     assert stale.calls == []
-    assert await redis_client.hget("device:state:d1", "session") == b"new"
+    assert await backend_client.hget(layout.state("d1"), "session") == b"new"
 
 
 async def test_heartbeat_from_the_replaced_session_writes_nothing(
-    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+    engine: PresenceEngine, backend_client: Client, layout: Keys, stale: StaleLog
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "old", "")
     await beat(engine, "d1", "old", {"t": 1})
     await engine.connect("d1", "new", "")
-    before = await redis_client.hgetall("device:state:d1")
-    seen_before = await redis_client.zscore("devices:online:seen", "d1")
+    state, online_seen = layout.state("d1"), layout.of("d1").online_seen
+    before = await backend_client.hgetall(state)
+    seen_before = await backend_client.zscore(online_seen, "d1")
+    assert seen_before is not None
     await asyncio.sleep(0.01)  # so a write of last_seen would show a different time
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         assert await beat(engine, "d1", "old", {"t": 2}) == STALE
         assert await listener.drain() == []
-    assert await redis_client.hgetall("device:state:d1") == before
-    assert await redis_client.zscore("devices:online:seen", "d1") == seen_before
-    assert await redis_client.hget("device:state:d1", "session") == b"new"
+    assert await backend_client.hgetall(state) == before
+    assert await backend_client.zscore(online_seen, "d1") == seen_before
+    assert await backend_client.hget(layout.state("d1"), "session") == b"new"
     assert stale.calls == [("d1", "old", STALE)]
 
 
 async def test_disconnect_from_a_stale_session_does_nothing(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "old", "")
     await engine.connect("d1", "new", "")
-    async with Listener(redis_client) as listener:
+    part = layout.of("d1")
+    assert await backend_client.zscore(part.index_online, "d1") == 0
+    assert await backend_client.sismember(part.online, "d1") == layout.seed_sets
+    async with Listener(backend_client) as listener:
         assert await end(engine, "d1", "old") == 0
         assert await listener.drain() == []
-        assert await redis_client.exists("device:heartbeat:d1")
+        assert await backend_client.exists(layout.heartbeat("d1"))
         assert await end(engine, "d1", "new") == 1
         assert await end(engine, "d1", "new") == 0
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 3, "closed")]
-    assert not await redis_client.exists("device:heartbeat:d1")
-    assert not await redis_client.sismember("devices:online", "d1")
-    assert await redis_client.zscore("devices:index:online", "d1") is None
-    assert await redis_client.hget("device:state:d1", "status") == b"offline"
+    assert not await backend_client.exists(layout.heartbeat("d1"))
+    assert not await backend_client.sismember(part.online, "d1")
+    assert await backend_client.zscore(part.index_online, "d1") is None
+    assert await backend_client.hget(layout.state("d1"), "status") == b"offline"
 
 
 async def test_heartbeat_of_unknown_device_reports_unknown(
-    engine: PresenceEngine, redis_client: aioredis.Redis, stale: StaleLog
+    engine: PresenceEngine, backend_client: Client, stale: StaleLog
 ) -> None:
     assert await beat(engine, "ghost", "s1") == UNKNOWN
     assert stale.calls == [("ghost", "s1", UNKNOWN)]
-    assert await redis_client.dbsize() == 0
+    assert await dbsize(backend_client) == 0
 
 
 # --- offline grace --------------------------------------------------------------
 async def test_reconnect_within_grace_publishes_nothing(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
-    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    engine = await make_engine(offline_grace=0.5, heartbeat_timeout=2)
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    async with Listener(redis_client) as listener:
+    heartbeat = layout.heartbeat("d1")
+    async with Listener(backend_client) as listener:
         assert await end(engine, "d1", "s1", "connection_lost") == 2
-        assert 0 < await redis_client.pttl("device:heartbeat:d1") <= 500
+        assert await backend_client.hget(layout.state("d1"), "linger_reason") is not None
+        assert 0 < await backend_client.pttl(heartbeat) <= 500
         welcome = await engine.connect("d1", "s2", "")
         assert welcome is not None and welcome.reason == ""
         assert welcome.presence_version == 1
         assert await engine.expire(["d1"]) == 0
         assert await engine.sweep() == 0
         assert await listener.drain() == []
-    assert await redis_client.pttl("device:heartbeat:d1") > 1000
-    assert await redis_client.hget("device:state:d1", "linger_reason") is None
+    assert await backend_client.pttl(heartbeat) > 1000
+    assert await backend_client.hget(layout.state("d1"), "linger_reason") is None
 
 
 async def test_no_reconnect_goes_offline_once_with_the_kept_reason(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
-    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    engine = await make_engine(offline_grace=0.5, heartbeat_timeout=2)
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         assert await end(engine, "d1", "s1", "connection_lost") == 2
         assert await listener.drain() == []
-        await wait_until_gone(redis_client, "device:heartbeat:d1")
+        await wait_until_gone(backend_client, layout.heartbeat("d1"))
         assert await engine.sweep() == 1
         assert await engine.sweep() == 0
         assert await engine.expire(["d1"]) == 0
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 2, "connection_lost")]
-    assert await redis_client.hget("device:state:d1", "linger_reason") is None
+    assert await backend_client.hget(layout.state("d1"), "linger_reason") is None
 
 
 async def test_a_grace_disconnect_then_a_later_expiry_says_expired(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
     """After a reconnect inside the grace, the old reason must not leak into a later expiry."""
-    engine = make_engine(offline_grace=0.5, heartbeat_timeout=2)
+    engine = await make_engine(offline_grace=0.5, heartbeat_timeout=2)
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
     await end(engine, "d1", "s1", "connection_lost")
     await engine.connect("d1", "s2", "")
-    await redis_client.delete("device:heartbeat:d1")
-    async with Listener(redis_client) as listener:
+    assert await backend_client.delete(layout.heartbeat("d1")) == 1
+    async with Listener(backend_client) as listener:
         assert await engine.expire(["d1"]) == 1
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 2, "expired")]
@@ -291,30 +323,30 @@ async def test_a_grace_disconnect_then_a_later_expiry_says_expired(
 
 # --- expiry -----------------------------------------------------------------------
 async def test_expire_publishes_one_offline_when_the_heartbeat_is_gone(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1", "d2")
     await engine.connect("d1", "s1", "")
     await engine.connect("d2", "s1", "")
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         assert await engine.expire(["d1", "d2"]) == 0  # both heartbeats still exist
-        await redis_client.delete("device:heartbeat:d1")
+        assert await backend_client.delete(layout.heartbeat("d1")) == 1
         assert await engine.expire(["d1", "d2", "d1", "ghost"]) == 1
         assert await engine.expire(["d1"]) == 0
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 2, "expired")]
-    assert await redis_client.smembers("devices:online") == {b"d2"}
+    assert await members(backend_client, layout, "online") == {b"d2"}
     stats = await engine.store.stats()
     assert stats["by_type"]["t"]["online"] == 1
 
 
 async def test_note_expired_is_handled_by_the_next_flush(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    await redis_client.delete("device:heartbeat:d1")
-    async with Listener(redis_client) as listener:
+    assert await backend_client.delete(layout.heartbeat("d1")) == 1
+    async with Listener(backend_client) as listener:
         engine.note_expired("d1")
         await engine.flush()
         events = await listener.presence()
@@ -322,13 +354,13 @@ async def test_note_expired_is_handled_by_the_next_flush(
 
 
 async def test_sweep_finds_a_device_whose_heartbeat_ran_out(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
-    engine = make_engine(heartbeat_timeout=1)
+    engine = await make_engine(heartbeat_timeout=1)
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    async with Listener(redis_client) as listener:
-        await wait_until_gone(redis_client, "device:heartbeat:d1")
+    async with Listener(backend_client) as listener:
+        await wait_until_gone(backend_client, layout.heartbeat("d1"))
         went = 0
         async with asyncio.timeout(TIMEOUT):
             while not went:
@@ -338,16 +370,17 @@ async def test_sweep_finds_a_device_whose_heartbeat_ran_out(
 
 
 async def test_two_engines_expiring_the_same_devices_publish_each_once(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
-    first, second = make_engine(), make_engine()
+    first, second = await make_engine(), await make_engine()
     ids = [f"dev-{i:03d}" for i in range(200)]
     await register(first, *ids)
     for device_id in ids:
         await first.connect(device_id, "s", "")
-    await redis_client.delete(*(f"device:heartbeat:{d}" for d in ids))
+    assert await zcard(backend_client, layout, "index_online") == 200
+    assert await backend_client.delete(*(layout.heartbeat(d) for d in ids)) == 200
     shuffled = random.Random(7).sample(ids, len(ids))
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         results = await asyncio.gather(
             first.expire(ids[:120]), second.expire(shuffled), first.sweep(),
             second.sweep(), first.expire(reversed(ids)), second.expire(ids[100:]),
@@ -357,34 +390,35 @@ async def test_two_engines_expiring_the_same_devices_publish_each_once(
     assert len(events) == 200
     assert sorted(e["device_id"] for e in events) == ids
     assert {(e["status"], e["version"], e["reason"]) for e in events} == {("offline", 2, "expired")}
-    assert await redis_client.scard("devices:online") == 0
-    assert await redis_client.zcard("devices:index:online") == 0
+    assert await members(backend_client, layout, "online") == set()
+    assert await zcard(backend_client, layout, "index_online") == 0
 
 
 # --- the seed's own classes beside the engine ---------------------------------------
+@single_node  # the seed document's classes write across slots: one node only
 @pytest.mark.parametrize("seed_detector_first", [True, False])
 async def test_a_device_heartbeated_only_by_the_seed_gets_one_versioned_offline(
     make_engine: EngineFactory,
-    redis_client: aioredis.Redis,
-    redis_url: str,
+    backend_client: Client,
+    backend_url: str,
     seed: types.SimpleNamespace,
     seed_detector_first: bool,
 ) -> None:
-    engine = make_engine(heartbeat_timeout=1)
+    engine = await make_engine(heartbeat_timeout=1)
     ids = ["s1", "s2", "s3"]
-    with redis.Redis.from_url(redis_url) as sync_client:
+    with redis.Redis.from_url(backend_url) as sync_client:
         manager = seed.DeviceStateManager(sync_client)
         manager.heartbeat_timeout = 1
-        async with Listener(redis_client) as listener:
+        async with Listener(backend_client) as listener:
             for device_id in ids:
                 await asyncio.to_thread(manager.register_device, device_id, "lamp")
                 await asyncio.to_thread(manager.device_heartbeat, device_id, {"on": True})
             assert await engine.sweep() == 0  # adopted, still online
             for device_id in ids:
-                assert await redis_client.zscore("devices:index:online", device_id) == 0
+                assert await backend_client.zscore("devices:index:online", device_id) == 0
             assert (await engine.store.stats())["by_type"]["lamp"]["online"] == 3
             for device_id in ids:
-                await wait_until_gone(redis_client, f"device:heartbeat:{device_id}")
+                await wait_until_gone(backend_client, f"device:heartbeat:{device_id}")
             if seed_detector_first:
                 found = await asyncio.to_thread(
                     seed.OfflineDetector(sync_client).check_for_offline_devices
@@ -404,15 +438,16 @@ async def test_a_device_heartbeated_only_by_the_seed_gets_one_versioned_offline(
         assert device.status == "offline" and device.reported_state == {"on": True}
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_connect_of_a_seed_online_device_publishes_nothing(
-    engine: PresenceEngine, redis_client: aioredis.Redis, redis_url: str,
+    engine: PresenceEngine, backend_client: Client, backend_url: str,
     seed: types.SimpleNamespace,
 ) -> None:  # fmt: skip
-    with redis.Redis.from_url(redis_url) as sync_client:
+    with redis.Redis.from_url(backend_url) as sync_client:
         manager = seed.DeviceStateManager(sync_client)
         await asyncio.to_thread(manager.register_device, "s1", "lamp")
         await asyncio.to_thread(manager.device_heartbeat, "s1")
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         welcome = await engine.connect("s1", "g1", "")
         assert welcome is not None and welcome.reason == ""
         assert await listener.drain() == []
@@ -422,13 +457,14 @@ async def test_connect_of_a_seed_online_device_publishes_nothing(
 
 # --- heartbeat batches ------------------------------------------------------------
 async def test_heartbeat_writes_reported_and_versions_only_changes(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    first_seen = float(await redis_client.hget("device:state:d1", "last_seen") or 0)
+    first_seen = float(await backend_client.hget(layout.state("d1"), "last_seen") or 0)
+    assert first_seen > 0
     await asyncio.sleep(0.01)
-    async with Listener(redis_client) as listener:
+    async with Listener(backend_client) as listener:
         assert await beat(engine, "d1", "s1", {"t": 20}) == 1
         assert await beat(engine, "d1", "s1", {"t": 20}) == 1
         assert await beat(engine, "d1", "s1") == 0  # no document: nothing of the shadow written
@@ -437,10 +473,11 @@ async def test_heartbeat_writes_reported_and_versions_only_changes(
     device = await engine.store.require("d1")
     assert (device.reported_state, device.version, device.status) == ({"t": 21}, 2, "online")
     assert device.last_seen > first_seen
-    # the index trails the latest frame by at most a step; reads refine it from the TTL
-    indexed = await redis_client.zscore("devices:online:seen", "d1")
+    # the index trails the latest frame by under a second; reads refine it from the TTL
+    indexed = await backend_client.zscore(layout.of("d1").online_seen, "d1")
     assert first_seen <= indexed <= device.last_seen <= indexed + INDEX_STEP + 1
-    history = [orjson.loads(raw) for raw in await redis_client.lrange("device:history:d1", 0, -1)]
+    rows = await backend_client.lrange(layout.history("d1"), 0, -1)
+    history = [orjson.loads(raw) for raw in rows]
     assert [(e["type"], e.get("version")) for e in history if e["type"] == "state"] == [
         ("state", 2), ("state", 1),
     ]  # fmt: skip
@@ -458,28 +495,29 @@ async def test_latest_report_of_a_tick_wins_and_every_ack_settles(
 
 
 async def test_heartbeat_after_a_detected_lapse_resumes(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    await redis_client.delete("device:heartbeat:d1")
-    async with Listener(redis_client) as listener:
+    assert await backend_client.delete(layout.heartbeat("d1")) == 1
+    async with Listener(backend_client) as listener:
         assert await engine.expire(["d1"]) == 1
         waiter = engine.beat("d1", "s1", ack=True)
         await engine.flush()
         assert waiter is not None and await waiter == 0
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 2, "expired"), ("d1", "online", 3, "resumed")]
-    assert await redis_client.exists("device:heartbeat:d1")
-    assert await redis_client.sismember("devices:online", "d1")
-    assert await redis_client.zscore("devices:index:online", "d1") == 0
+    part = layout.of("d1")
+    assert await backend_client.exists(layout.heartbeat("d1"))
+    assert await backend_client.sismember(part.online, "d1") == layout.seed_sets
+    assert await backend_client.zscore(part.index_online, "d1") == 0
     assert (await engine.store.stats())["by_type"]["t"]["online"] == 1
 
 
 async def test_resumed_code_is_reported_to_the_batcher(engine: PresenceEngine) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    await engine.redis.delete("device:heartbeat:d1")
+    assert await engine.redis.delete(engine.keys.heartbeat("d1")) == 1
     await engine.expire(["d1"])
     before = engine.metrics.transitions.labels("online", "resumed")._value.get()
     await beat(engine, "d1", "s1")
@@ -488,14 +526,14 @@ async def test_resumed_code_is_reported_to_the_batcher(engine: PresenceEngine) -
 
 
 async def test_heartbeat_racing_an_undetected_lapse_publishes_no_second_online(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     """A beat and the expiry in one tick: beats are written first, so the lapse was never
     announced offline; announcing `online` again would be a transition published twice."""
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    await redis_client.delete("device:heartbeat:d1")
-    async with Listener(redis_client) as listener:
+    assert await backend_client.delete(layout.heartbeat("d1")) == 1
+    async with Listener(backend_client) as listener:
         engine.beat("d1", "s1")
         engine.note_expired("d1")
         await engine.flush()
@@ -504,18 +542,19 @@ async def test_heartbeat_racing_an_undetected_lapse_publishes_no_second_online(
 
 
 async def test_connect_after_an_undetected_lapse_replaces_the_old_session(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await register(engine, "d1")
     await engine.connect("d1", "old", "")
-    await redis_client.delete("device:heartbeat:d1")
-    async with Listener(redis_client) as listener:
+    assert await backend_client.delete(layout.heartbeat("d1")) == 1
+    async with Listener(backend_client) as listener:
         welcome = await engine.connect("d1", "new", "")
         messages = await listener.drain()
     assert welcome is not None
-    kicks = [body for channel, body in messages if channel == CONTROL]
+    part = layout.of("d1")
+    kicks = [body for channel, body in messages if channel == part.control_channel]
     assert [k["session"] for k in kicks] == ["old"]
-    presence = [body for channel, body in messages if channel == PRESENCE]
+    presence = [body for channel, body in messages if channel == part.presence_channel]
     assert brief(presence) == [("d1", "online", 2, "replaced")]
 
 
@@ -527,17 +566,23 @@ async def notify_flags(client: aioredis.Redis) -> str:
 
 
 async def test_enable_notifications_keeps_existing_flags(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client
 ) -> None:
-    for start in ("Kg", "", "Ex", "KA"):
-        await redis_client.config_set("notify-keyspace-events", start)
-        assert await engine.enable_notifications() is True
-        flags = await notify_flags(redis_client)
-        assert set(start) <= set(flags.replace("A", "g$lshzxetd") + "A"), (start, flags)
-        assert "E" in flags and ("x" in flags or "A" in flags), (start, flags)
-    await redis_client.config_set("notify-keyspace-events", "Kg")
-    await engine.enable_notifications()
-    assert set("KgEx") <= set(await notify_flags(redis_client))
+    """On every primary of a cluster: notifications are per node."""
+    async with primaries(backend_client) as nodes:
+        for start in ("Kg", "", "Ex", "KA"):
+            for node in nodes:
+                await node.config_set("notify-keyspace-events", start)
+            assert await engine.enable_notifications() is True
+            for node in nodes:
+                flags = await notify_flags(node)
+                assert set(start) <= set(flags.replace("A", "g$lshzxetd") + "A"), (start, flags)
+                assert "E" in flags and ("x" in flags or "A" in flags), (start, flags)
+        for node in nodes:
+            await node.config_set("notify-keyspace-events", "Kg")
+        await engine.enable_notifications()
+        for node in nodes:
+            assert set("KgEx") <= set(await notify_flags(node))
 
 
 async def test_enable_notifications_returns_false_when_config_is_forbidden(
@@ -562,13 +607,13 @@ async def test_enable_notifications_returns_false_when_config_is_forbidden(
 
 # --- the loops ----------------------------------------------------------------------
 async def test_run_flushes_beats_and_sweeps_offline(
-    make_engine: EngineFactory, redis_client: aioredis.Redis
+    make_engine: EngineFactory, backend_client: Client, layout: Keys
 ) -> None:
-    engine = make_engine(heartbeat_timeout=1, sweep_interval=0.1)
+    engine = await make_engine(heartbeat_timeout=1, sweep_interval=0.1)
     await register(engine, "d1")
     task = asyncio.create_task(engine.run())
     try:
-        async with Listener(redis_client) as listener:
+        async with Listener(backend_client) as listener:
             await engine.connect("d1", "s1", "")
             started = time.monotonic()
             for n in range(3):
@@ -578,12 +623,12 @@ async def test_run_flushes_beats_and_sweeps_offline(
                 await asyncio.sleep(0.3)
             # beats for longer than one timeout kept it online
             assert time.monotonic() - started > 0.9
-            assert await redis_client.exists("device:heartbeat:d1")
+            assert await backend_client.exists(layout.heartbeat("d1"))
             first = await listener.next()
             assert first[1]["status"] == "online"
             second = await listener.next()  # silence: the sweep loop takes it offline
             assert (second[0], second[1]["status"], second[1]["reason"]) == (
-                PRESENCE, "offline", "expired",
+                layout.of("d1").presence_channel, "offline", "expired",
             )  # fmt: skip
             ended = engine.end("d1", "s1", "closed")
             assert await asyncio.wait_for(ended, TIMEOUT) == 0  # already offline
@@ -592,29 +637,30 @@ async def test_run_flushes_beats_and_sweeps_offline(
         await cancel_and_wait(task)
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_a_renewed_lapse_puts_the_device_back_in_the_seeds_online_set(
-    engine: PresenceEngine, redis_client: aioredis.Redis, redis_url: str,
+    engine: PresenceEngine, backend_client: Client, backend_url: str,
     seed: types.SimpleNamespace,
 ) -> None:  # fmt: skip
     """The seed's detector may remove a lapsed device from `devices:online` before our beat
     renews it; the seed's readers (BulkStateQuery) must then see it online again."""
     await register(engine, "d1")
     await engine.connect("d1", "s1", "")
-    await redis_client.delete("device:heartbeat:d1")
-    with redis.Redis.from_url(redis_url) as sync_client:
+    await backend_client.delete("device:heartbeat:d1")
+    with redis.Redis.from_url(backend_url) as sync_client:
         found = await asyncio.to_thread(seed.OfflineDetector(sync_client).check_for_offline_devices)
         assert found == ["d1"]
         await beat(engine, "d1", "s1")
         online = await asyncio.to_thread(
             seed.BulkStateQuery(sync_client).get_devices_by_status, seed.DeviceStatus.ONLINE
         )
-    assert await redis_client.exists("device:heartbeat:d1")
+    assert await backend_client.exists("device:heartbeat:d1")
     assert online == ["d1"]
-    assert await redis_client.hget("device:state:d1", "status") == b"online"
+    assert await backend_client.hget("device:state:d1", "status") == b"online"
 
 
 async def test_frames_that_arrive_while_a_tick_is_written_land_before_the_session_ends(
-    engine: PresenceEngine, redis_client: aioredis.Redis
+    engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     """A device's last frames and its close arrive while the previous tick is in flight: the
     close must not overtake them (it would clear the session the frames still need)."""
@@ -628,5 +674,5 @@ async def test_frames_that_arrive_while_a_tick_is_written_land_before_the_sessio
     await in_flight
     await engine.flush()
     assert await ended == 1
-    stored = await redis_client.hget("device:state:d1", "reported_state")
+    stored = await backend_client.hget(layout.state("d1"), "reported_state")
     assert orjson.loads(stored or b"{}") == {"seq": 2}

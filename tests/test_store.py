@@ -18,10 +18,12 @@ import orjson
 import pytest
 import redis
 import redis.asyncio as aioredis
+from backends import Client, all_keys, dbsize, single_node
 from presence_feed import Listener
 
 from gateway.config import Settings
 from gateway.errors import DeviceExists, DeviceNotFound, GatewayError
+from gateway.keys import Keys
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.shadow import BadKey, VersionConflict
@@ -31,46 +33,50 @@ TIMEOUT = 10.0  # the one generous bound every wait here is a multiple of
 
 
 @pytest.fixture
-def settings(redis_url: str) -> Settings:
-    return Settings(redis_url=redis_url, heartbeat_timeout=5)
+def settings(backend_url: str) -> Settings:
+    return Settings(redis_url=backend_url, heartbeat_timeout=5)
 
 
 @pytest.fixture
-def store(redis_client: aioredis.Redis, settings: Settings) -> Store:
-    return Store(redis_client, settings)
+def store(backend_client: Client, settings: Settings, layout: Keys) -> Store:
+    return Store(backend_client, settings, layout)
 
 
 @pytest.fixture
 async def engine(
-    redis_client: aioredis.Redis, store: Store, settings: Settings
+    backend_client: Client, store: Store, settings: Settings
 ) -> AsyncIterator[PresenceEngine]:
-    yield PresenceEngine(redis_client, store, settings, Metrics(), on_stale=lambda *_: None)
+    yield PresenceEngine(backend_client, store, settings, Metrics(), on_stale=lambda *_: None)
 
 
 @pytest.fixture
-def sync_client(redis_url: str) -> Any:
-    with redis.Redis.from_url(redis_url) as client:
+def sync_client(backend_url: str) -> Any:
+    """A blocking client for the seed document's classes (single node only)."""
+    with redis.Redis.from_url(backend_url) as client:
         yield client
 
 
 # --- registry ----------------------------------------------------------------
 async def test_register_returns_a_token_and_stores_only_its_hash(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, backend_client: Client, layout: Keys
 ) -> None:
     device, token = await store.register("d1", "thermo", {"room": "kitchen"})
     assert len(token) >= 40
     assert device.device_id == "d1" and device.device_type == "thermo"
     assert device.metadata == {"room": "kitchen"}
     assert (device.status, device.version, device.presence_version) == ("offline", 0, 0)
-    stored = await redis_client.hgetall("device:state:d1")
+    stored = await backend_client.hgetall(layout.state("d1"))
     assert stored[b"token_hash"] == hashlib.sha256(token.encode()).hexdigest().encode()
     assert all(token.encode() not in value for value in stored.values())
     # the seed's fields, in the seed's format
     for field in (b"registered_at", b"status", b"last_seen", b"reported_state", b"desired_state"):
         assert field in stored
     assert orjson.loads(stored[b"desired_state"]) == {}
-    assert await redis_client.sismember("devices:registered", "d1")
-    assert await redis_client.sismember("devices:type:thermo", "d1")
+    # the seed document's sets: on single-node layouts only
+    part = layout.of("d1")
+    assert await backend_client.sismember(part.registered, "d1") == layout.seed_sets
+    assert await backend_client.sismember(part.type_set("thermo"), "d1") == layout.seed_sets
+    assert await backend_client.zscore(part.index, "d1") == 0
     assert await store.check_token("d1", token) == (True, stored[b"token_hash"].decode())
     assert await store.check_token("d1", "wrong") == (True, None)
     assert await store.check_token("nobody", token) == (False, None)
@@ -85,6 +91,7 @@ async def test_register_twice_is_refused(store: Store) -> None:
     assert await store.check_token("d1", token) == (True, token_hash)
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_register_refuses_an_id_the_seed_registered(
     store: Store, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
@@ -101,20 +108,21 @@ async def test_register_refuses_an_id_the_seed_registered(
      ("x" * 129, "t", "invalid-device-id"), ("ok", "t t", "invalid-device-type")],
 )  # fmt: skip
 async def test_register_refuses_bad_names_before_writing(
-    store: Store, redis_client: aioredis.Redis, device_id: str, device_type: str, kind: str
+    store: Store, backend_client: Client, device_id: str, device_type: str, kind: str
 ) -> None:
     with pytest.raises(GatewayError) as caught:
         await store.register(device_id, device_type, {})
     assert caught.value.problem == kind
-    assert await redis_client.dbsize() == 0
+    assert await dbsize(backend_client) == 0
 
 
-async def test_register_validates_metadata(store: Store, redis_client: aioredis.Redis) -> None:
+async def test_register_validates_metadata(store: Store, backend_client: Client) -> None:
     with pytest.raises(BadKey):
         await store.register("d1", "t", {"": 1})
-    assert await redis_client.dbsize() == 0
+    assert await dbsize(backend_client) == 0
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_get_reads_a_seed_device(
     store: Store, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
@@ -133,26 +141,37 @@ async def test_get_reads_a_seed_device(
 
 
 async def test_delete_removes_every_key_and_index_entry(
-    store: Store, engine: PresenceEngine, redis_client: aioredis.Redis
+    store: Store, engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await store.register("keep", "thermo", {})
     await store.register("d1", "solo", {})
     await store.patch_section("d1", "desired", {"a": 1})
     await engine.connect("d1", "s1", "")
-    before = {bytes(key).decode() for key in await redis_client.keys("*")}
+    part = layout.of("d1")
+    zsets = (part.index, part.index_online, part.online_seen)
+    # the seed document's sets are kept on single-node layouts only
+    plain_sets = (part.registered, part.online, part.type_set("solo")) if layout.seed_sets else ()
+    for zset in zsets:  # the names are right: each held the device before
+        assert await backend_client.zscore(zset, "d1") is not None, zset
+    for plain_set in plain_sets:
+        assert await backend_client.sismember(plain_set, "d1"), plain_set
+    assert await backend_client.sismember(part.types, "solo")
+    assert await backend_client.hget(part.online_by_type, "solo") == b"1"
+    before = await all_keys(backend_client)
     await store.delete("d1")
-    after = {bytes(key).decode() for key in await redis_client.keys("*")}
+    after = await all_keys(backend_client)
+    assert {k for k in before if "d1" in k} == {
+        layout.state("d1"), layout.heartbeat("d1"), layout.history("d1"),
+    }  # fmt: skip
     assert {k for k in after if "d1" in k} == set()
-    for zset in (
-        "devices:index", "devices:offline:seen", "devices:index:online", "devices:online:seen"
-    ):  # fmt: skip
-        assert await redis_client.zscore(zset, "d1") is None, zset
-    for plain_set in ("devices:registered", "devices:online", "devices:type:solo"):
-        assert not await redis_client.sismember(plain_set, "d1"), plain_set
-    assert not await redis_client.sismember("devices:types", "solo")
-    assert await redis_client.hget("devices:stats:online_by_type", "solo") is None
-    assert "devices:index:type:solo" in before and "devices:index:type:solo" not in after
-    assert await redis_client.hget("devices:presence:retired", "d1") == b"2"
+    for zset in (*zsets, part.offline_seen):
+        assert await backend_client.zscore(zset, "d1") is None, zset
+    for plain_set in plain_sets:
+        assert not await backend_client.sismember(plain_set, "d1"), plain_set
+    assert not await backend_client.sismember(part.types, "solo")
+    assert await backend_client.hget(part.online_by_type, "solo") is None
+    assert part.index_type("solo") in before and part.index_type("solo") not in after
+    assert await backend_client.hget(part.retired_versions, "d1") == b"2"
     assert await store.get("d1") is None
     assert (await store.require("keep")).device_id == "keep"
     stats = await store.stats()
@@ -166,7 +185,7 @@ async def test_delete_unknown_device_is_not_found(store: Store) -> None:
 
 
 async def test_presence_version_survives_delete_and_re_register(
-    store: Store, engine: PresenceEngine, redis_client: aioredis.Redis
+    store: Store, engine: PresenceEngine, backend_client: Client, layout: Keys
 ) -> None:
     await store.register("d1", "t", {})
     welcome = await engine.connect("d1", "s1", "")
@@ -174,14 +193,14 @@ async def test_presence_version_survives_delete_and_re_register(
     await store.delete("d1")  # offline (deleted): version 2
     device, _ = await store.register("d1", "t", {})
     assert device.presence_version == 2
-    assert await redis_client.hget("devices:presence:retired", "d1") is None
+    assert await backend_client.hget(layout.of("d1").retired_versions, "d1") is None
     welcome = await engine.connect("d1", "s2", "")
     assert welcome is not None and welcome.presence_version == 3
 
 
 # --- shadow writes -------------------------------------------------------------
 async def test_patch_section_merges_and_versions_only_on_change(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, backend_client: Client, layout: Keys
 ) -> None:
     await store.register("d1", "t", {})
     assert await store.patch_section("d1", "desired", {"l": {"on": True, "lvl": 3}}) == (
@@ -212,7 +231,7 @@ async def test_patch_section_merges_and_versions_only_on_change(
         "l": {"on": {"desired": True, "reported": False}},
         "x": {"desired": [1], "reported": None},
     }
-    history = await redis_client.llen("device:history:d1")
+    history = await backend_client.llen(layout.history("d1"))
     assert history == 4  # three state changes and one metadata change
 
 
@@ -285,10 +304,11 @@ class InterleavingRedis(aioredis.Redis):
         return result
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_seed_write_between_our_read_and_write_is_not_lost(
-    redis_url: str, settings: Settings, seed: types.SimpleNamespace, sync_client: Any
+    backend_url: str, settings: Settings, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
-    client = InterleavingRedis.from_url(redis_url)
+    client = InterleavingRedis.from_url(backend_url)
     assert isinstance(client, InterleavingRedis)
     try:
         store = Store(client, settings)
@@ -304,8 +324,9 @@ async def test_seed_write_between_our_read_and_write_is_not_lost(
         await client.aclose()
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_seed_and_gateway_writing_concurrently_lose_no_seed_write(
-    store: Store, seed: types.SimpleNamespace, redis_url: str
+    store: Store, seed: types.SimpleNamespace, backend_url: str
 ) -> None:
     """Threads of seed writes race our patches; every seed write must survive ours.
 
@@ -316,7 +337,7 @@ async def test_seed_and_gateway_writing_concurrently_lose_no_seed_write(
     start = threading.Barrier(2)
 
     def seed_writer() -> None:
-        with redis.Redis.from_url(redis_url) as client:
+        with redis.Redis.from_url(backend_url) as client:
             manager = seed.DeviceStateManager(client)
             start.wait(TIMEOUT)
             for i in range(rounds):
@@ -334,15 +355,16 @@ async def test_seed_and_gateway_writing_concurrently_lose_no_seed_write(
 
 
 async def test_a_desired_change_is_published_to_the_device(
-    store: Store, redis_client: aioredis.Redis
+    store: Store, backend_client: Client, layout: Keys
 ) -> None:
     await store.register("d1", "t", {})
-    async with Listener(redis_client, "device:d1:commands") as listener:
+    async with Listener(backend_client, layout.commands("d1")) as listener:
         await store.patch_section("d1", "desired", {"a": 1})
         await store.patch_section("d1", "desired", {"a": 1})  # unchanged: nothing published
         await store.patch_section("d1", "reported", {"a": 2})  # not a command
         await store.patch_section("d1", "desired", {"b": {"c": True}})
         messages = await listener.drain()
+    assert {channel for channel, _ in messages} == {layout.commands("d1")}
     bodies = [body for _, body in messages]
     assert [b["type"] for b in bodies] == ["state_update", "state_update"]
     assert [b["version"] for b in bodies] == [1, 3]
@@ -351,6 +373,7 @@ async def test_a_desired_change_is_published_to_the_device(
     assert all(isinstance(b["timestamp"], float) for b in bodies)
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_a_semantically_unchanged_patch_of_a_seed_document_is_no_change(
     store: Store, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
@@ -374,7 +397,15 @@ async def walk(store: Store, limit: int, **query: Any) -> list[str]:
     raise AssertionError("the cursor walk never ended")
 
 
-async def test_pages_return_every_device_exactly_once(store: Store, engine: PresenceEngine) -> None:
+def page_order(ids: set[str], layout: Keys) -> list[str]:
+    """How a walk lists devices: by partition, then by id within each (one partition on one
+    node: by id)."""
+    return sorted(ids, key=lambda device_id: (layout.partition(device_id), device_id))
+
+
+async def test_pages_return_every_device_exactly_once(
+    store: Store, engine: PresenceEngine, layout: Keys
+) -> None:
     everyone = {f"dev-{i:03d}" for i in range(37)}
     online = {f"dev-{i:03d}" for i in range(0, 37, 3)}
     kinds = {device_id: "even" if int(device_id[-3:]) % 2 == 0 else "odd" for device_id in everyone}
@@ -395,7 +426,7 @@ async def test_pages_return_every_device_exactly_once(store: Store, engine: Pres
     for query, expected in cases:
         for limit in (1, 7, 1000):
             ids = await walk(store, limit, **query)
-            assert sorted(ids) == sorted(expected), (query, limit)
+            assert ids == page_order(expected, layout), (query, limit)
     page = await store.page(limit=5, include_state=True)
     assert {"reported_state", "desired_state", "metadata", "status"} <= set(page.items[0])
     statuses = {item["device_id"]: item["status"] for item in (await store.page(limit=100)).items}
@@ -408,6 +439,7 @@ async def test_page_refuses_bad_arguments(store: Store) -> None:
             await store.page(**kwargs)
 
 
+@single_node  # the seed document's classes write across slots: one node only
 async def test_page_includes_seed_devices_once_adopted(
     store: Store, engine: PresenceEngine, seed: types.SimpleNamespace, sync_client: Any
 ) -> None:
