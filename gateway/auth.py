@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import enum
 import hashlib
 import hmac
@@ -25,12 +26,22 @@ def hash_token(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
+def hash_device_token(token: str) -> str:
+    """A device token's hash as its device hash keeps it: the first 128 bits of its SHA-256,
+    base64url (22 characters, a third of the hex digest: one of a million device hashes).
+    Finding a token for it still takes 2^128 tries."""
+    digest = hashlib.sha256(token.encode()).digest()[:16]
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
 def token_matches(stored_hash: str | bytes | None, token: str) -> bool:
-    """Constant-time check of *token* against a stored hash; no hash means no token works."""
+    """Constant-time check of *token* against a stored device token hash (either form: the
+    whole hex SHA-256 of earlier builds is still read); no hash means no token works."""
     if not stored_hash:
         return False
     expected = stored_hash.decode() if isinstance(stored_hash, bytes) else stored_hash
-    return hmac.compare_digest(hash_token(token), expected)
+    found = hash_token(token) if len(expected) == 64 else hash_device_token(token)
+    return hmac.compare_digest(found, expected)
 
 
 @dataclass(frozen=True)

@@ -153,6 +153,15 @@ class EventLog:
         entry = _text(entry_id)
         return entry if self.partitions == 1 else f"{partition}:{entry}"
 
+    def entry_of(self, event_id: str) -> StreamId:
+        """The stream id an `event_id` names (its partition prefix, on a cluster, dropped);
+        InvalidCursor for anything else."""
+        if self.partitions > 1:
+            partition, _, event_id = event_id.partition(":")
+            if not partition.isdigit() or int(partition) >= self.partitions:
+                raise InvalidCursor(f"not an event id: {event_id[:48]!r}")
+        return parse_id(event_id)
+
     def decode(self, value: str) -> Position:
         return Position.decode(value, self.partitions)
 

@@ -269,7 +269,8 @@ def written_elsewhere(raw: bytes | str | None, known_hash: str | None, stamped: 
     it holds anything.
     """
     if known_hash is not None:
-        return section_hash(raw) != known_hash
+        # stored as the hash's first 16 hex digits (whole, before: still read)
+        return len(known_hash) < 16 or not section_hash(raw).startswith(known_hash)
     return not stamped and bool(decode_document(raw))
 
 

@@ -25,12 +25,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from gateway import shadow
-from gateway.auth import hash_token, new_secret, token_matches
+from gateway.auth import hash_device_token, new_secret, token_matches
 from gateway.config import Settings
 from gateway.errors import (
     Contention,
     DeviceExists,
     DeviceNotFound,
+    InvalidCursor,
     InvalidDeviceId,
     InvalidDeviceType,
 )
@@ -54,8 +55,8 @@ OWN_FIELDS = (
 
 
 def now_text(now: float | None = None) -> str:
-    """Epoch seconds as the Python classes write them: a decimal string."""
-    return f"{time.time() if now is None else now:.6f}"
+    """Epoch seconds as the Python classes write them: a decimal string (to the ms)."""
+    return f"{time.time() if now is None else now:.3f}"
 
 
 def _float(value: bytes | str | None) -> float:
@@ -194,7 +195,9 @@ class Store:
             )
         encoded = shadow.check_size(shadow.validate_patch(metadata, self.limits), self.limits)
         token = new_secret()
-        call = self.register_call(device_id, device_type, encoded, hash_token(token), time.time())
+        call = self.register_call(
+            device_id, device_type, encoded, hash_device_token(token), time.time()
+        )
         created = await call.script(self.redis, call.keys, call.args)
         if not created:
             raise DeviceExists(device_id)
@@ -303,7 +306,7 @@ class Store:
         done = await self.scripts.rotate_token(
             self.redis,
             [self.keys.state(device_id), self.keys.of(device_id).control_channel],
-            [device_id, hash_token(token)],
+            [device_id, hash_device_token(token)],
         )
         if not done:
             raise DeviceNotFound(device_id)
@@ -471,7 +474,7 @@ class Store:
     async def history(
         self, device_id: str, limit: int, before: str | None
     ) -> tuple[list[dict[str, Any]], str | None]:
-        """Newest first; *before* is the id to continue below.
+        """Newest first; *before* is the event id to continue below.
 
         The history is a list, newest first, bounded by GATEWAY_HISTORY_MAXLEN; a page after
         *before* reads from the start in windows until it passes *before*: bounded by that
@@ -479,15 +482,18 @@ class Store:
         """
         await self.require(device_id)
         key = self.keys.history(device_id)
-        after = parse_id(before) if before is not None else None
+        after = self.events.entry_of(before) if before is not None else None
+        partition = self.keys.partition(device_id)
         items: list[dict[str, Any]] = []
         start = 0
         window = max(limit, HISTORY_WINDOW)
         while len(items) < limit and start < self.settings.history_maxlen:
             rows = cast(list[bytes], await self.redis.lrange(key, start, start + window - 1))
-            for raw in rows:
+            for raw in rows[: self.settings.history_maxlen - start]:
                 event = _history_event(raw, device_id)
-                if after is None or parse_id(str(event.get("id", "0"))) < after:
+                entry = parse_id(event["id"])
+                if after is None or entry < after:
+                    event["id"] = self.events.event_id(partition, event["id"])
                     items.append(event)
                     if len(items) == limit:
                         break
@@ -606,10 +612,29 @@ def _event(event_id: str, body: dict[bytes, bytes]) -> dict[str, Any]:
     return dict(event)
 
 
+SECTIONS = {"r": "reported", "d": "desired", "m": "metadata"}
+
+
 def _history_event(raw: bytes, device_id: str) -> dict[str, Any]:
-    """A history entry as the API shows it: the device id its key implies put back."""
-    event = orjson.loads(raw)
-    if not isinstance(event, dict):
-        return {"id": "0-0", "device_id": device_id}
-    return {"id": event.pop("id", "0-0"), "type": event.pop("type", ""), "device_id": device_id,
-            **event}  # fmt: skip
+    """A history entry as the API shows it, spelt out from the compact array the scripts push
+    (`record` in _lib.lua): `[log id, "p", status, version, reason]`,
+    `[log id, "s", section letter, version, state, external?]` or `[log id, "m", metadata]`.
+    The device id is its key's; the time is its log id's (Redis's clock at the write)."""
+    try:
+        entry = orjson.loads(raw)
+        event_id, kind, *rest = entry
+        event: dict[str, Any] = {"id": event_id, "type": "", "device_id": device_id,
+                                 "timestamp": parse_id(event_id)[0] / 1000}  # fmt: skip
+        if kind == "p":
+            status, version, reason = rest
+            event |= {"type": "presence", "status": status, "version": version, "reason": reason}
+        elif kind == "s":
+            section, version, state, *external = rest
+            event |= {"type": "state", "section": SECTIONS[section], "version": version,
+                      "state": state} | ({"external": True} if external else {})  # fmt: skip
+        else:
+            (metadata,) = rest
+            event |= {"type": "metadata", "metadata": metadata}
+        return event
+    except (orjson.JSONDecodeError, TypeError, ValueError, KeyError, AttributeError, InvalidCursor):
+        return {"id": "0-0", "type": "unreadable", "device_id": device_id}

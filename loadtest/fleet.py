@@ -40,7 +40,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway import shadow
-from gateway.auth import hash_token
+from gateway.auth import hash_device_token
 from gateway.config import Settings
 from gateway.embedded import find_free_port, valkey_executable
 from gateway.keys import Keys
@@ -389,7 +389,10 @@ def load_fleet(
             ident, kind, now = device_id(index), device_type(index), time.time()
             metadata = orjson.dumps({"site": f"site-{index % 100}"})
             send(
-                pipe, store.register_call(ident, kind, metadata, hash_token(f"token-{ident}"), now)
+                pipe,
+                store.register_call(
+                    ident, kind, metadata, hash_device_token(f"token-{ident}"), now
+                ),
             )
             if state_writes == "none":
                 return
@@ -413,7 +416,10 @@ def load_fleet(
                 ("desired", desired_state(index)),
             )
             for section, state in sections:
-                call, _ = store.section_call(ident, section, None, None, None, state, now)
+                # against the empty sections register.lua just wrote
+                call, _ = store.section_call(
+                    ident, section, b"{}", b"{}", EMPTY_SHA1[:16], state, now
+                )
                 send(pipe, call)
 
         ttl_ms = int(online_ttl * 1000)
@@ -432,6 +438,10 @@ def load_fleet(
             concurrency,
         )
         registered = sum(1 for reply in replies[::per_device] if reply == 1)
+        if state_writes == "script":
+            refused = [r for i, r in enumerate(replies) if i % per_device and int(r[0]) != 1]
+            if refused:
+                raise RuntimeError(f"{len(refused)} state writes refused, e.g. {refused[0]!r}")
         register_seconds = time.perf_counter() - started
         if not quiet:
             print(f"  registered {registered:,} devices in {register_seconds:.1f} s", flush=True)

@@ -158,13 +158,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             asyncio.run(cluster.start())
             try:
                 found = asyncio.run(measure(cluster.url, args.devices, args.online_fraction))
-                url = cluster.url
+                # the result names the server by one of its nodes, read while it runs
+                node_url = f"redis://{cluster.nodes[0].address}/0"
+                return report(args, argv, started_at, found, node_url)
             finally:
                 asyncio.run(cluster.stop())
-    else:
-        with fleet.PrivateRedis() as server:
-            found = asyncio.run(measure(server.url, args.devices, args.online_fraction, bulk=True))
-            url = server.url
+    with fleet.PrivateRedis() as server:
+        found = asyncio.run(measure(server.url, args.devices, args.online_fraction, bulk=True))
+        return report(args, argv, started_at, found, server.url)
+
+
+def report(
+    args: argparse.Namespace,
+    argv: list[str] | None,
+    started_at: str,
+    found: dict[str, Any],
+    url: str,
+) -> dict[str, Any]:
     metrics = {"bytes_per_device": round(found["bytes_per_device"], 1)}
     metrics |= {f"bytes_per_device_{k}".replace(" ", "_"): round(v, 1)
                 for k, v in found["breakdown"].items()}  # fmt: skip

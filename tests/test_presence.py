@@ -477,9 +477,9 @@ async def test_heartbeat_writes_reported_and_versions_only_changes(
     indexed = await backend_client.zscore(layout.of("d1").online_seen, "d1")
     assert first_seen <= indexed <= device.last_seen <= indexed + INDEX_STEP + 1
     rows = await backend_client.lrange(layout.history("d1"), 0, -1)
-    history = [orjson.loads(raw) for raw in rows]
-    assert [(e["type"], e.get("version")) for e in history if e["type"] == "state"] == [
-        ("state", 2), ("state", 1),
+    history = [orjson.loads(raw) for raw in rows]  # compact: [log id, kind, section, version, …]
+    assert [(e[1], e[2], e[3], e[4]) for e in history if e[1] == "s"] == [
+        ("s", "r", 2, {"t": 21}), ("s", "r", 1, {"t": 20}),
     ]  # fmt: skip
 
 

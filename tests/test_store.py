@@ -8,7 +8,6 @@ test itself, so "exactly one" is decided by ordering, never by waiting.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import threading
 import types
 from collections.abc import AsyncIterator, Callable
@@ -21,6 +20,7 @@ import redis.asyncio as aioredis
 from backends import Client, all_keys, dbsize, single_node
 from presence_feed import Listener
 
+from gateway.auth import hash_device_token
 from gateway.config import Settings
 from gateway.errors import DeviceExists, DeviceNotFound, GatewayError
 from gateway.keys import Keys
@@ -66,7 +66,7 @@ async def test_register_returns_a_token_and_stores_only_its_hash(
     assert device.metadata == {"room": "kitchen"}
     assert (device.status, device.version, device.presence_version) == ("offline", 0, 0)
     stored = await backend_client.hgetall(layout.state("d1"))
-    assert stored[b"token_hash"] == hashlib.sha256(token.encode()).hexdigest().encode()
+    assert stored[b"token_hash"] == hash_device_token(token).encode()
     assert all(token.encode() not in value for value in stored.values())
     # the seed's fields, in the seed's format
     for field in (b"registered_at", b"status", b"last_seen", b"reported_state", b"desired_state"):
@@ -87,8 +87,7 @@ async def test_register_twice_is_refused(store: Store) -> None:
     with pytest.raises(DeviceExists) as caught:
         await store.register("d1", "other", {})
     assert caught.value.problem == "device-exists"
-    token_hash = hashlib.sha256(token.encode()).hexdigest()
-    assert await store.check_token("d1", token) == (True, token_hash)
+    assert await store.check_token("d1", token) == (True, hash_device_token(token))
 
 
 @single_node  # the seed document's classes write across slots: one node only

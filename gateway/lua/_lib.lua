@@ -21,6 +21,12 @@ local function time_of(stored)
   return value
 end
 
+-- `desired_sha` as stored: the first 64 bits of the SHA-1 (hex) tell a foreign write apart,
+-- in a quarter of the bytes.
+local function short_sha(hex)
+  return string.sub(hex, 1, 16)
+end
+
 -- The id member(s) of an event: the Node.js classes read `deviceId`.
 local function id_json(id)
   if NODE_EVENTS then
@@ -32,11 +38,13 @@ end
 -- Record an event: appended to the partition's fleet log (a bounded stream), and, when a
 -- history key is given, pushed on the device's history (a list, newest first, bounded by
 -- *history_cap*, a number: trimmed back to it once it is an eighth over, so a push costs no
--- trim). The history entry carries the log's id and leaves out the device id (its key says
--- it): lean. *rest* is the event's members after its type and device id, each with its
--- leading comma. A batch passes no *events_maxlen* and trims the log once at its end.
+-- trim). *rest* is the log event's members after its type and device id, each with its
+-- leading comma; *tail* the same event for the history, as the rest of a compact array
+-- `[log id, kind letter, ...]` (store.py spells it out again; its key names the device and
+-- its log id the time). A batch passes no *events_maxlen* and trims the log once at its end.
 -- Returns the log's id.
-local function record(history_key, events_key, history_cap, events_maxlen, kind, id, rest)
+local KIND_LETTER = {presence = 'p', state = 's', metadata = 'm'}
+local function record(history_key, events_key, history_cap, events_maxlen, kind, id, rest, tail)
   local body = '{"type":"' .. kind .. '",' .. id_json(id) .. rest .. '}'
   local stream_id
   if events_maxlen then
@@ -46,7 +54,7 @@ local function record(history_key, events_key, history_cap, events_maxlen, kind,
   end
   if history_key then
     local length = redis.call('LPUSH', history_key,
-      '{"id":"' .. stream_id .. '","type":"' .. kind .. '"' .. rest .. '}')
+      '["' .. stream_id .. '","' .. KIND_LETTER[kind] .. '",' .. tail .. ']')
     if length > history_cap + math.floor(history_cap / 8) then
       redis.call('LTRIM', history_key, 0, history_cap - 1)
     end
@@ -61,7 +69,7 @@ local function presence_transition(state_key, history_key, events_key, channel, 
   local rest = ',"status":"' .. status .. '","timestamp":' .. now .. ',"version":' .. version ..
     ',"reason":"' .. reason .. '"'
   local stream_id = record(history_key, events_key, history_maxlen, events_maxlen, 'presence',
-    id, rest)
+    id, rest, '"' .. status .. '",' .. version .. ',"' .. reason .. '"')
   redis.call(PUBLISH, channel, '{"type":"presence",' .. id_json(id) .. rest .. ',"stream_id":"' ..
     stream_id .. '"}')
   return version

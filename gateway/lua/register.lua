@@ -21,7 +21,7 @@ redis.call('HSET', KEYS[1], 'session', '', F_SEEN, '0', F_STATUS, 'offline', F_R
   'reported_meta', '{}', 'version', 0, 'reported_version', 0,
   F_ID, id, F_TYPE, device_type, F_REGISTERED, stored_time(now), F_DESIRED, '{}',
   F_METADATA, ARGV[4], 'presence_version', presence_version, 'token_hash', ARGV[5],
-  'desired_meta', '{}', 'desired_version', 0, 'desired_sha', redis.sha1hex('{}'))
+  'desired_meta', '{}', 'desired_version', 0, 'desired_sha', short_sha(redis.sha1hex('{}')))
 if SEED_SETS then
   redis.call('SADD', KEYS[2], id)
   redis.call('SADD', KEYS[3], id)

@@ -72,7 +72,7 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
       recorded = true
       record(history_key, KEYS[6], history_cap, nil, 'state', id,
         ',"section":"reported","version":' .. version .. ',"timestamp":' .. now ..
-        ',"state":' .. reported)
+        ',"state":' .. reported, '"r",' .. version .. ',' .. reported)
     end
   end
   result[2 * i + 1] = code

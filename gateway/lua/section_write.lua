@@ -44,14 +44,16 @@ end
 
 local function record_state(version, body, external)
   record(KEYS[2], KEYS[3], tonumber(ARGV[10]), ARGV[11], 'state', id, ',"section":"' .. section ..
-    '","version":' .. version .. ',"timestamp":' .. now .. external .. ',"state":' .. body)
+    '","version":' .. version .. ',"timestamp":' .. now .. (external and ',"external":true' or '') ..
+    ',"state":' .. body,
+    '"' .. string.sub(section, 1, 1) .. '",' .. version .. ',' .. body .. (external and ',1' or ''))
 end
 
 if desired and ARGV[14] == '1' then
   local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
   redis.call('HINCRBY', KEYS[1], 'desired_version', 1)
-  redis.call('HSET', KEYS[1], 'desired_meta', ARGV[15], 'desired_sha', ARGV[3])
-  record_state(version, ARGV[16], ',"external":true')
+  redis.call('HSET', KEYS[1], 'desired_meta', ARGV[15], 'desired_sha', short_sha(ARGV[3]))
+  record_state(version, ARGV[16], true)
 end
 
 local version, desired_version, reported_version = versions()
@@ -65,25 +67,25 @@ end
 -- the SHA checks above prove the section is what the caller compared: trust its verdict
 if current == ARGV[6] or ARGV[12] == '1' then
   if desired and ARGV[13] == '' then
-    redis.call('HSET', KEYS[1], 'desired_sha', ARGV[3])
+    redis.call('HSET', KEYS[1], 'desired_sha', short_sha(ARGV[3]))
   end
   return {0, version, desired_version, reported_version}
 end
 if section == 'metadata' then
   redis.call('HSET', KEYS[1], field, ARGV[6])
   record(KEYS[2], KEYS[3], tonumber(ARGV[10]), ARGV[11], 'metadata', id, ',"timestamp":' .. now ..
-    ',"metadata":' .. ARGV[6])
+    ',"metadata":' .. ARGV[6], ARGV[6])
   return {1, version, desired_version, reported_version}
 end
 redis.call('HSET', KEYS[1], field, ARGV[6], section .. '_meta', ARGV[8])
 version = redis.call('HINCRBY', KEYS[1], 'version', 1)
 if desired then
   desired_version = redis.call('HINCRBY', KEYS[1], 'desired_version', 1)
-  redis.call('HSET', KEYS[1], 'desired_sha', ARGV[7])
+  redis.call('HSET', KEYS[1], 'desired_sha', short_sha(ARGV[7]))
 else
   reported_version = redis.call('HINCRBY', KEYS[1], 'reported_version', 1)
 end
-record_state(version, ARGV[6], '')
+record_state(version, ARGV[6], false)
 if desired then
   redis.call(PUBLISH, KEYS[4], '{"type":"state_update","desired_state":' .. ARGV[6] ..
     ',"timestamp":' .. now .. ',"version":' .. version .. '}')
