@@ -103,7 +103,9 @@ class Changes:
                     if reply.status_code == 200:
                         self.accepted[device_id].add(key)
                         break
-                    self.refused += 1  # 503 while the failover runs: made later, not lost
+                    # 503 while the failover runs: made later, not lost
+                    assert reply.status_code == 503, reply.text
+                    self.refused += 1
                 except httpx.HTTPError:
                     self.refused += 1
                 await asyncio.sleep(0.05)

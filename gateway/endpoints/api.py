@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 
 import orjson
 from msgspec import UnsetType
+from redis.exceptions import ClusterDownError, RedisClusterException, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException
@@ -38,6 +39,11 @@ from gateway.runtime import Gateway
 from gateway.store import Store
 
 log = logging.getLogger("gateway.api")
+# Redis cannot answer now (down, or a cluster failing over or moving slots): 503, try again
+REDIS_UNAVAILABLE = (
+    RedisConnectionError, RedisTimeoutError, ClusterDownError, TryAgainError,
+    RedisClusterException, OSError,
+)  # fmt: skip
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 REALM = 'Bearer realm="presence-gateway"'
@@ -150,7 +156,7 @@ def endpoint(
                 # gone mid-body: nothing was written, and no answer can reach it
                 log.debug("%s %s: the client left mid-request", request.method, request.url.path)
                 return Response(status_code=CLIENT_CLOSED)
-            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+            except REDIS_UNAVAILABLE as exc:
                 log.warning("%s %s: Redis unavailable: %s", request.method, request.url.path, exc)
                 return problem_response(
                     request, Problem("redis-unavailable", "the gateway cannot reach Redis now")
