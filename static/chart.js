@@ -231,7 +231,8 @@ function timeTicks(t0, t1, width) {
 export function niceCeil(v) {
   if (v <= 4) return 4;
   const p = 10 ** Math.floor(Math.log10(v));
-  for (const m of [1, 2, 2.5, 5, 10]) if (m * p >= v) return m * p;
+  // four grid steps of a round size: 0, 10, 20, 30, 40 rather than 0, 12.5, 25, …
+  for (const m of [1, 2, 4, 6, 8, 10]) if (m * p >= v) return m * p;
   return 10 * p;
 }
 

@@ -85,8 +85,11 @@ export class FleetCard {
       if (current) line.push([live.t, Number(current.online) || 0]);
       series.push({ name: type, color: color(SERIES_COLORS[index]), width: 1.25, points: line });
     }
-    // a point a sample missed stays a gap; the live point joins the last sample within a step
-    this.chart.setData({ t0: now - span, t1: now, gap: step * 2.5, series });
+    // the range, or less while the series is younger than it (a new gateway): from its first
+    // point, a minute at least; a point a sample missed stays a gap
+    const first = points.length ? points[0].t * 1000 : now;
+    const t0 = Math.max(now - span, Math.min(first, now - 60e3));
+    this.chart.setData({ t0, t1: now, gap: step * 2.5, series });
     this.renderLegend(series);
   }
 

@@ -483,8 +483,7 @@ async def test_a_wrong_token_in_the_url_shows_the_login_error(gw: LiveGateway, p
 
 
 async def test_fleet_overview_screenshot(gw: LiveGateway, page: Page) -> None:
-    """Thirty devices, some online, one panel open with a delta; refreshes docs/dashboard.png
-    when GATEWAY_UPDATE_DOCS_SCREENSHOT=1."""
+    """Thirty devices, some online, one panel open with a delta."""
     store = gw.gateway.store
     kinds = ["thermostat", "door-lock", "air-quality"]
     tokens = {}
@@ -508,10 +507,80 @@ async def test_fleet_overview_screenshot(gw: LiveGateway, page: Page) -> None:
         await expect(page.locator("#device-panel")).to_have_attribute("data-status", "online")
         delta = page.locator('#panel-delta tr.delta-leaf[data-path="setpoint"]')
         await expect(delta).to_have_count(1)
-        await page.wait_for_timeout(1200)  # let the chart gather a few points
-        if os.environ.get("GATEWAY_UPDATE_DOCS_SCREENSHOT") == "1":
-            await page.screenshot(path=str(DOCS_SCREENSHOT))
-            assert DOCS_SCREENSHOT.stat().st_size > 10_000
+
+
+DOCS = REPO_ROOT / "docs"
+
+
+async def test_the_docs_screenshots(
+    valkey_url: str, browser: Browser, request: pytest.FixtureRequest
+) -> None:
+    """A fleet with a real past of a few seconds: waves of devices going online and offline, a
+    device reporting, one flapping. With GATEWAY_UPDATE_DOCS_SCREENSHOT=1 it refreshes the
+    README's screenshots: the fleet view, the device panel, the phone layout, dark mode."""
+    async with live_gateway(valkey_url, fleet_sample_interval=1) as gw:
+        store = gw.gateway.store
+        kinds = ["thermostat", "door-lock", "air-quality"]
+        tokens = {}
+        for i in range(30):
+            name = f"{kinds[i % 3]}-{i + 1:02d}"
+            site = {"site": f"bldg-{i % 4 + 1}"}
+            _, tokens[name] = await store.register(name, kinds[i % 3], site)
+        names = sorted(tokens)
+        steady, waving = names[::2], names[1::2]
+        chosen, flappy = "thermostat-01", "door-lock-02"
+        cycler = Cycler(gw)
+        sessions: dict[str, str] = {}
+        async with contextlib.AsyncExitStack() as stack:
+            sockets = {}
+            for name in steady:
+                sockets[name] = await stack.enter_async_context(open_device(gw, name, tokens[name]))
+                await receive(sockets[name])
+            await store.patch_section(chosen, "desired", {"setpoint": 21.5, "mode": "heat"})
+            for tick in range(14):  # a wave of the other half going online and offline
+                wanted = {n for i, n in enumerate(waving) if (i + tick) % 5 < 2 + tick % 3}
+                for name in waving:
+                    if name in wanted and name not in sessions and name != flappy:
+                        sessions[name] = uuid.uuid4().hex
+                        await cycler.engine.connect(name, sessions[name], "")
+                    elif name not in wanted and name in sessions:
+                        await cycler.engine.end_now([(name, sessions.pop(name))], "closed", 0)
+                await cycler.cycle(flappy)
+                sensors = {"humidity": 40 + tick % 4, "co2": 420 + 9 * tick}
+                reported = {"setpoint": round(19.5 + tick * 0.15, 2), "sensors": sensors}
+                frame = {"type": "heartbeat", "reported_state": reported}
+                await sockets[chosen].send(orjson.dumps(frame).decode())
+                await asyncio.sleep(0.75)
+            update = os.environ.get("GATEWAY_UPDATE_DOCS_SCREENSHOT") == "1"
+            shots = [
+                ("dashboard.png", {}, None),
+                ("dashboard-panel.png", {}, chosen),
+                ("dashboard-dark.png", {"color_scheme": "dark"}, flappy),
+                ("dashboard-phone.png", {"viewport": {"width": 390, "height": 844},
+                                         "is_mobile": True}, None),
+            ]  # fmt: skip
+            for name, options, panel in shots:
+                async with opened_page(browser, request, name, **options) as page:
+                    await signed_in(page, gw)
+                    chart = page.locator("#online-chart")
+                    await expect(chart).to_have_attribute("data-server", re.compile(r"\d\d"))
+                    log = page.locator("#event-log")
+                    await expect(log).to_have_attribute("data-loaded", "true")
+                    if panel:
+                        await page.evaluate(f"window.dashboard.openDevice({panel!r})")
+                        await expect(page.locator("#device-panel")).to_have_attribute(
+                            "data-loaded", "true"
+                        )
+                        await expect(page.locator("#panel-timeline")).to_have_attribute(
+                            "data-changes", re.compile(r"\d")
+                        )
+                    if panel == flappy:
+                        await expect(page.locator("#panel-flapping")).to_be_visible()
+                    await page.evaluate("document.activeElement?.blur()")  # no focus ring
+                    await page.wait_for_timeout(300)
+                    if update:
+                        await page.screenshot(path=str(DOCS / name))
+                        assert (DOCS / name).stat().st_size > 10_000
 
 
 # --- the dashboard's memory, management, phone and keyboard -------------------------------
