@@ -72,6 +72,14 @@ StreamId = Annotated[
         also=("invalid-cursor",),
     ),
 ]
+EventId = Annotated[
+    str,
+    Meta(
+        pattern="^([0-9]{1,4}:)?[0-9]{1,20}-[0-9]{1,20}" + END,
+        description="A stream id; on a cluster, `<partition>:<stream id>` in the fleet log "
+        "(ids of different partitions do not order against each other)",
+    ),
+]
 # Opaque on purpose: on a cluster one position covers every partition's stream.
 Position = Annotated[
     str,
@@ -331,7 +339,7 @@ class DeltaResult(Struct, forbid_unknown_fields=True):
 class Event(Struct, tag_field="type"):
     """A change recorded in a stream; more members may be added."""
 
-    id: Annotated[StreamId, Meta(description="Stream id")]
+    id: EventId
     device_id: DeviceId
     timestamp: Seconds
 
