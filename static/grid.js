@@ -20,6 +20,7 @@ export class VirtualList {
     this.ids = [];
     this.pool = [];
     this.scheduled = false;
+    this.activeId = null; // the one row Tab stops at (a roving tabindex); arrows move it
 
     this.spacer = document.createElement("div");
     this.spacer.className = "vl-spacer";
@@ -33,6 +34,12 @@ export class VirtualList {
     viewport.addEventListener("click", (e) => {
       const row = e.target.closest?.("[data-device-id]");
       if (row && viewport.contains(row) && this.onActivate) this.onActivate(row.dataset.deviceId);
+    });
+    viewport.addEventListener("focusin", (e) => {
+      const row = e.target.closest?.("[data-device-id]");
+      if (!row) return;
+      this.activeId = row.dataset.deviceId;
+      this.updateTabStops();
     });
     viewport.addEventListener("keydown", (e) => {
       const row = e.target.closest?.("[data-device-id]");
@@ -104,7 +111,16 @@ export class VirtualList {
       row.setAttribute("aria-rowindex", String(index + 1));
       this.paintRow(row, this.ids[index], index);
     }
+    this.updateTabStops();
     this.onRange?.(first, last);
+  }
+
+  /** Tab reaches the list once: at the active row, or the first one in view. */
+  updateTabStops() {
+    const top = this.viewport.scrollTop;
+    let stop = this.pool.find((row) => row.dataset.deviceId === this.activeId);
+    stop ??= this.pool.find((row) => row._y >= top) ?? this.pool[0];
+    for (const row of this.pool) row.tabIndex = row === stop ? 0 : -1;
   }
 
   /** Move keyboard focus to the row at *index*, scrolling it into view first. */
