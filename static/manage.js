@@ -61,6 +61,11 @@ export class Manager {
       this.register();
     });
     $("token-done").addEventListener("click", () => $("token-dialog").close());
+    $("token-dialog").addEventListener("close", () => {
+      // shown once: nothing of it stays in the page once the dialog is closed
+      $("token-value").value = "";
+      $("token-snippet").textContent = "";
+    });
     for (const id of ["token-copy", "snippet-copy"]) {
       $(id).addEventListener("click", async (e) => {
         const source = $(e.currentTarget.dataset.copy);

@@ -816,6 +816,7 @@ async def test_an_admin_registers_rotates_edits_and_deletes_a_device(
         assert await page.evaluate("navigator.clipboard.readText()") == snippet
         await page.click("#token-done")
         await expect(token_dialog).to_be_hidden()
+        assert token not in await page.content()  # shown once: gone from the page
         async with open_device(gw, "made-1", token) as device:  # the token shown works
             assert (await receive(device))["type"] == "welcome"
             await expect(row(page, "made-1")).to_have_attribute("data-status", "online")
