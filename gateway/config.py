@@ -86,6 +86,7 @@ class Settings:
     events_maxlen: int = 100_000
     dashboard_snapshot_limit: int = 10_000
     dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
+    fleet_sample_interval: int = 10  # seconds between two points of the fleet-counts series
     handshake_timeout: float = 5.0  # a new connection's whole request or upgrade, seconds
     max_connections: int = 0  # 0: the file-descriptor limit less a reserve
     max_pending_per_address: int = 0  # 0: no limit per source address
@@ -141,6 +142,11 @@ class Settings:
         if self.max_frame_bytes < 1024:
             raise ConfigError(
                 f"max frame bytes must be ≥ 1024, got {self.max_frame_bytes}", "max_frame_bytes"
+            )
+        if not 1 <= self.fleet_sample_interval <= 3600:
+            raise ConfigError(
+                f"must be 1–3600 seconds, got {self.fleet_sample_interval}",
+                "fleet_sample_interval",
             )
         if not 0.1 <= self.handshake_timeout <= 300:
             raise ConfigError(

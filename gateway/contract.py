@@ -72,6 +72,14 @@ StreamId = Annotated[
         also=("invalid-cursor",),
     ),
 ]
+EventId = Annotated[
+    str,
+    Meta(
+        pattern="^([0-9]{1,4}:)?[0-9]{1,20}-[0-9]{1,20}" + END,
+        description="A stream id; on a cluster, `<partition>:<stream id>` in the fleet log "
+        "(ids of different partitions do not order against each other)",
+    ),
+]
 # Opaque on purpose: on a cluster one position covers every partition's stream.
 Position = Annotated[
     str,
@@ -190,6 +198,18 @@ class DeviceQuery(Struct, forbid_unknown_fields=True):
         int, Meta(ge=1, le=MAX_PAGE, description="Largest number of items on the page")
     ] = DEFAULT_PAGE
     cursor: Cursor | UnsetType = UNSET
+    prefix: (
+        Annotated[
+            str,
+            Meta(
+                pattern=_whole(keys.ID_PATTERN),
+                description="Only devices whose id starts with this (case-sensitive); "
+                "not with stale_seconds",
+                extra={"expected": f"1–128 characters of {NAME_CHARACTERS}"},
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
 
 
 class HistoryQuery(Struct, forbid_unknown_fields=True):
@@ -210,6 +230,33 @@ class EventsQuery(Struct, forbid_unknown_fields=True):
     limit: Annotated[
         int, Meta(ge=1, le=MAX_PAGE, description="Largest number of fleet events to read")
     ] = DEFAULT_PAGE
+
+
+class LatestQuery(Struct, forbid_unknown_fields=True):
+    upto: (
+        Annotated[
+            Position,
+            Meta(
+                description="Return events at or before this position: a dashboard snapshot's "
+                "or events frame's `cursor`, or `next_upto` of the previous page; default: the "
+                "newest event"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    limit: Annotated[
+        int, Meta(ge=1, le=MAX_PAGE, description="Largest number of presence events returned")
+    ] = DEFAULT_PAGE
+
+
+class FleetHistoryQuery(Struct, forbid_unknown_fields=True):
+    range: Annotated[
+        Literal["hour", "day", "week"],
+        Meta(
+            description="hour: a point every sample interval (10 s by default); day: every 6; "
+            "week: every 60"
+        ),
+    ] = "hour"
 
 
 # --- responses -------------------------------------------------------------------
@@ -292,7 +339,7 @@ class DeltaResult(Struct, forbid_unknown_fields=True):
 class Event(Struct, tag_field="type"):
     """A change recorded in a stream; more members may be added."""
 
-    id: Annotated[StreamId, Meta(description="Stream id")]
+    id: EventId
     device_id: DeviceId
     timestamp: Seconds
 
@@ -338,6 +385,48 @@ class PresenceEvents(Struct, forbid_unknown_fields=True):
     items: list[PresenceEvent]
     last_id: Annotated[Position, Meta(description="Pass as `after` to continue")]
     gap: Annotated[bool, Meta(description="True when events after `after` were already trimmed")]
+
+
+class LatestPresenceEvents(Struct, forbid_unknown_fields=True):
+    """Presence events at or before a position, newest first."""
+
+    items: list[PresenceEvent]
+    next_upto: Annotated[
+        Position | None,
+        Meta(description="Pass as `upto` for older events; null when none are left"),
+    ]
+
+
+class TypeCounts(Struct, forbid_unknown_fields=True):
+    registered: Count
+    online: Count
+
+
+class OtherTypes(TypeCounts):
+    """The types past the largest sixteen, summed."""
+
+    types: Count
+
+
+class FleetPoint(Struct, forbid_unknown_fields=True):
+    """The fleet's counts at one time."""
+
+    t: Seconds
+    registered: Count
+    online: Count
+    online_min: Annotated[Count, Meta(description="Lowest online count since the last point")]
+    online_max: Annotated[Count, Meta(description="Highest online count since the last point")]
+    by_type: Annotated[dict[DeviceType, TypeCounts], Meta(description="The largest sixteen types")]
+    others: OtherTypes | UnsetType = UNSET
+
+
+class FleetHistory(Struct, forbid_unknown_fields=True):
+    """The fleet's counts over time, oldest first; a missing point is a gap."""
+
+    range: Literal["hour", "day", "week"]
+    step: Annotated[int, Meta(ge=1, description="Seconds between two points")]
+    span: Annotated[int, Meta(ge=1, description="Seconds the range covers")]
+    points: list[FleetPoint]
 
 
 class Counts(Struct, forbid_unknown_fields=True):

@@ -255,6 +255,20 @@ class Keys:
             return None
         return device_id
 
+    # --- the fleet-counts series (timeseries.py) ---------------------------------
+    def fleet_series(self, tier: str) -> str:
+        """One tier of the fleet-counts time series (a sorted set scored by time)."""
+        return f"{self._fleet_base}gateway:fleet:{tier}"
+
+    def fleet_claim(self, step: int) -> str:
+        """Claimed (`SET NX PX`) by the one process that samples step number *step*."""
+        return f"{self._fleet_base}gateway:fleet:claim:{step}"
+
+    @property
+    def _fleet_base(self) -> str:
+        # on a cluster the series' names share a tag of their own: one slot, and no partition's
+        return f"{self.prefix}{{fleet}}" if self.schema == "cluster" else self.prefix
+
     @staticmethod
     def expired_channel(db: int) -> str:
         """Keyspace `expired` events of database *db* (the URL's database, never assumed 0)."""

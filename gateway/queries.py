@@ -30,6 +30,8 @@ from gateway.scripts import Call, Scripts
 Status = Literal["online", "offline"]
 MAX_PAGE = 1000
 MIN_BUDGET = 2000
+PREFIX_END = "\x7f"  # above every character an id may hold: closes a prefix's range
+FILTER_CHUNK = 512  # ids read at once when a second index filters them
 
 
 def encode_cursor(parts: dict[str, Any]) -> str:
@@ -116,6 +118,76 @@ class Queries:
                 and (device_type is None or item["device_type"] == device_type)
             ]
         return Page(items, encode_cursor(next_state) if next_state else None)
+
+    async def search(
+        self,
+        prefix: str,
+        *,
+        status: Status | None = None,
+        device_type: str | None = None,
+        include_state: bool = False,
+        limit: int = 100,
+        cursor: str | None = None,
+    ) -> Page:
+        """One page of the devices whose id starts with *prefix* (case-sensitive), filtered
+        and ordered as `page`'s: a lexicographic range of the same indexes, partition after
+        partition, within the same budget of ids examined."""
+        if not 1 <= limit <= MAX_PAGE:
+            raise InvalidRequest(f"limit must be 1–{MAX_PAGE}, got {limit}")
+        if not is_device_id(prefix):
+            raise InvalidRequest(f"a prefix is 1–128 of A-Z a-z 0-9 . _ -, got {prefix[:140]!r}")
+        if device_type is not None and not is_device_type(device_type):
+            raise InvalidDeviceType(f"not a device type: {device_type[:80]!r}")
+        state = decode_cursor(cursor) if cursor else {}
+        partition, after = state.get("p", 0), state.get("after")
+        if not isinstance(partition, int) or not 0 <= partition < self.keys.partitions:
+            raise InvalidCursor("cursor is not one this API issued")
+        if after is not None and not is_device_id(after):
+            raise InvalidCursor("cursor is not one this API issued")
+        ids, next_state = await self._prefix_ids(
+            prefix, status, device_type, limit, partition, after
+        )
+        items = await self.describe(ids, include_state)
+        return Page(items, encode_cursor(next_state) if next_state is not None else None)
+
+    async def _prefix_ids(
+        self,
+        prefix: str,
+        status: Status | None,
+        device_type: str | None,
+        limit: int,
+        partition: int,
+        after: str | None,
+    ) -> tuple[list[str], dict[str, Any] | None]:
+        budget = max(limit * 10, MIN_BUDGET)
+        high = f"({prefix}{PREFIX_END}"
+        ids: list[str] = []
+        while partition < self.keys.partitions:
+            walk, filter_by, mode = self._walk(self.keys.part(partition), status, device_type)
+            start = f"({after}" if after is not None and after >= prefix else f"[{prefix}"
+            want = min(budget, limit - len(ids) if mode == "all" else FILTER_CHUNK)
+            rows = [text(member) for member in
+                    await self.redis.zrangebylex(walk, start, high, start=0, num=want)]  # fmt: skip
+            budget -= len(rows)
+            kept = rows
+            if mode != "all" and rows:
+                scores = await self.redis.zmscore(filter_by, rows)
+                kept = [i for i, score in zip(rows, scores, strict=True)
+                        if (score is not None) == (mode == "in")]  # fmt: skip
+            room = limit - len(ids)
+            if len(kept) >= room:  # the page is full: go on after its last id
+                ids += kept[:room]
+                return ids, _cursor(partition, after=ids[-1])
+            ids += kept
+            if len(rows) < want:  # this partition's range ended
+                partition, after = partition + 1, None
+            else:
+                after = rows[-1]
+            if budget <= 0:
+                break
+        if partition >= self.keys.partitions:
+            return ids, None
+        return ids, _cursor(partition, after=after) if after is not None else {"p": partition}
 
     async def _indexed_ids(
         self, status: Status | None, device_type: str | None, limit: int, state: dict[str, Any]

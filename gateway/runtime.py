@@ -34,6 +34,7 @@ from gateway.metrics import Metrics
 from gateway.presence import REDIS_ERRORS, PresenceEngine
 from gateway.scripts import Scripts
 from gateway.store import Store
+from gateway.timeseries import FleetSeries
 
 log = logging.getLogger("gateway")
 
@@ -58,6 +59,7 @@ class Core:
     broker: Broker | ClusterBroker
     sessions: SessionContext
     pubsub_redis: Redis | None  # one node: a client of its own that never reconnects silently
+    fleet: FleetSeries  # the fleet-counts series: sampled by one process per step
 
 
 class Gateway:
@@ -222,7 +224,10 @@ class Gateway:
             send_queue_size=settings.send_queue_size,
         )
         dashboards = DashboardHub(store.events, settings, self.metrics)
-        return Core(redis, keys, db, store, presence, dashboards, broker, sessions, pubsub_redis)
+        fleet = FleetSeries(redis, keys, store.stats, settings.fleet_sample_interval)
+        return Core(
+            redis, keys, db, store, presence, dashboards, broker, sessions, pubsub_redis, fleet
+        )
 
     async def on_redis_ready(self) -> None:
         """Start the parts that need Redis: detection, the tick, the pub/sub connections."""
@@ -231,6 +236,7 @@ class Gateway:
         self.spawn(core.presence.run(), "presence")
         self.spawn(core.broker.run(), "broker")
         self.spawn(core.dashboards.run(), "dashboards")
+        self.spawn(core.fleet.run(), "fleet-series")
         await asyncio.wait_for(core.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
 
     async def resync_devices(self, device_ids: Collection[str] | None) -> None:

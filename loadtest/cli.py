@@ -33,6 +33,7 @@ FALLBACKS: dict[str, Any] = {
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "bench-store": ("loadtest.bench_store", "Heartbeats/s through the presence engine's batches"),
     "bench-api": ("loadtest.bench_api", "REST API latency over HTTP on a loaded fleet"),
+    "bench-dashboard": ("loadtest.bench_dashboard", "Dashboard first paint and scroll (Chromium)"),
     "redis-cost": ("loadtest.redis_cost", "Redis instructions per heartbeat (callgrind)"),
     "fleet": ("loadtest.fleet", "Load a registered fleet straight into Redis"),
     "memory": ("loadtest.memory", "Redis memory per registered device, by key kind"),

@@ -11,6 +11,7 @@ SUITE: tuple[tuple[str, ...], ...] = (
     ("bench-store", "--devices", "10000", "--seconds", "10"),
     ("redis-cost", "--devices", "2000", "--rounds", "5"),
     ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
+    ("bench-dashboard", "--devices", "100000"),
     ("idle", "--devices", "15000", "--duration", "30"),
     ("connect-storm", "--devices", "10000"),
     ("ingest", "--devices", "5000", "--rate", "25000", "--duration", "30"),

@@ -6,7 +6,8 @@ export class VirtualList {
    * @param {HTMLElement} viewport scrolling element (overflow:auto)
    * @param {{rowHeight:number, overscan?:number, createRow:() => HTMLElement,
    *          paintRow:(el:HTMLElement, id:string, index:number) => void,
-   *          onActivate?:(id:string) => void, emptyText?: string}} opts
+   *          onActivate?:(id:string) => void, onRange?:(first:number, last:number) => void,
+   *          emptyText?: string}} opts
    */
   constructor(viewport, opts) {
     this.viewport = viewport;
@@ -15,9 +16,11 @@ export class VirtualList {
     this.createRow = opts.createRow;
     this.paintRow = opts.paintRow;
     this.onActivate = opts.onActivate;
+    this.onRange = opts.onRange;
     this.ids = [];
     this.pool = [];
     this.scheduled = false;
+    this.activeId = null; // the one row Tab stops at (a roving tabindex); arrows move it
 
     this.spacer = document.createElement("div");
     this.spacer.className = "vl-spacer";
@@ -32,13 +35,26 @@ export class VirtualList {
       const row = e.target.closest?.("[data-device-id]");
       if (row && viewport.contains(row) && this.onActivate) this.onActivate(row.dataset.deviceId);
     });
-    viewport.addEventListener("keydown", (e) => {
-      if (e.key !== "Enter" && e.key !== " ") return;
+    viewport.addEventListener("focusin", (e) => {
       const row = e.target.closest?.("[data-device-id]");
-      if (row && this.onActivate) {
+      if (!row) return;
+      this.activeId = row.dataset.deviceId;
+      this.updateTabStops();
+    });
+    viewport.addEventListener("keydown", (e) => {
+      const row = e.target.closest?.("[data-device-id]");
+      if (!row) return;
+      if (e.key === "Enter" || e.key === " ") {
         e.preventDefault();
-        this.onActivate(row.dataset.deviceId);
+        this.onActivate?.(row.dataset.deviceId);
+        return;
       }
+      const moves = { ArrowDown: 1, ArrowUp: -1, PageDown: 10, PageUp: -10, Home: -Infinity, End: Infinity };
+      if (!(e.key in moves)) return;
+      e.preventDefault();
+      const i = this.ids.indexOf(row.dataset.deviceId);
+      const next = Math.max(0, Math.min(this.ids.length - 1, i + moves[e.key]));
+      this.focusIndex(next);
     });
     if (typeof ResizeObserver === "function") {
       new ResizeObserver(() => this.schedule()).observe(viewport);
@@ -92,8 +108,36 @@ export class VirtualList {
         row.style.transform = `translateY(${y}px)`;
         row._y = y;
       }
+      row.setAttribute("aria-rowindex", String(index + 1));
       this.paintRow(row, this.ids[index], index);
     }
+    this.updateTabStops();
+    this.onRange?.(first, last);
+  }
+
+  /** Tab reaches the list once: at the active row, or the first one in view. */
+  updateTabStops() {
+    const top = this.viewport.scrollTop;
+    let stop = this.pool.find((row) => row.dataset.deviceId === this.activeId);
+    stop ??= this.pool.find((row) => row._y >= top) ?? this.pool[0];
+    for (const row of this.pool) row.tabIndex = row === stop ? 0 : -1;
+  }
+
+  /** Move keyboard focus to the row at *index*, scrolling it into view first. */
+  focusIndex(index) {
+    const id = this.ids[index];
+    if (id === undefined) return;
+    this.scrollToId(id);
+    this.render();
+    const row = this.pool.find((r) => r.dataset.deviceId === id);
+    row?.focus({ preventScroll: true });
+  }
+
+  /** Focus the row of *id* if it is listed (after the panel closes), else the list. */
+  focusId(id) {
+    const i = this.ids.indexOf(id);
+    if (i >= 0) this.focusIndex(i);
+    else this.viewport.focus();
   }
 
   /** Calls fn(row, id) for each rendered row (e.g. to tick "last seen"). */
@@ -110,6 +154,7 @@ export class VirtualList {
     const y = i * this.rowHeight;
     const vt = this.viewport.scrollTop;
     const vh = this.viewport.clientHeight;
-    if (y < vt || y + this.rowHeight > vt + vh) this.viewport.scrollTop = Math.max(0, y - vh / 2);
+    if (y < vt) this.viewport.scrollTop = y;
+    else if (y + this.rowHeight > vt + vh) this.viewport.scrollTop = y + this.rowHeight - vh;
   }
 }

@@ -4,12 +4,18 @@
 // conflicts only when someone else changed the desired state.
 
 import { api } from "./api.js";
-import { formatAgo, formatDateTime, h, isPlainObject, problemText, toEpochMs } from "./util.js";
+import { DAY_MS, LeafPlots, presencePeriods, renderTimeline } from "./timeline.js";
+import { formatAgo, formatClock, formatDateTime, h, isPlainObject, toEpochMs } from "./util.js";
+
+const HISTORY_FETCH = 500; // per request: two requests cover the default history of 1,000
+const HISTORY_SHOWN = 50; // list items per "Show older"
+const HISTORY_REFRESH_MS = 1000;
+const MIN_SPAN_MS = 60e3; // the shortest timeline: a minute
 
 const $ = (id) => document.getElementById(id);
 
 export class DevicePanel {
-  /** @param {{onClose?:()=>void, onData?:(data:object)=>void}} hooks */
+  /** @param {{onClose?:(id:string)=>void, onData?:(data:object)=>void, onRotate?:(id:string)=>void, onDelete?:(id:string)=>void}} hooks */
   constructor(hooks = {}) {
     this.hooks = hooks;
     this.root = $("device-panel");
@@ -35,7 +41,22 @@ export class DevicePanel {
       result: $("desired-result"),
       form: $("desired-form"),
       readOnly: $("panel-read-only"),
+      flapping: $("panel-flapping"),
+      timeline: $("panel-timeline"),
+      timelineTitle: $("timeline-title"),
+      timelineSummary: $("timeline-summary"),
+      history: $("panel-history"),
+      historyOlder: $("history-older"),
+      historyState: $("history-state"),
+      metadataEdit: $("metadata-edit"),
+      metadataForm: $("metadata-form"),
+      metadataEditor: $("metadata-editor"),
+      metadataResult: $("metadata-result"),
     };
+    this.plots = new LeafPlots($("panel-plots"));
+    this.history = this.emptyHistory();
+    this.historyTimer = null;
+    this.timelineDrawnAt = 0;
     this.deviceId = null;
     this.data = null;
     this.baseVersion = null; // the desired_version the editor's patch is based on
@@ -47,7 +68,19 @@ export class DevicePanel {
     this.applying = false;
 
     $("panel-close")?.addEventListener("click", () => this.close());
-    $("panel-refresh")?.addEventListener("click", () => this.refresh());
+    $("panel-refresh")?.addEventListener("click", () => {
+      this.refresh();
+      this.loadHistory();
+    });
+    this.el.historyOlder.addEventListener("click", () => this.showOlder());
+    this.el.metadataEdit.addEventListener("click", () => this.editMetadata());
+    $("metadata-cancel").addEventListener("click", () => this.closeMetadata());
+    this.el.metadataForm.addEventListener("submit", (e) => {
+      e.preventDefault();
+      this.saveMetadata();
+    });
+    $("token-rotate").addEventListener("click", () => this.deviceId && this.hooks.onRotate?.(this.deviceId));
+    $("device-delete").addEventListener("click", () => this.deviceId && this.hooks.onDelete?.(this.deviceId));
     this.el.form?.addEventListener("submit", (e) => {
       e.preventDefault();
       this.apply();
@@ -87,8 +120,16 @@ export class DevicePanel {
     this.el.editor.value = "";
     this.clearResult();
     this.showError("");
+    this.closeMetadata();
+    this.el.flapping.hidden = true;
+    this.history = this.emptyHistory();
+    this.el.timeline.replaceChildren(h("span", { class: "muted small" }, "Loading…"));
+    this.el.timelineSummary.textContent = "";
+    this.el.history.replaceChildren();
     this.updateBase();
     this.refresh();
+    this.loadHistory();
+    this.el.title.focus();
   }
 
   close() {
@@ -98,9 +139,12 @@ export class DevicePanel {
     this.seq++;
     clearTimeout(this.refreshTimer);
     this.refreshTimer = null;
+    clearTimeout(this.historyTimer);
+    this.historyTimer = null;
     this.root.hidden = true;
+    const id = this.root.dataset.deviceId;
     delete this.root.dataset.deviceId;
-    this.hooks.onClose?.();
+    this.hooks.onClose?.(id);
   }
 
   /** A live event for the open device arrived: refresh soon (coalesced). */
@@ -115,6 +159,12 @@ export class DevicePanel {
     }
     // at most one reload per 120 ms, never postponed by the next event: a device reporting
     // faster than that would otherwise keep the panel from ever reloading
+    if (this.historyTimer === null) {
+      this.historyTimer = setTimeout(() => {
+        this.historyTimer = null;
+        this.refreshHistory();
+      }, HISTORY_REFRESH_MS);
+    }
     if (this.refreshTimer !== null) return;
     this.refreshTimer = setTimeout(() => {
       this.refreshTimer = null;
@@ -220,6 +270,7 @@ export class DevicePanel {
     this.el.desired.replaceChildren(renderJson(d.desired_state ?? {}, hl));
     this.renderDelta(leaves);
     this.updateBase();
+    if (this.history.loaded) this.renderPast();
   }
 
   renderDelta(leaves) {
@@ -243,11 +294,173 @@ export class DevicePanel {
     box.replaceChildren(table);
   }
 
-  /** Ticks "last seen" once a second. */
+  /** Ticks "last seen" once a second, and moves the timeline's "now" along now and then. */
   tick() {
     if (!this.data) return;
     const ms = toEpochMs(this.data.last_seen);
     this.el.lastSeen.textContent = ms ? `${formatAgo(ms)} (${formatDateTime(ms)})` : "never";
+    if (this.history.loaded && Date.now() - this.timelineDrawnAt > 10000) this.renderPast();
+  }
+
+  // ---- history: timeline, plots and the list -------------------------------------------
+
+  emptyHistory() {
+    return { items: [], ids: new Set(), next: undefined, shown: HISTORY_SHOWN, loaded: false, loading: false };
+  }
+
+  /** One page of history, older than *before*; null when the request failed. */
+  async fetchHistory(id, before, limit = HISTORY_FETCH) {
+    const query = new URLSearchParams({ limit: String(limit) });
+    if (before) query.set("before", before);
+    const res = await api("GET", `/api/devices/${encodeURIComponent(id)}/history?${query}`);
+    if (!res.ok || !isPlainObject(res.data) || !Array.isArray(res.data.items)) {
+      this.el.historyState.textContent = res.ok ? "" : `Could not load the history: ${res.message}`;
+      return null;
+    }
+    return res.data;
+  }
+
+  /** The last 24 hours of history (or all that is kept, if less), then draw it. */
+  async loadHistory() {
+    const id = this.deviceId;
+    const seq = this.seq;
+    const history = this.emptyHistory();
+    history.loading = true;
+    this.history = history;
+    let before = null;
+    for (let page = 0; page < 2; page++) {
+      const data = await this.fetchHistory(id, before);
+      if (seq !== this.seq || this.history !== history) return;
+      if (!data) break;
+      this.mergeHistory(data.items, false);
+      history.next = data.next_before ?? null;
+      before = history.next;
+      const oldest = history.items.length ? toEpochMs(history.items[history.items.length - 1].timestamp) : null;
+      if (!before || (oldest !== null && oldest < Date.now() - DAY_MS)) break;
+    }
+    history.loading = false;
+    history.loaded = true;
+    this.renderPast();
+  }
+
+  /** Newer events for the open device: the newest page, merged (the live feed coalesces states). */
+  async refreshHistory() {
+    if (!this.isOpen || !this.history.loaded) return;
+    const seq = this.seq;
+    const data = await this.fetchHistory(this.deviceId, null, HISTORY_SHOWN);
+    if (seq !== this.seq || !data) return;
+    if (this.mergeHistory(data.items, true)) this.renderPast();
+  }
+
+  /** Adds items not yet known: at the front (newer) or the back (older). Returns how many. */
+  mergeHistory(items, newer) {
+    const fresh = items.filter((e) => isPlainObject(e) && typeof e.id === "string" && !this.history.ids.has(e.id));
+    for (const e of fresh) this.history.ids.add(e.id);
+    if (newer) this.history.items.unshift(...fresh);
+    else this.history.items.push(...fresh);
+    return fresh.length;
+  }
+
+  renderPast() {
+    const history = this.history;
+    const t1 = Date.now();
+    // the last 24 hours, or less for a device registered since (its whole life then)
+    const registeredAt = toEpochMs(this.data?.registered_at);
+    const young = history.next === null && registeredAt !== null && registeredAt > t1 - DAY_MS;
+    const t0 = young ? Math.min(registeredAt, t1 - MIN_SPAN_MS) : t1 - DAY_MS;
+    this.timelineDrawnAt = t1;
+    const result = presencePeriods(history.items, {
+      t0, t1,
+      status: this.data?.status ?? this.root.dataset.status,
+      registeredAt,
+      complete: history.next === null,
+    });
+    this.el.timelineTitle.textContent = young ? "Presence since registration" : "Presence, last 24 hours";
+    renderTimeline(this.el.timeline, this.el.timelineSummary, result, t0, t1);
+    this.el.flapping.hidden = !result.flapping;
+    this.root.dataset.flapping = result.flapping ? "true" : "false";
+    this.plots.render(history.items, t0, t1);
+    this.renderHistoryList();
+  }
+
+  renderHistoryList() {
+    const { items, shown, next } = this.history;
+    const list = this.el.history;
+    list.replaceChildren(...items.slice(0, shown).map((e) => historyEntry(e)));
+    list.dataset.count = String(Math.min(shown, items.length));
+    this.el.historyOlder.hidden = !(items.length > shown || next);
+    this.el.historyState.textContent = items.length === 0 ? "No history yet." :
+      items.length <= shown && next === null ? "Nothing older is kept." : "";
+  }
+
+  async showOlder() {
+    const history = this.history;
+    if (history.loading) return;
+    history.shown += HISTORY_SHOWN;
+    if (history.items.length < history.shown && history.next) {
+      history.loading = true;
+      const seq = this.seq;
+      const data = await this.fetchHistory(this.deviceId, history.next);
+      history.loading = false;
+      if (seq !== this.seq || this.history !== history) return;
+      if (data) {
+        this.mergeHistory(data.items, false);
+        history.next = data.next_before ?? null;
+      }
+    }
+    this.renderHistoryList();
+  }
+
+  // ---- metadata ------------------------------------------------------------------------
+
+  editMetadata() {
+    if (!this.data || this.readOnly) return;
+    this.el.metadataEditor.value = JSON.stringify(this.data.metadata ?? {}, null, 2);
+    this.el.metadataResult.hidden = true;
+    this.el.metadataForm.hidden = false;
+    this.el.metadataEdit.hidden = true;
+    this.el.metadataEditor.focus();
+  }
+
+  closeMetadata() {
+    this.el.metadataForm.hidden = true;
+    this.el.metadataEdit.hidden = false;
+  }
+
+  async saveMetadata() {
+    if (!this.isOpen || this.readOnly || !this.data) return;
+    const result = this.el.metadataResult;
+    const say = (kind, text) => {
+      result.hidden = false;
+      result.dataset.status = kind;
+      result.textContent = text;
+    };
+    let edited;
+    try {
+      edited = JSON.parse(this.el.metadataEditor.value);
+    } catch (err) {
+      say("invalid", `Invalid JSON, not saved: ${err.message}`);
+      return;
+    }
+    if (!isPlainObject(edited)) {
+      say("invalid", "Metadata must be a JSON object. Not saved.");
+      return;
+    }
+    const patch = mergePatch(this.data.metadata ?? {}, edited);
+    const id = this.deviceId;
+    const seq = this.seq;
+    const res = await api("PATCH", `/api/devices/${encodeURIComponent(id)}`, { metadata: patch });
+    if (seq !== this.seq) return;
+    if (!res.ok) {
+      say("error", res.message);
+      return;
+    }
+    if (isPlainObject(res.data)) {
+      this.data = res.data;
+      this.render();
+    }
+    this.closeMetadata();
+    this.el.metadataEdit.focus();
   }
 
   updateBase() {
@@ -376,6 +589,46 @@ export class DevicePanel {
     if (reapply) await this.apply();
     else this.showResult("info", `Reloaded desired version ${this.baseVersion}. Review the desired state above, then apply again.`);
   }
+}
+
+// ---- history entries and merge patches -------------------------------------------------------
+
+function historyEntry(e) {
+  const ts = toEpochMs(e.timestamp);
+  const time = h("time", { class: "log-time", title: ts ? new Date(ts).toISOString() : "" }, ts ? formatClock(ts) : "—");
+  if (e.type === "presence") {
+    const status = e.status === "online" ? "online" : "offline";
+    return h("li", { class: "history-entry", dataset: { eventId: e.id, kind: "presence", status } },
+      time, h("span", { class: "dot", "aria-hidden": "true" }), h("span", { class: "log-status" }, status),
+      e.reason ? h("span", { class: "log-reason" }, e.reason) : null);
+  }
+  const what = e.type === "state" ? `${e.section} v${e.version}` : String(e.type);
+  const body = e.type === "state" ? e.state : e.type === "metadata" ? e.metadata : undefined;
+  let text = "";
+  try {
+    text = body === undefined ? "" : JSON.stringify(body);
+  } catch {
+    text = "";
+  }
+  return h("li", { class: "history-entry", dataset: { eventId: e.id, kind: String(e.type) } },
+    time, h("span", { class: "history-kind" }, what),
+    h("code", { class: "history-body", title: text }, text.length > 160 ? `${text.slice(0, 160)}…` : text));
+}
+
+/** The merge patch that turns *before* into *after* (RFC 7386): removed keys become null. */
+export function mergePatch(before, after) {
+  const patch = {};
+  for (const key of Object.keys(before)) if (!(key in after)) patch[key] = null;
+  for (const [key, value] of Object.entries(after)) {
+    const old = before[key];
+    if (isPlainObject(old) && isPlainObject(value)) {
+      const inner = mergePatch(old, value);
+      if (Object.keys(inner).length) patch[key] = inner;
+    } else if (JSON.stringify(old) !== JSON.stringify(value)) {
+      patch[key] = value;
+    }
+  }
+  return patch;
 }
 
 // ---- delta and JSON rendering ---------------------------------------------------------------

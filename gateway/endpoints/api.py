@@ -31,6 +31,7 @@ from starlette.routing import BaseRoute, Match, Route
 
 from gateway import contract, logins, openapi, shadow, validation
 from gateway.auth import Role, bearer
+from gateway.backlog import Backlog
 from gateway.contract import MAX_BODY_BYTES, Access, Operation, Reply
 from gateway.endpoints import health
 from gateway.errors import GatewayError
@@ -268,6 +269,7 @@ async def _read_json(request: Request, limit: int) -> object:
 
 # --- endpoints ----------------------------------------------------------------
 ON_DEVICE = ("device-not-found",)
+PRESENCE = frozenset({"presence"})
 
 
 @endpoint(
@@ -295,6 +297,24 @@ async def list_devices(store: Store, query: contract.DeviceQuery) -> Response:
     a page may hold fewer than `limit` items (even none) while `next_cursor` is not null:
     follow it to the end.
     """
+    prefix = given(query.prefix)
+    if prefix is not None:
+        if given(query.stale_seconds) is not None:
+            raise Problem(
+                "invalid-request",
+                "prefix and stale_seconds cannot be combined: a prefix pages in id order, "
+                "stale_seconds in last-seen order",
+                parameter="prefix",
+            )
+        page = await store.queries.search(
+            prefix,
+            status=given(query.status),
+            device_type=given(query.type),
+            include_state=query.include_state,
+            limit=query.limit,
+            cursor=given(query.cursor) or None,
+        )
+        return ORJSONResponse({"items": page.items, "next_cursor": page.next_cursor})
     page = await store.page(
         status=given(query.status),
         device_type=given(query.type),
@@ -381,6 +401,36 @@ async def presence_events(store: Store, query: contract.EventsQuery) -> Response
     items, last, gap = await store.events_after(query.after, query.limit, frozenset({"presence"}))
     # `last_id` is where the next call continues: past filtered-out events, never backwards
     return ORJSONResponse({"items": items, "last_id": last or query.after, "gap": gap})
+
+
+@endpoint(Reply(200, contract.LatestPresenceEvents, "Presence events"), tag="presence")
+async def latest_presence_events(store: Store, query: contract.LatestQuery) -> Response:
+    """The newest presence events at or before a position, newest first.
+
+    A dashboard shows the latest events on load with no gap or duplicate at the join: read
+    back from its snapshot's `cursor` here, and take live events after it from the socket.
+    Continue with `upto=<next_upto>` for older events. `limit` bounds the events returned; at
+    most 5,000 fleet events (of every kind) are read per call, so a page may hold fewer while
+    `next_upto` is not null.
+    """
+    upto = given(query.upto)
+    position = store.events.decode(upto) if upto is not None else await store.position()
+    page = await Backlog(store.events).latest(position, query.limit, PRESENCE)
+    following = page.next.encode() if page.next is not None else None
+    return ORJSONResponse({"items": page.items, "next_upto": following})
+
+
+@endpoint(Reply(200, contract.FleetHistory, "Points, oldest first"), tag="presence")
+async def fleet_history(request: Request, query: contract.FleetHistoryQuery) -> Response:
+    """The fleet's counts over the last hour, day or week.
+
+    One point per sample interval (`GATEWAY_FLEET_SAMPLE_INTERVAL`, 10 s by default) for the
+    hour, one per 6 for the day, one per 60 for the week; a coarse point keeps the lowest and
+    highest online count seen since the one before it. Written by one gateway process per
+    interval, however many run; a missing point is a gap (no process could write it).
+    """
+    gateway: Gateway = request.app.state.gateway
+    return Response(await gateway.core.fleet.read(query.range), media_type="application/json")
 
 
 @endpoint(Reply(200, contract.Stats, "Counts"), tag="presence")
@@ -504,7 +554,9 @@ _ROUTES: list[BaseRoute] = [
     Route(_DEVICE + "/history", get_history, methods=["GET"]),
     Route(_DEVICE + "/token", rotate_token, methods=["POST"]),
     Route("/api/presence/events", presence_events, methods=["GET"]),
+    Route("/api/presence/latest", latest_presence_events, methods=["GET"]),
     Route("/api/stats", stats, methods=["GET"]),
+    Route("/api/stats/history", fleet_history, methods=["GET"]),
     Route("/api/session", get_session, methods=["GET"]),
     Route("/openapi.json", get_openapi, methods=["GET"]),
 ]

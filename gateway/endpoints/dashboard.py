@@ -100,6 +100,7 @@ async def _snapshot(gateway: Gateway, dashboard: Dashboard, reason: str | None) 
         "cursor": position.encode(),
         "stats": await gateway.store.stats(),
         "truncated": next_cursor is not None,
+        "next_cursor": next_cursor,  # where `GET /api/devices` goes on after these devices
     }
     if reason:
         frame["reason"] = reason
