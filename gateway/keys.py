@@ -23,7 +23,7 @@ import functools
 import re
 import zlib
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 from redis.crc import key_slot
 
@@ -295,11 +295,6 @@ class Keys:
             raise ValueError("a fleet-wide name needs a partition on the cluster layout")
         return self.parts[0]
 
-    def __getattr__(self, name: str) -> Any:
-        # transitional: the single node's fleet names, until every caller names its partition
-        if name.startswith("_") or not hasattr(Partition, name):
-            raise AttributeError(name)
-        return getattr(self._single(), name)
 
 
 def generated_admin_key(keys: Keys) -> str:

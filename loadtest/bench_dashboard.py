@@ -30,6 +30,7 @@ from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 
+from gateway.config import Settings
 from gateway.keys import Keys
 from gateway.queries import Queries
 from gateway.scripts import Scripts
@@ -103,7 +104,7 @@ async def prefill_series(redis_url: str, keys: Keys) -> int:
     """An hour of the fleet-counts series, as the gateway's sampler would have written it."""
     client = aioredis.Redis.from_url(redis_url)
     try:
-        queries = Queries(client, keys, Scripts(keys))
+        queries = Queries(client, keys, Scripts(keys), Settings().ttl_ms)
         stats = await queries.stats()
 
         async def counts() -> dict[str, Any]:

@@ -159,7 +159,7 @@ async def wait_stream_growth(
 ) -> list[bytes]:
     deadline = time.monotonic() + 3 * TIMEOUT
     while True:
-        entries = await client.xrange(gw.gateway.store.keys.events, f"({after}", "+")
+        entries = await client.xrange(gw.gateway.store.keys.part(0).events, f"({after}", "+")
         if len(entries) >= count:
             return [entry_id for entry_id, _ in entries]
         assert time.monotonic() < deadline, f"the stream did not grow by {count}"
@@ -624,7 +624,7 @@ class Cycler:
 
 async def stream_presence_ids(client: aioredis.Redis, gw: LiveGateway) -> list[str]:
     """Every presence event id in the fleet stream, oldest first."""
-    rows = await client.xrange(gw.gateway.store.keys.events, "-", "+")
+    rows = await client.xrange(gw.gateway.store.keys.part(0).events, "-", "+")
     return [i.decode() for i, body in rows if orjson.loads(body[b"event"])["type"] == "presence"]
 
 

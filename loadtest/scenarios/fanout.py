@@ -100,7 +100,7 @@ async def fanout(ctx: Ctx) -> None:
     end_ms = start_ms + int(opts.duration * 1000)
     low, high = stream_key(f"{start_ms}-0") - 1, stream_key(f"{end_ms}-0") - 1
     fleet.command("window", low=low, high=high)
-    stream = WindowCount(redis, ctx.keys.events, start_ms, end_ms)
+    stream = WindowCount(redis, ctx.keys.part(0).events, start_ms, end_ms)
     await sleep_until(start_ms / 1000)
     ctx.phase = "measuring"
     rss0 = ctx.sampler.snapshot()["gateway"].rss_bytes
