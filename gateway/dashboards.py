@@ -200,18 +200,21 @@ class DashboardHub:
         """Events after *after* (up to *upto* inclusive, else to the end), about MAX_REPLAY at
         most, each partition's in order."""
         events: list[Event] = []
-        for partition in range(self.log.partitions):
-            start = after[partition]
-            end = upto[partition] if upto is not None else (2**63, 0)
-            if upto is not None and start >= end:
-                continue
-            while len(events) < MAX_REPLAY:
-                rows = await self.log.range(partition, start, end, READ_COUNT)
+        spans = {
+            partition: (after[partition], upto[partition] if upto is not None else (2**63, 0))
+            for partition in range(self.log.partitions)
+        }
+        spans = {p: (start, end) for p, (start, end) in spans.items() if start < end}
+        # every partition read at once (one round trip per node), again for those with more
+        while spans and len(events) < MAX_REPLAY:
+            reads = await self.log.ranges(spans, READ_COUNT)
+            for partition, rows in reads.items():
                 fresh = self._events(partition, rows)
                 events += fresh
                 if len(rows) < READ_COUNT:
-                    break
-                start = fresh[-1].sid
+                    del spans[partition]
+                else:
+                    spans[partition] = (fresh[-1].sid, spans[partition][1])
         return events
 
     def _events(

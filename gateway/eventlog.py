@@ -215,12 +215,17 @@ class EventLog:
             replies = await pipe.execute()
         return [Read(p, cast(Entries, rows)) for p, rows in enumerate(replies) if rows]
 
-    async def range(self, partition: int, after: StreamId, upto: StreamId, count: int) -> Entries:
-        """Entries of one partition after *after* up to *upto* inclusive, at most *count*."""
-        rows = await self.redis.xrange(
-            self.keys.part(partition).events, f"({format_id(after)}", format_id(upto), count=count
-        )
-        return cast(Entries, rows or [])
+    async def ranges(
+        self, spans: dict[int, tuple[StreamId, StreamId]], count: int
+    ) -> dict[int, Entries]:
+        """Per partition, its entries after *after* up to *upto* inclusive (`spans[p]`), at
+        most *count*: one pipeline (on a cluster, one per node, sent together)."""
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for partition, (after, upto) in spans.items():
+                key = self.keys.part(partition).events
+                pipe.xrange(key, f"({format_id(after)}", format_id(upto), count=count)
+            replies = await pipe.execute()
+        return {p: cast(Entries, rows or []) for p, rows in zip(spans, replies, strict=True)}
 
 
 def merged(reads: Sequence[Read], limit: int) -> list[tuple[int, bytes, dict[bytes, bytes]]]:
