@@ -288,6 +288,13 @@ def _round(value: float) -> float:
     return value if isinstance(value, int) else round(float(value), 6)
 
 
+def _measured(value: float) -> str:
+    """A target's figure as people read it: whole numbers with separators, else 4 digits."""
+    if float(value).is_integer() or abs(value) >= 1000:
+        return f"{value:,.0f}"
+    return f"{value:.4g}"
+
+
 def print_summary(document: dict[str, Any]) -> None:
     print(f"\n{document['scenario']}: {document['params'].get('redis', '')}")
     for name, value in document["metrics"].items():
@@ -295,7 +302,7 @@ def print_summary(document: dict[str, Any]) -> None:
     for item in document["targets"]:
         mark = "ok  " if item["ok"] else "MISS"
         print(
-            f"  [{mark}] {item['name']:<40} {item['measured']:,.4g} {item['unit']}"
+            f"  [{mark}] {item['name']:<40} {_measured(item['measured'])} {item['unit']}"
             f"  (target {item['target']})"
         )
     print(f"  result: {document['path']}")
