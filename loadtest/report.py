@@ -9,6 +9,8 @@ and a run whose load generator was saturated says "not valid".
 from __future__ import annotations
 
 import os
+import re
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +38,35 @@ def _number(value: Any) -> str:
             return f"{value:.2e}"
         return f"{value:,.2f}" if abs(value) < 1000 else f"{value:,.0f}"
     return str(value)
+
+
+# where a run wrote its results and which copy of the document it read: this machine's
+# business, not the reader's
+PRIVATE_PARAMS = frozenset({"out"})
+PRIVATE_OPTIONS = ("--out", "--seed-doc")
+DOCUMENT = "“How to Implement Device State Management with Redis”"
+
+
+def _command(data: dict[str, Any]) -> str:
+    """The run's command without the options that only say where files were on its machine."""
+    words = shlex.split(str(data.get("command", "")))
+    kept: list[str] = []
+    skip = False
+    for word in words:
+        if skip:
+            skip = False
+        elif word in PRIVATE_OPTIONS:
+            skip = True
+        elif not word.startswith(tuple(f"{option}=" for option in PRIVATE_OPTIONS)):
+            kept.append(word)
+    return shlex.join(kept)
+
+
+def _public(text: str) -> str:
+    """A parameter as readers see it: the document by its title, no paths of this machine."""
+    text = re.sub(r"/\S*/seed/[0-9a-f_]+\.txt", DOCUMENT, text)
+    text = text.replace("the seed's", "the document's").replace("The seed's", "The document's")
+    return re.sub(r"(?<![\w.])/(?:work|root|home|tmp)/\S*", "<local path>", text)
 
 
 def _cell(text: str) -> str:
@@ -162,7 +193,7 @@ def _issue_rows(latest: dict[str, Loaded]) -> list[str]:
             rows.append(f"| {issue} | {what} | {goal_text} | not measured | — | |")
             continue
         met = value <= goal if op == "<=" else value >= goal
-        command = _cell(str(data.get("command", "")))
+        command = _cell(_command(data))
         rows.append(
             f"| {issue} | {what} | {goal_text} | {_number(value)} {unit} | "
             f"{_verdict(scenario, data, met)} | `{command}` |"
@@ -274,7 +305,7 @@ def _dashboard(latest: dict[str, Loaded]) -> list[str]:
         f"{m['paging_scroll_dropped_frames_pct']:.1f} % of frames dropped, "
         f"{m['janky_frames']:.0f} longer than 50 ms. An id-prefix search was listed",
         f"{m['search_ms']:,.0f} ms after typing (200 ms of it the search box waiting for a pause).",
-        f"Command: `{_cell(str(data.get('command', '')))}`; Chromium, the gateway and Redis "
+        f"Command: `{_cell(_command(data))}`; Chromium, the gateway and Redis "
         "shared the machine's two cores.",
     ]
 
@@ -315,12 +346,12 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
     ]
     for name in sorted(latest):
         _, data = latest[name]
-        command = _cell(str(data.get("command", "")))
+        command = _cell(_command(data))
         for t in data.get("targets", []):
             measured = f"{_number(t.get('measured'))} {t.get('unit', '')}".strip()
             ok = "✅" if t.get("ok") else "❌"
             lines.append(
-                f"| {name} | {_cell(str(t.get('name')))} | {_cell(str(t.get('target')))} "
+                f"| {name} | {_cell(_public(str(t.get('name'))))} | {_cell(str(t.get('target')))} "
                 f"| {_cell(measured)} | {ok} | `{command}` |"
             )
     lines.append("")
@@ -330,11 +361,15 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
         lines += [
             f"- run: {data.get('started_at', '?')}, result "
             f"[`{path.name}`]({_relative(path, docs_path.parent)})",
-            f"- command: `{data.get('command', '')}`",
+            f"- command: `{_command(data)}`",
         ]
         params = data.get("params", {})
         if params:
-            shown = ", ".join(f"{k}={v}" for k, v in params.items() if v is not None)
+            shown = ", ".join(
+                f"{k}={_public(str(v))}"
+                for k, v in params.items()
+                if v is not None and k not in PRIVATE_PARAMS
+            )
             lines.append(f"- params: {_cell(shown)}")
         lines += _run_notes(data)
         lines += ["", "| metric | value |", "| --- | --- |"]
