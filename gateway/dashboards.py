@@ -95,9 +95,6 @@ class Dashboard:
     def new(self, event: Event) -> bool:
         return event.sid > self.after[event.partition]
 
-    def wants(self, event: Event) -> bool:
-        return self.new(event) and self.filtered_in(event)
-
     def filtered_in(self, event: Event) -> bool:
         return (self.types is None or event.kind in self.types) and (
             self.ids is None or event.device_id in self.ids

@@ -25,14 +25,13 @@ INTERNAL = Close(1011, "internal_error", True)
 RESTARTING = Close(1012, "gateway_restarting", True)
 MALFORMED = Close(4400, "malformed_frames", True)
 AUTH_REQUIRED = Close(4401, "auth_required", False)
-ORIGIN_REFUSED = Close(4403, "origin_refused", False)
 TOO_SLOW = Close(4408, "slow_consumer", True)
 REPLACED = Close(4409, "replaced", False)
 RATE_LIMITED = Close(4429, "rate_limited", True)
 
 TABLE: tuple[Close, ...] = (
     NORMAL, PROTOCOL_ERROR, INVALID_TEXT, POLICY, DELETED, TOKEN_ROTATED, TOO_BIG, INTERNAL,
-    RESTARTING, MALFORMED, AUTH_REQUIRED, ORIGIN_REFUSED, TOO_SLOW, REPLACED, RATE_LIMITED,
+    RESTARTING, MALFORMED, AUTH_REQUIRED, TOO_SLOW, REPLACED, RATE_LIMITED,
 )  # fmt: skip
 
 # Close codes from the peer that mean "the connection died" rather than "the device said bye".

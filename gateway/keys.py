@@ -296,7 +296,6 @@ class Keys:
         return self.parts[0]
 
 
-
 def generated_admin_key(keys: Keys) -> str:
     """Hash of the admin key generated at first start when none is configured."""
     return f"{keys.prefix}gateway:generated_admin_key"

@@ -667,12 +667,6 @@ async function handleClose(code, reason, sock) {
     authRequired(reason ? `Please sign in (${reason}).` : "Please sign in.");
     return;
   }
-  if (code === 4403) {
-    wantConnected = false;
-    setConnection("disconnected", "Refused");
-    showNotice(`The gateway refused this page's origin (4403)${reason ? `: ${reason}` : ""}.`, true);
-    return;
-  }
   if (code === 4408) showNotice("The gateway dropped this dashboard for falling behind; reconnecting.");
   else if (code === 1012) showNotice("The gateway is restarting; reconnecting.");
   if (!sock.gotSnapshot) {
