@@ -22,8 +22,10 @@ from typing import Any, cast
 import orjson
 import pytest
 import redis
+import redis.asyncio as aioredis
 from backends import Client, all_keys, node_of, single_node
 from live import LiveGateway, live_gateway
+from seedcode import NodeSeed
 from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Settings
@@ -206,6 +208,27 @@ async def test_last_seen_moves_once_a_step_and_never_back(
     lost = await beat_at(late_frame)
     assert (lost.last_seen, lost.score) == (at + INDEX_STEP, at + INDEX_STEP)
     assert abs(lost.expires_at - (late_frame * 1000 + TTL_MS)) < 100
+
+
+async def test_a_lost_key_renewed_keeps_last_seen_in_the_node_classes_units(
+    redis_client: aioredis.Redis,
+) -> None:
+    """The Node.js classes' layout keeps `lastSeen` in milliseconds: a renewal of a lost key
+    in a step already written leaves it exactly as it was (one node by nature)."""
+    settings = Settings(heartbeat_timeout=HEARTBEAT_TIMEOUT, seed_schema="node")
+    store = Store(redis_client, settings)
+    engine = PresenceEngine(redis_client, store, settings, Metrics(), on_stale=lambda *_: None)
+    await store.register("d1", "t", {})
+    assert await engine.connect("d1", "s", "") is not None
+    state, heartbeat = store.keys.state("d1"), store.keys.heartbeat("d1")
+    written = await hash_field(redis_client, state, "lastSeen")
+    assert written.isdigit()  # milliseconds
+    await redis_client.delete(heartbeat)
+    late_frame = time.time() - 3
+    engine.beat("d1", "s", seen_at=late_frame)
+    await engine.flush()
+    assert await hash_field(redis_client, state, "lastSeen") == written
+    assert abs(await redis_client.pexpiretime(heartbeat) - (late_frame * 1000 + TTL_MS)) < 100
 
 
 # --- reads put back what the step leaves out: last_seen to the millisecond -------------------
@@ -620,6 +643,18 @@ async def test_stamps_are_one_number_until_a_patch_stamps_leaves_apart(
 
 
 # --- the seed document's readers beside the lean layout -------------------------------------
+async def chatter(ws: ClientConnection) -> float:
+    """Frames for more than a step (last_seen moved, though not with every frame); the time
+    of the last, once it is in Redis."""
+    last_frame = 0.0
+    for _ in range(7):
+        await asyncio.sleep(0.2)
+        last_frame = time.time()
+        await ws.send(text("heartbeat"))
+    await synced(ws)
+    return last_frame
+
+
 @single_node  # the seed document's classes read across slots: one node only
 async def test_seed_readers_see_a_gateway_device_online_and_seen_within_a_second(
     backend_url: str, seed: types.SimpleNamespace
@@ -628,12 +663,7 @@ async def test_seed_readers_see_a_gateway_device_online_and_seen_within_a_second
         token = await register(gw, "sd-1")
         await register(gw, "sd-2")  # never connected
         async with device(gw, "sd-1", token) as ws:
-            # a chatty device over more than a step: last_seen moved, though not every frame
-            for _ in range(7):
-                await asyncio.sleep(0.2)
-                last_frame = time.time()
-                await ws.send(text("heartbeat"))
-            await synced(ws)
+            last_frame = await chatter(ws)
             with redis.Redis.from_url(backend_url) as client:
                 manager = seed.DeviceStateManager(client)
                 state = await asyncio.to_thread(manager.get_device_state, "sd-1")
@@ -654,6 +684,23 @@ async def test_seed_readers_see_a_gateway_device_online_and_seen_within_a_second
         (listed,) = [entry for entry in by_type if entry["device_id"] == "sd-1"]
         assert listed["status"] == "online"
         assert abs(listed["last_seen"] - last_frame) < INDEX_STEP
+
+
+async def test_node_readers_see_a_gateway_device_online_and_seen_within_a_second(
+    node_seed: NodeSeed, redis_url: str
+) -> None:
+    """The same through the document's Node.js classes, on their layout (one node only)."""
+    async with live_gateway(
+        redis_url, heartbeat_timeout=HEARTBEAT_TIMEOUT, seed_schema="node"
+    ) as gw:
+        token = await register(gw, "nd-1")
+        async with device(gw, "nd-1", token) as ws:
+            last_frame = await chatter(ws)
+            state = await node_seed.call("manager", "getDeviceState", "nd-1")
+            online = await node_seed.call("manager", "getOnlineDevices")
+    assert state["status"] == "online"
+    assert abs(state["lastSeen"] / 1000 - last_frame) < INDEX_STEP
+    assert online == ["nd-1"]
 
 
 async def test_the_seed_sets_are_kept_on_one_node_only(
