@@ -64,20 +64,14 @@ DeviceId = Annotated[
 DeviceType = Annotated[
     str, _text(_whole(keys.TYPE_PATTERN), f"1–64 characters of {NAME_CHARACTERS}")
 ]
-StreamId = Annotated[
-    str,
-    _text(
-        "^[0-9]{1,20}(-[0-9]{1,20})?" + END,
-        "a stream id like 1700000000000-0",
-        also=("invalid-cursor",),
-    ),
-]
+# an event's id in the fleet log: its stream id, after its partition on a cluster (eventlog.py)
 EventId = Annotated[
     str,
-    Meta(
-        pattern="^([0-9]{1,4}:)?[0-9]{1,20}-[0-9]{1,20}" + END,
-        description="A stream id; on a cluster, `<partition>:<stream id>` in the fleet log "
-        "(ids of different partitions do not order against each other)",
+    _text(
+        "^([0-9]{1,4}:)?[0-9]{1,20}(-[0-9]{1,20})?" + END,
+        "an event id: a stream id like 1700000000000-0 (on a cluster, after its partition: "
+        "2:1700000000000-0)",
+        also=("invalid-cursor",),
     ),
 ]
 # Opaque on purpose: on a cluster one position covers every partition's stream.
@@ -218,7 +212,7 @@ class HistoryQuery(Struct, forbid_unknown_fields=True):
         Meta(ge=1, le=MAX_HISTORY_PAGE, description="Largest number of events on the page"),
     ] = DEFAULT_HISTORY_PAGE
     before: (
-        Annotated[StreamId, Meta(description="`next_before` of the previous page")] | UnsetType
+        Annotated[EventId, Meta(description="`next_before` of the previous page")] | UnsetType
     ) = UNSET
 
 
@@ -339,7 +333,7 @@ class DeltaResult(Struct, forbid_unknown_fields=True):
 class Event(Struct, tag_field="type"):
     """A change recorded in a stream; more members may be added."""
 
-    id: EventId
+    id: Annotated[EventId, Meta(description="Event id in the fleet log")]
     device_id: DeviceId
     timestamp: Seconds
 
@@ -375,7 +369,7 @@ class HistoryPage(Struct, forbid_unknown_fields=True):
 
     items: list[PresenceEvent | StateEvent | MetadataEvent]
     next_before: Annotated[
-        StreamId | None, Meta(description="Pass as `before` for older events; null at the end")
+        EventId | None, Meta(description="Pass as `before` for older events; null at the end")
     ]
 
 

@@ -181,14 +181,14 @@ async def test_connect_welcome_carries_the_shadow(engine: PresenceEngine) -> Non
 
 
 async def test_connect_checks_the_token_hash(engine: PresenceEngine) -> None:
-    from gateway.auth import hash_token
+    from gateway.auth import hash_device_token
     from gateway.presence import Revoked
 
     _, token = await engine.store.register("d1", "t", {})
-    assert await engine.connect("d1", "s1", hash_token(token)) is not None
+    assert await engine.connect("d1", "s1", hash_device_token(token)) is not None
     await engine.store.rotate_token("d1")
     with pytest.raises(Revoked):
-        await engine.connect("d1", "s2", hash_token(token))
+        await engine.connect("d1", "s2", hash_device_token(token))
 
 
 async def test_second_session_replaces_and_kicks_the_first(

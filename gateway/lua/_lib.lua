@@ -21,6 +21,24 @@ local function time_of(stored)
   return value
 end
 
+-- The last seen (epoch seconds as text) a renewal of a lapsed heartbeat marks the device online
+-- with: the frame's own when it moves the last-seen index (*seen_at*); else (its step was
+-- written already) the time stored, not *now*: a frame re-asserted late, after Redis lost the
+-- key, would otherwise put `last_seen` at the moment of the write, however long ago it came.
+local function renewal_seen(state_key, seen_at, now)
+  if seen_at ~= '' then
+    return seen_at
+  end
+  local stored = redis.call('HGET', state_key, F_SEEN)
+  if time_of(stored) <= 0 then
+    return now
+  end
+  if MILLIS then
+    return string.format('%.3f', time_of(stored))
+  end
+  return stored
+end
+
 -- `desired_sha` as stored: the first 64 bits of the SHA-1 (hex) tell a foreign write apart,
 -- in a quarter of the bytes.
 local function short_sha(hex)

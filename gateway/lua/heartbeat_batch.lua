@@ -42,9 +42,7 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
     if not call('ZSCORE', KEYS[2], id) then
       code = 2
     end
-    if seen_at == '' then
-      seen_at = now
-    end
+    seen_at = renewal_seen(state_key, seen_at, now)
     mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)
     if code == 2 then
       presence_transition(state_key, KEYS[10 + 3 * i], KEYS[6], KEYS[7], id, 'online', now,

@@ -41,9 +41,7 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
       if not call('ZSCORE', KEYS[2], id) then
         code = 2
       end
-      if seen_at == '' then
-        seen_at = now
-      end
+      seen_at = renewal_seen(state_key, seen_at, now)
       mark_online(state_key, KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[5], id, seen_at)
     elseif seen_at ~= '' then
       call('ZADD', KEYS[3], seen_at, id)
