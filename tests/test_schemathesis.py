@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, settings
 from live import ADMIN_KEY
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
@@ -53,6 +53,12 @@ def route_table(redis_url: str) -> set[str]:
     }
 
 
+def vanishes_on_the_wire(case: Any) -> bool:
+    """A negative case made invalid by a query parameter with no values: nothing of it is
+    sent, so the request that arrives is a valid one (schemathesis still expects a refusal)."""
+    return any(value == [] for value in (case.query or {}).values())
+
+
 @pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE])
 def test_every_route_is_documented_and_answers_as_documented(
     redis_url: str, gateway_factory: Any, mode: GenerationMode
@@ -85,6 +91,8 @@ def test_every_route_is_documented_and_answers_as_documented(
         )
         @given(case=operation.as_strategy(mode))
         def check(case: Any) -> None:
+            if mode is GenerationMode.NEGATIVE:
+                assume(not vanishes_on_the_wire(case))
             case.call_and_validate(base_url=gw.base_url, headers=headers, checks=checks)
 
         try:
