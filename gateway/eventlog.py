@@ -153,13 +153,17 @@ class EventLog:
         entry = _text(entry_id)
         return entry if self.partitions == 1 else f"{partition}:{entry}"
 
-    def entry_of(self, event_id: str) -> StreamId:
+    def entry_of(self, event_id: str, partition: int | None = None) -> StreamId:
         """The stream id an `event_id` names (its partition prefix, on a cluster, dropped);
-        InvalidCursor for anything else."""
+        InvalidCursor for anything else, and for an event of another partition than
+        *partition* (when given)."""
         if self.partitions > 1:
-            partition, _, event_id = event_id.partition(":")
-            if not partition.isdigit() or int(partition) >= self.partitions:
+            prefix, _, entry = event_id.partition(":")
+            if not prefix.isdigit() or int(prefix) >= self.partitions:
                 raise InvalidCursor(f"not an event id: {event_id[:48]!r}")
+            if partition is not None and int(prefix) != partition:
+                raise InvalidCursor(f"not an event of this device: {event_id[:48]!r}")
+            event_id = entry
         return parse_id(event_id)
 
     def decode(self, value: str) -> Position:

@@ -482,8 +482,8 @@ class Store:
         """
         await self.require(device_id)
         key = self.keys.history(device_id)
-        after = self.events.entry_of(before) if before is not None else None
         partition = self.keys.partition(device_id)
+        after = self.events.entry_of(before, partition) if before is not None else None
         items: list[dict[str, Any]] = []
         start = 0
         window = max(limit, HISTORY_WINDOW)

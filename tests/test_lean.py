@@ -231,6 +231,32 @@ async def test_a_lost_key_renewed_keeps_last_seen_in_the_node_classes_units(
     assert abs(await redis_client.pexpiretime(heartbeat) - (late_frame * 1000 + TTL_MS)) < 100
 
 
+@pytest.mark.parametrize("grace", [0.0, 30.0], ids=["at-once", "after-a-grace"])
+async def test_last_seen_never_steps_back_when_the_session_ends(
+    backend_url: str, backend_client: Client, layout: Keys, grace: float
+) -> None:
+    """Within a step the hash trails the latest frame; ending the session writes what the
+    heartbeat's expiry says, so the device's last seen reads the same before and after."""
+    settings = Settings(
+        redis_url=backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT, offline_grace=grace
+    )
+    store = Store(backend_client, settings, layout)
+    engine = PresenceEngine(backend_client, store, settings, Metrics(), lambda *_: None)
+    await store.register("d1", "t", {})
+    assert await engine.connect("d1", "s", "") is not None
+    stored = float(await hash_field(backend_client, layout.state("d1"), "last_seen"))
+    await asyncio.sleep(0.05)
+    # a frame of the connect's step: the TTL is renewed now, last_seen stays in the hash
+    engine.beat("d1", "s", seen_at=stored)
+    await engine.flush()
+    before = (await store.require("d1")).last_seen
+    assert before > stored  # read back from the heartbeat, past what the hash holds
+    await engine.end_now([("d1", "s")], "closed", grace)
+    after = float(await hash_field(backend_client, layout.state("d1"), "last_seen"))
+    assert after == before
+    assert (await store.require("d1")).last_seen == before
+
+
 # --- reads put back what the step leaves out: last_seen to the millisecond -------------------
 async def read_last_seen(gw: LiveGateway, device_id: str) -> list[float]:
     """last_seen as Store.get, GET /api/devices/{id} and a page item each say."""
@@ -487,6 +513,8 @@ async def test_a_before_this_api_did_not_issue_is_refused(backend_url: str, layo
         ]
         if layout.partitions > 1:
             not_issued.append("1-0")  # a stream id without its partition
+            other = (layout.partition("h-2") + 1) % layout.partitions
+            not_issued.append(f"{other}:1-0")  # another partition's event
         cases = [(before, 400, "invalid-cursor") for before in not_issued]
         cases.append(("abc", 422, "invalid-request"))  # not even shaped like an id
         for before, status, kind in cases:

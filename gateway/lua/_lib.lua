@@ -39,6 +39,23 @@ local function renewal_seen(state_key, seen_at, now)
   return stored
 end
 
+-- Before a session's heartbeat is cut short or removed: `last_seen` moved to the heartbeat's
+-- last renewal (its expiry less the TTL, *ttl* ms), which can be up to a second past the stored
+-- value (it moves once a second), so a device's last seen never steps back when it goes
+-- offline. Only within two seconds of the stored value and never past *now* (a heartbeat
+-- another program wrote with another TTL says nothing reliable).
+local function settle_last_seen(state_key, heartbeat_key, ttl, now)
+  local expires = redis.call('PEXPIRETIME', heartbeat_key)
+  if expires <= 0 then
+    return
+  end
+  local renewed = (expires - ttl) / 1000
+  local stored = time_of(redis.call('HGET', state_key, F_SEEN))
+  if renewed > stored and renewed <= stored + 2 and renewed <= tonumber(now) then
+    redis.call('HSET', state_key, F_SEEN, stored_time(string.format('%.3f', renewed)))
+  end
+end
+
 -- `desired_sha` as stored: the first 64 bits of the SHA-1 (hex) tell a foreign write apart,
 -- in a quarter of the bytes.
 local function short_sha(hex)

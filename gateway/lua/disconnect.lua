@@ -20,6 +20,7 @@ for i = 0, count - 1 do
   local code = 0
   if redis.call('HGET', state_key, 'session') == session then
     redis.call('HSET', state_key, 'session', '')
+    settle_last_seen(state_key, heartbeat_key, ttl, now)
     if grace > 0 and redis.call('EXISTS', heartbeat_key) == 1 then
       redis.call('PEXPIRE', heartbeat_key, grace)
       redis.call('HSET', state_key, 'linger_reason', reason)

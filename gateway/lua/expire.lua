@@ -20,8 +20,9 @@ for i = 0, count - 1 do
   local version = 0
   local remaining = redis.call('PTTL', heartbeat_key)
   if remaining >= 0 then
-    redis.call('ZADD', KEYS[3], 'XX', tonumber(now) + (remaining - tonumber(ARGV[4])) / 1000,
-      ARGV[5 + i])
+    -- never in the future: a heartbeat another program set with a longer TTL stays findable
+    redis.call('ZADD', KEYS[3], 'XX',
+      math.min(tonumber(now), tonumber(now) + (remaining - tonumber(ARGV[4])) / 1000), ARGV[5 + i])
   elseif remaining == -2 then
     local reason = redis.call('HGET', state_key, 'linger_reason')
     if not reason or reason == '' then
