@@ -39,7 +39,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
 }
 OWN = {
-    "suite": "Every benchmark at the issues' sizes (~45 min)",
+    "suite": "Every benchmark at the issues' sizes (~1 hour)",
     "publish": "Copy runs into loadtest/published/, regenerate page",
     "report": "Regenerate docs/benchmarks.md from published runs",
 }
