@@ -256,6 +256,7 @@ class Ctx:
                         sid = parse_id(entry_id.decode())
                         position = position.advanced(read.partition, sid)
                         data = body.get(b"event", b"")
+                        # the scripts write an event's type first: no need to parse the rest
                         if data.startswith(b'{"type":"presence"'):
                             self._presence_event(sid[0] / 1000, data, ids)
                 if all(len(read.entries) < TAIL_COUNT for read in reads):

@@ -27,11 +27,13 @@ from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 from redis.exceptions import RedisError
 
+from gateway.config import StartupError
 from gateway.devcluster import LocalCluster, Node
 from gateway.keys import Keys
 from loadtest import procstat
 
 PRIMARIES = 3
+START_ATTEMPTS = 3
 SYNC_TIMEOUT = 30.0
 PROMOTION_TIMEOUT = 30.0
 POLL_S = 0.1
@@ -43,8 +45,8 @@ class Failover:
     """A primary killed with SIGKILL, and how the cluster took it."""
 
     victim: str  # its address
-    devices: int  # the run's devices whose partitions it served
-    replica_lag_bytes: int | None  # how far its replica was behind when it was killed
+    served: frozenset[str]  # the run's devices whose partitions it served
+    replica_lag_bytes: int | None  # at most how far its replica was behind when it was killed
     promoted_s: float | None  # kill → a full set of primaries serving every slot; None: never
 
 
@@ -68,7 +70,16 @@ class RunCluster:
     """`PRIMARIES` primaries with *replicas* replicas each, started for one run."""
 
     def __init__(self, data_dir: Path, replicas: int = 1, extra_args: tuple[str, ...] = ()) -> None:
-        self.local = LocalCluster(data_dir, PRIMARIES, replicas, extra_args=extra_args)
+        self.data_dir = data_dir
+        self.replicas = replicas
+        self.extra_args = extra_args
+        self.local = self._make(0)
+
+    def _make(self, attempt: int) -> LocalCluster:
+        return LocalCluster(
+            self.data_dir / f"start-{attempt}", PRIMARIES, self.replicas,
+            extra_args=self.extra_args,
+        )  # fmt: skip
 
     @property
     def url(self) -> str:
@@ -88,7 +99,16 @@ class RunCluster:
         return [node.pid for node in self.local.nodes if node.pid is not None]
 
     async def start(self) -> str:
-        return await self.local.start()
+        """Start the cluster; on other free ports again when a node could not start (on a
+        shared machine another process may take a port between its check and its bind)."""
+        for attempt in range(1, START_ATTEMPTS + 1):
+            try:
+                return await self.local.start()
+            except StartupError:
+                if attempt == START_ATTEMPTS:
+                    raise
+                self.local = self._make(attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     async def stop(self) -> None:
         await self.local.stop()
@@ -143,34 +163,37 @@ class RunCluster:
             await asyncio.sleep(POLL_S)
 
     async def replica_lag(self, primary: Node) -> int | None:
-        """Bytes of replication stream *primary* has written that its replica has not
-        processed yet (None: it has no answering replica)."""
-        nodes = await self._replication()
-        written = int(nodes.get(primary.port, {}).get("master_repl_offset", 0))
-        lags = [
-            written - int(info.get("slave_repl_offset", 0))
-            for info in nodes.values()
+        """At most how many bytes of replication stream *primary* has written that its
+        replica has not processed (None: it has no answering replica). The replica is read
+        first and the primary after, so the figure never understates the lag."""
+        processed = [
+            int(info.get("slave_repl_offset", 0))
+            for info in (await self._replication()).values()
             if info.get("role") == "slave" and int(info.get("master_port", 0)) == primary.port
         ]
-        return max(lags) if lags else None
+        if not processed:
+            return None
+        async with primary.client() as client:
+            written = int((await client.info("replication")).get("master_repl_offset", 0))
+        return max(0, written - min(processed))
 
     # --- a primary killed -------------------------------------------------------------
     async def busiest_primary(
         self, client: RedisCluster, keys: Keys, device_ids: Sequence[str]
-    ) -> tuple[Node, int]:
-        """The primary serving the partitions of most of *device_ids*, and how many."""
+    ) -> tuple[Node, frozenset[str]]:
+        """The primary serving the partitions of most of *device_ids*, and those devices."""
         await client.nodes_manager.initialize()
-        counts: dict[str, int] = {}
+        served: dict[str, set[str]] = {}
         for device_id in device_ids:
             slot = key_slot(keys.of(device_id).base.encode())
             name = str(client.nodes_manager.get_node_from_slot(slot).name)
-            counts[name] = counts.get(name, 0) + 1
-        name = max(counts, key=lambda n: counts[n])
+            served.setdefault(name, set()).add(device_id)
+        name = max(served, key=lambda n: len(served[n]))
         node = next(node for node in self.local.nodes if node.address == name)
-        return node, counts[name]
+        return node, frozenset(served[name])
 
     async def kill_primary(
-        self, node: Node, devices: int, on_kill: Callable[[int], None] | None = None
+        self, node: Node, served: frozenset[str], on_kill: Callable[[int], None] | None = None
     ) -> Failover:
         """SIGKILL *node* and wait until its replica took over (bounded); *on_kill* is
         called with its pid just before."""
@@ -179,7 +202,7 @@ class RunCluster:
             on_kill(node.pid)
         self.local.kill(node)
         promoted = await self.wait_promoted(node)
-        return Failover(node.address, devices, lag, promoted)
+        return Failover(node.address, served, lag, promoted)
 
     async def wait_promoted(self, lost: Node, within: float = PROMOTION_TIMEOUT) -> float | None:
         """Seconds until the other nodes count a full set of primaries again and every one

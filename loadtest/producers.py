@@ -74,23 +74,32 @@ class Sent:
         return len(self.accepted)
 
 
-def delivery(accepted: list[int], received: set[int], devices: int) -> dict[str, int]:
-    """Accepted changes against those the devices received, by `seq`: `missing` were never
-    received, nor was any later change to the same device (`superseded`: the device was
-    sent the newer desired state instead, which is all a shadow promises)."""
-    missing = superseded = 0
+@dataclass
+class Delivery:
+    """Accepted changes against those the devices received, by `seq`."""
+
+    missing: list[int]  # never received, nor any later change to the same device
+    superseded: int  # not received, but a later change to the same device was
+
+
+def delivery(accepted: list[int], received: set[int], devices: int) -> Delivery:
+    """Which accepted changes never reached their device. One not received counts as
+    delivered when a later change to the same device was (the device was sent the newer
+    desired state instead, which is all a shadow promises)."""
+    missing: list[int] = []
+    superseded = 0
     latest: dict[int, int] = {}
     for seq in received:
         device = seq % devices
         latest[device] = max(latest.get(device, -1), seq)
-    for seq in accepted:
+    for seq in sorted(accepted):
         if seq in received:
             continue
         if latest.get(seq % devices, -1) > seq:
             superseded += 1
         else:
-            missing += 1
-    return {"missing": missing, "superseded": superseded}
+            missing.append(seq)
+    return Delivery(missing, superseded)
 
 
 async def http_command_load(

@@ -17,7 +17,7 @@ import redis.asyncio as aioredis
 from loadtest.cli import build_parser, options_from
 from loadtest.localcluster import RunCluster
 from loadtest.options import Options
-from loadtest.producers import delivery
+from loadtest.producers import Delivery, delivery
 
 
 def options(*argv: str) -> Options:
@@ -57,8 +57,8 @@ def test_cluster_options_are_refused_where_they_cannot_be_honoured() -> None:
 def test_a_change_is_missing_only_when_neither_it_nor_a_later_one_reached_its_device() -> None:
     # change k goes to device k % 2: device 0 gets 0, 2, 4; device 1 gets 1, 3, 5
     received = {0, 1, 3, 4}
-    assert delivery([0, 1, 2, 3, 4, 5], received, devices=2) == {"missing": 1, "superseded": 1}
-    assert delivery([0, 1, 3, 4], received, devices=2) == {"missing": 0, "superseded": 0}
+    assert delivery([0, 1, 2, 3, 4, 5], received, devices=2) == Delivery([5], 1)
+    assert delivery([0, 1, 3, 4], received, devices=2) == Delivery([], 0)
 
 
 @pytest.fixture

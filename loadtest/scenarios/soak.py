@@ -74,8 +74,10 @@ async def soak(ctx: Ctx, commands: bool = False) -> None:
             if opts.kill_primary_at is not None:
                 failover = asyncio.create_task(kill_primary(ctx, valkey))
     sent = await command_task if command_task is not None else None
+    killed: Failover | None = None
     if failover is not None and valkey is not None:
-        m.update(failover_metrics(await failover))
+        killed = await failover
+        m.update(failover_metrics(killed))
         held = await valkey.connections(ctx.cluster.gateway_names)
         m.update(connection_metrics(held, "after_failover_"))
     redis_online = await ctx.online_in_redis() if ctx.redis is not None else -1
@@ -118,15 +120,17 @@ async def soak(ctx: Ctx, commands: bool = False) -> None:
         else stats.at_most("false offline events (socket stayed open)", 0, false_offline, ""),
     ]
     if commands:
-        await command_metrics(ctx, sent)
+        await command_metrics(ctx, sent, killed)
     if valkey is not None:
         cluster_targets(ctx, valkey)
     plots.timeline(ctx, "online", f"{opts.result_name}: online and RSS", ["online"], "devices",
                    ["gateway_rss_mib", "redis_rss_mib"], "MiB")  # fmt: skip
 
 
-async def command_metrics(ctx: Ctx, sent: Sent | None) -> None:
-    """Desired changes the API accepted against those the devices received, and latency."""
+async def command_metrics(ctx: Ctx, sent: Sent | None, killed: Failover | None) -> None:
+    """Desired changes the API accepted against those the devices received, and latency;
+    when some never arrived, when they were made and whether their devices were the killed
+    primary's."""
     fleet, m = ctx.fleet, ctx.result.metrics
     assert fleet is not None
     sent = sent or Sent({}, [])
@@ -134,20 +138,30 @@ async def command_metrics(ctx: Ctx, sent: Sent | None) -> None:
     await fleet.wait_for(lambda: accepted <= fleet.received_seqs, 5.0)
     latency = stats.summary(fleet.samples.get("desired_ms", []), "command_ms")
     lost = delivery(sent.accepted, fleet.received_seqs, len(ctx.ids))
+    missing = [ctx.ids[seq % len(ctx.ids)] for seq in lost.missing]
+    if lost.missing:  # change k was made k / rate seconds into the window
+        m["commands_missing_made_s"] = (
+            f"{lost.missing[0] / ctx.opts.rate:.1f}–{lost.missing[-1] / ctx.opts.rate:.1f}"
+        )
+        m["commands_missing_devices"] = len(set(missing))
+        if killed is not None:
+            m["commands_missing_on_killed_primary"] = sum(d in killed.served for d in missing)
     m.update(
         {
             "commands_ok": sent.ok,
             "commands_refused": sum(sent.statuses.values()) - sent.ok,
             "command_statuses": ",".join(f"{k}:{v}" for k, v in sorted(sent.statuses.items())),
             "commands_received": fleet.total("probes"),
-            "commands_missing": lost["missing"],
-            "commands_superseded": lost["superseded"],
+            "commands_missing": len(lost.missing),
+            "commands_superseded": lost.superseded,
+            # received although the API did not accept them (a refusal that wrote anyway)
+            "commands_received_not_accepted": len(fleet.received_seqs - accepted),
             **latency,
         }
     )
     ctx.result.targets += [
         stats.at_most("command p99 while running", 1000, latency["command_ms_p99"], "ms"),
-        stats.at_most("accepted desired changes missing", 0, lost["missing"], ""),
+        stats.at_most("accepted desired changes missing", 0, len(lost.missing), ""),
     ]
     if m["max_online"] < len(ctx.ids):
         m["limited_by"] = limiting_factor(ctx)
@@ -156,10 +170,10 @@ async def command_metrics(ctx: Ctx, sent: Sent | None) -> None:
 async def kill_primary(ctx: Ctx, valkey: RunCluster) -> Failover:
     """SIGKILL the primary serving most of the run's devices; its CPU so far stays counted."""
     assert isinstance(ctx.redis, RedisCluster)
-    node, devices = await valkey.busiest_primary(ctx.redis, ctx.keys, ctx.ids)
+    node, served = await valkey.busiest_primary(ctx.redis, ctx.keys, ctx.ids)
     ctx.phase = f"primary {node.address} killed; waiting for its replica"
     failover = await valkey.kill_primary(
-        node, devices, on_kill=lambda pid: ctx.sampler.retire("redis", pid)
+        node, served, on_kill=lambda pid: ctx.sampler.retire("redis", pid)
     )
     ctx.phase = f"soaking {ctx.opts.duration:.0f} s (after the failover)"
     return failover
@@ -168,7 +182,7 @@ async def kill_primary(ctx: Ctx, valkey: RunCluster) -> Failover:
 def failover_metrics(failover: Failover) -> dict[str, Any]:
     return {
         "killed_primary": failover.victim,
-        "killed_primary_devices": failover.devices,
+        "killed_primary_devices": len(failover.served),
         "killed_primary_replica_lag_bytes": failover.replica_lag_bytes,
         "replica_promoted_s": None
         if failover.promoted_s is None
