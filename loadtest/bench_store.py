@@ -8,14 +8,22 @@ writes the round as one `heartbeat_batch.lua` call per chunk of 500 devices. The
 same run and on the same Redis, the seed's `DeviceStateManager.device_heartbeat` runs once per
 heartbeat over the same devices, and the two rates are compared.
 
+With `--cluster` the same phases run on one node and then on a local 3-primary Valkey
+Cluster (the gateway's cluster layout: one batch call per partition and chunk), in one run,
+without the seed's phase (its pipelines cross slots, which a cluster refuses): heartbeats/s
+and Redis CPU per heartbeat on each, and the ratios cluster/single.
+
     python -m loadtest.bench_store --devices 10000 --seconds 10
+    python -m loadtest.bench_store --cluster --devices 10000 --seconds 10
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +37,10 @@ from gateway.device_session import document_to_write
 from gateway.keys import Keys
 from gateway.metrics import Metrics
 from gateway.presence import CHUNK, PresenceEngine
-from gateway.scripts import SCRIPTS
 from gateway.store import Store
-from loadtest import fleet, results
+from loadtest import fleet, procstat, results
 from loadtest.baseline import process_cpu_seconds, run_seed_heartbeats
+from loadtest.localcluster import RunCluster
 from loadtest.seedload import add_seed_argument, load_seed
 
 SESSION = "bench-store"
@@ -142,9 +150,9 @@ async def run_batched_heartbeats(
     same reported state every round (a device that reports its full state with each
     heartbeat: written once, then bare beats); `bare` — heartbeats with no state.
     """
-    redis = redisconn.connect(redis_url)
+    redis, keys = await layout_client(redis_url)
     settings = Settings()
-    store = Store(redis, settings)
+    store = Store(redis, settings, keys)
     refused: list[tuple[str, int]] = []
     engine = PresenceEngine(
         redis,
@@ -154,7 +162,7 @@ async def run_batched_heartbeats(
         lambda device, _session, code: refused.append((device, code)),
     )
     try:
-        await SCRIPTS.load(redis)
+        await store.scripts.load(redis)
         rounds = beats = 0
         written: dict[str, bytes] = {}
         round_times: list[float] = []
@@ -214,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed-threads", type=int, default=1)
     parser.add_argument("--redis-url", help="an external, empty Redis (default: a private server)")
+    parser.add_argument(
+        "--cluster", action="store_true",
+        help="the same phases on one node and on a local 3-primary Valkey Cluster in one run, "
+        "and the ratio cluster/single (no seed phase)",
+    )  # fmt: skip
     add_seed_argument(parser)
     parser.add_argument(
         "--out", type=Path, help=f"results directory (default {results.results_dir()})"
@@ -225,6 +238,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     if args.devices < 1 or args.seconds <= 0:
         raise SystemExit("--devices must be ≥ 1 and --seconds > 0")
+    if args.cluster:
+        return compare_cluster(args, argv)
     seed = load_seed(args.seed_doc)
     started_at = fleet.now_iso()
     device_ids = [bench_device_id(index) for index in range(args.devices)]
@@ -336,6 +351,125 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     ratio >= TARGET_RATIO,
                 ),
             ],
+            out_dir=args.out,
+        )
+    fleet.print_summary(document)
+    return document
+
+
+# --- one node against a cluster -------------------------------------------------------
+# what the private single node runs with (fleet.PrivateRedis), so both sides do the same work
+CLUSTER_AS_SINGLE = ("--appendonly", "no", "--notify-keyspace-events", "")
+
+
+def phase(
+    url: str,
+    device_ids: list[str],
+    args: argparse.Namespace,
+    cpu: Callable[[], float],
+    variant: str,
+    side: str,
+) -> dict[str, Any]:
+    """One variant's phase on one Redis, printed as it ends."""
+    run = asyncio.run(
+        run_batched_heartbeats(url, device_ids, args.seconds, args.max_heartbeats, cpu, variant)
+    )
+    print(
+        f"  {side}, {variant} state: {run['heartbeats_per_second']:,.0f} heartbeats/s, "
+        f"Redis {run['redis_cpu_seconds_per_1k'] * 1000:.2f} CPU-µs per heartbeat",
+        flush=True,
+    )
+    return run
+
+
+def cluster_phases(
+    device_ids: list[str], args: argparse.Namespace
+) -> tuple[dict[str, float], dict[str, dict[str, Any]]]:
+    """Setup and every phase on a local 3-primary cluster without replicas. Redis CPU is
+    the sum over the primaries' /proc stat; each phase also notes the busiest one's share."""
+    with tempfile.TemporaryDirectory(prefix="loadtest-bench-cluster-") as workdir:
+        valkey = RunCluster(Path(workdir) / "cluster", replicas=0, extra_args=CLUSTER_AS_SINGLE)
+        asyncio.run(valkey.start())
+        try:
+            print(f"bench_store: {valkey.primaries} primaries at {valkey.url}", flush=True)
+            pids = asyncio.run(valkey.primary_pids())
+
+            def each() -> list[float]:
+                return [reading.cpu_s if (reading := procstat.read(pid)) else 0.0 for pid in pids]
+
+            setup = asyncio.run(setup_devices(valkey.url, device_ids))
+            runs: dict[str, dict[str, Any]] = {}
+            for variant in VARIANTS:
+                before = each()
+                runs[variant] = phase(
+                    valkey.url, device_ids, args, lambda: sum(each()), variant, "cluster"
+                )
+                spent = [after - start for after, start in zip(each(), before, strict=True)]
+                runs[variant]["busiest_primary_share"] = max(spent) / max(sum(spent), 1e-9)
+        finally:
+            asyncio.run(valkey.stop())
+    return setup, runs
+
+
+def compare_cluster(args: argparse.Namespace, argv: list[str] | None) -> dict[str, Any]:
+    """`--cluster`: every phase on one node, then on a 3-primary cluster; the ratios."""
+    started_at = fleet.now_iso()
+    device_ids = [bench_device_id(index) for index in range(args.devices)]
+    with fleet.redis_target(args.redis_url) as server:
+        print(f"bench_store: {server.description}", flush=True)
+        setup = asyncio.run(setup_devices(server.url, device_ids))
+        single = {
+            variant: phase(server.url, device_ids, args, server.cpu_seconds, variant, "one node")
+            for variant in VARIANTS
+        }
+        cluster_setup, cluster = cluster_phases(device_ids, args)
+        metrics: dict[str, float] = {}
+        for variant in VARIANTS:
+            for side, runs in (("single", single), ("cluster", cluster)):
+                run = runs[variant]
+                metrics |= {
+                    f"{side}_{variant}_heartbeats_per_second": run["heartbeats_per_second"],
+                    f"{side}_{variant}_redis_cpu_seconds_per_1k": run["redis_cpu_seconds_per_1k"],
+                    f"{side}_{variant}_client_cpu_seconds_per_1k": run["client_cpu_seconds_per_1k"],
+                }
+            metrics[f"cluster_{variant}_busiest_primary_cpu_share"] = cluster[variant][
+                "busiest_primary_share"
+            ]
+            metrics[f"ratio_{variant}_heartbeats_per_second"] = (
+                cluster[variant]["heartbeats_per_second"] / single[variant]["heartbeats_per_second"]
+            )
+            metrics[f"ratio_{variant}_redis_cpu_per_heartbeat"] = cluster[variant][
+                "redis_cpu_seconds_per_1k"
+            ] / max(single[variant]["redis_cpu_seconds_per_1k"], 1e-9)
+        metrics |= {
+            "single_setup_register_seconds": setup["register_seconds"],
+            "single_setup_connect_seconds": setup["connect_seconds"],
+            "cluster_setup_register_seconds": cluster_setup["register_seconds"],
+            "cluster_setup_connect_seconds": cluster_setup["connect_seconds"],
+        }
+        document = fleet.write_result(
+            "bench_store_cluster",
+            started_at=started_at,
+            command=fleet.command_line("loadtest.bench_store", argv),
+            redis_url=server.url,
+            params={
+                "devices": args.devices,
+                "seconds": args.seconds,
+                "max_heartbeats": args.max_heartbeats,
+                "chunk": CHUNK,
+                "partitions": Keys.cluster().partitions,
+                "redis": server.description,
+                "cluster": "a local Valkey Cluster started for the run: 3 primaries, no "
+                "replicas, persistence and keyspace events off as on the single node",
+                "redis_cpu_source": f"single: {server.cpu_source}; cluster: the sum of every "
+                "primary's /proc/PID/stat utime+stime",
+                "phases": "the same three phases (changing, unchanged, bare state) as "
+                "bench-store, on the single node, then on the cluster with the gateway's "
+                "cluster layout (one heartbeat_batch.lua call per partition and chunk); "
+                "wall-clock rates are noisy on a shared machine: compare the CPU per heartbeat",
+            },
+            metrics=metrics,
+            targets=[],
             out_dir=args.out,
         )
     fleet.print_summary(document)

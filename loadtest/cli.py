@@ -40,7 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
 }
 OWN = {
-    "suite": "Every benchmark at the issues' sizes (~45 min)",
+    "suite": "Every benchmark at the issues' sizes (~1 hour)",
     "publish": "Copy runs into loadtest/published/, regenerate page",
     "report": "Regenerate docs/benchmarks.md from published runs",
 }
@@ -103,6 +103,16 @@ def scenario_options() -> argparse.ArgumentParser:
     )  # fmt: skip
     target.add_argument("--start-gateways", type=int, help="start G gateway processes")
     parser.add_argument("--redis-url", help="Redis for started gateways / for reading results")
+    parser.add_argument(
+        "--cluster", action="store_true",
+        help="run the started gateways on a local Valkey Cluster (3 primaries, 3 replicas) "
+        "instead of one private Redis",
+    )  # fmt: skip
+    parser.add_argument(
+        "--kill-primary-at", type=float, metavar="SECONDS",
+        help="with --cluster (soak, moonshot): kill -9 one primary this many seconds into "
+        "the measured phase",
+    )  # fmt: skip
     parser.add_argument("--heartbeat-interval", type=float, help="device heartbeat seconds")
     parser.add_argument(
         "--heartbeat-timeout", type=float, help="GATEWAY_HEARTBEAT_TIMEOUT of started gateways"
@@ -150,6 +160,7 @@ def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
     start = pick("start_gateways") if not args.gateway else 0
     if args.gateway and not args.api_key:
         raise SystemExit("loadtest: --gateway needs --api-key (an admin key of that gateway)")
+    check_cluster(args, float(pick("duration")), int(start))
     return Options(
         scenario=args.command,
         devices=int(pick("devices")),
@@ -174,7 +185,40 @@ def options_from(args: argparse.Namespace, argv: Sequence[str]) -> Options:
         live=not args.no_live,
         command=shlex.join(["python", "-m", "loadtest", *argv]),
         pin=not args.no_pin,
+        cluster=args.cluster,
+        kill_primary_at=args.kill_primary_at,
     )
+
+
+def check_cluster(args: argparse.Namespace, duration: float, start_gateways: int) -> None:
+    """Refuse `--cluster` and `--kill-primary-at` where they cannot be honoured."""
+    scenario = SCENARIOS[args.command]
+    if args.cluster:
+        if args.gateway or args.redis_url:
+            raise SystemExit(
+                "loadtest: --cluster starts its own cluster and gateways: "
+                "drop --gateway and --redis-url"
+            )
+        if start_gateways < 1:
+            raise SystemExit("loadtest: --cluster needs --start-gateways of at least 1")
+        if not scenario.on_cluster:
+            raise SystemExit(
+                f"loadtest: {scenario.name} counts its window in the fleet log of one node; "
+                "it does not run with --cluster"
+            )
+    at = args.kill_primary_at
+    if at is None:
+        return
+    if not args.cluster:
+        raise SystemExit("loadtest: --kill-primary-at needs --cluster")
+    if not scenario.kills_primary:
+        killers = ", ".join(s.name for s in SCENARIOS.values() if s.kills_primary)
+        raise SystemExit(f"loadtest: --kill-primary-at is for {killers}, not {scenario.name}")
+    if not 0 < at < duration:
+        raise SystemExit(
+            f"loadtest: --kill-primary-at must fall inside the measured phase "
+            f"(0 < SECONDS < --duration {duration:g}), got {at:g}"
+        )
 
 
 def print_summary(path: Path) -> None:

@@ -1,8 +1,9 @@
 """The processes under test: gateways (started here, or given) sharing one Redis.
 
 Started gateways run `python -m gateway serve` on free loopback ports; Redis is a private
-valkey (`gateway.embedded`) unless `--redis-url` names one. Everything started here is pinned
-to the server's cores when the run has a CPU split, and stopped in `close`.
+valkey (`gateway.embedded`) unless `--redis-url` names one, or, with `--cluster`, a local
+Valkey Cluster (`loadtest.localcluster`). Everything started here is pinned to the server's
+cores when the run has a CPU split, and stopped in `close`.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import redis.asyncio as aioredis
 from prometheus_client.parser import text_string_to_metric_families
 
 from loadtest import affinity, procstat
+from loadtest.localcluster import RunCluster
 from loadtest.options import Options
 from loadtest.stats import Buckets
 
@@ -48,7 +50,8 @@ def free_port() -> int:
 
 
 class Cluster:
-    """Gateways (started here, or given) sharing one Redis (private valkey, or given)."""
+    """Gateways (started here, or given) sharing one Redis (private valkey, a local Valkey
+    Cluster, or given)."""
 
     def __init__(self, opts: Options, cpus: affinity.Split | None = None) -> None:
         self.opts = opts
@@ -59,6 +62,7 @@ class Cluster:
         self.redis_version: str | None = None
         self.redis_pinned = False
         self.embedded: Any = None
+        self.valkey: RunCluster | None = None  # --cluster: the local cluster
         self.ports: list[int] = []
         self.processes: dict[int, asyncio.subprocess.Process] = {}
         self.base_urls: list[str] = []
@@ -73,15 +77,33 @@ class Cluster:
             pids += procstat.pids_listening(port)
         return sorted(set(pids))
 
+    @property
+    def gateway_names(self) -> dict[str, int]:
+        """The started gateway processes that run, by name (`gateway-0`, …)."""
+        return {
+            f"gateway-{index}": process.pid
+            for index, process in sorted(self.processes.items())
+            if process.returncode is None
+        }
+
+    @property
+    def redis_pids(self) -> list[int]:
+        """The Redis server processes: the one node, or every live node of the cluster."""
+        if self.valkey is not None:
+            return self.valkey.pids
+        return [self.redis_pid] if self.redis_pid else []
+
     async def start(self) -> None:
-        if self.started and not self.redis_url:
+        if self.opts.cluster:
+            await self._start_valkey_cluster()
+        elif self.started and not self.redis_url:
             from gateway.embedded import EmbeddedRedis
 
             self.embedded = EmbeddedRedis(self.tmp / "redis")
             self.redis_url = await self.embedded.start()
             self.redis_pid = self.embedded.pid
             self.redis_pinned = self.redis_pid is not None and self.pin(self.redis_pid)
-        if self.redis_url:
+        if self.redis_url and self.valkey is None:
             await self._inspect_redis(self.redis_url)
         if self.started:
             self.ports = [free_port() for _ in range(self.opts.start_gateways)]
@@ -95,6 +117,13 @@ class Cluster:
             if self.started
             else [u.rstrip("/") for u in self.opts.gateway]
         )
+
+    async def _start_valkey_cluster(self) -> None:
+        self.valkey = RunCluster(self.tmp / "valkey-cluster")
+        self.redis_url = await self.valkey.start()
+        self.redis_version = await self.valkey.version()
+        pinned = [self.pin(pid) for pid in self.valkey.pids]
+        self.redis_pinned = bool(pinned) and all(pinned)
 
     async def _inspect_redis(self, url: str) -> None:
         check_loopback(url.replace("redis://", "http://", 1))
@@ -176,6 +205,8 @@ class Cluster:
         await asyncio.gather(*(self.stop_gateway(i) for i in list(self.processes)))
         if self.embedded is not None:
             await self.embedded.stop()
+        if self.valkey is not None:
+            await self.valkey.stop()
         shutil.rmtree(self.tmp, ignore_errors=True)
 
     # --- the gateways' own figures (/metrics) -------------------------------------

@@ -19,13 +19,20 @@ from typing import Any
 
 import orjson
 import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
+from gateway import redisconn
+from gateway.eventlog import EventLog, parse_id
 from gateway.keys import Keys
 from loadtest import generator, layout, procstat
 from loadtest.cluster import Cluster
 from loadtest.options import Options
 from loadtest.registration import register
 from loadtest.sim import Fleet, WorkerSpec
+
+TAIL_POLL_S = 0.05
+TAIL_COUNT = 1000  # entries per partition and read
+TAIL_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -47,13 +54,14 @@ class Ctx:
     def __init__(self, opts: Options, cluster: Cluster, generator_cores: int) -> None:
         self.opts = opts
         self.cluster = cluster
-        self.keys = Keys()  # the gateways a run starts use no key prefix
+        # the gateways a run starts use no key prefix
+        self.keys = Keys.cluster() if opts.cluster else Keys()
         self.run_id = secrets.token_hex(3)
-        self.stem = f"{opts.scenario}-{time.strftime('%Y%m%d-%H%M%S')}"
+        self.stem = f"{opts.result_name}-{time.strftime('%Y%m%d-%H%M%S')}"
         self.tokens: dict[str, str] = {}
         self.ids: list[str] = []
         self.fleet: Fleet | None = None
-        self.redis: aioredis.Redis | None = None
+        self.redis: redisconn.Client | None = None
         self.sampler = procstat.Sampler({"gateway": [], "redis": []})
         self.load = generator.GeneratorLoad(generator_cores)
         self.phase = "starting"
@@ -69,11 +77,16 @@ class Ctx:
     async def setup(self) -> None:
         await self.cluster.start()
         self.sampler.groups["gateway"] = self.cluster.gateway_pids
-        self.sampler.groups["redis"] = [self.cluster.redis_pid] if self.cluster.redis_pid else []
-        if self.cluster.redis_url:
-            self.redis = aioredis.Redis.from_url(self.cluster.redis_url)
+        self.sampler.groups["redis"] = self.cluster.redis_pids
+        url = self.cluster.redis_url
+        if url and redisconn.is_cluster_url(url):
+            client = redisconn.connect_cluster(url)
+            await client.initialize()
+            self.redis = client
+        elif url:
+            self.redis = aioredis.Redis.from_url(url)
 
-    def need_redis(self) -> aioredis.Redis:
+    def need_redis(self) -> redisconn.Client:
         if self.redis is None:
             raise SystemExit(
                 f"loadtest: scenario {self.opts.scenario} reads Redis: give --redis-url "
@@ -179,10 +192,28 @@ class Ctx:
             f"{prefix}gateway_cpu_util": round(gateway_cpu / max(end.at - start.at, 1e-9), 3),
         }
 
+    async def online_in_redis(self) -> int:
+        """Devices Redis counts online: the seed's online set on one node, the online
+        indexes of every partition on a cluster (which has no fleet-wide set)."""
+        redis = self.need_redis()
+        if isinstance(redis, aioredis.Redis):
+            return int(await redis.scard(self.keys.online))
+        async with redis.pipeline(transaction=False) as pipe:
+            for part in self.keys.parts:
+                pipe.zcard(part.index_online)
+            return sum(int(count) for count in await pipe.execute())
+
     # --- presence events ----------------------------------------------------------
     async def watch_presence(self, ids: set[str] | None = None) -> Callable[[], Awaitable[None]]:
-        """Subscribe to the presence channel; events of *ids* (all: None) are logged on arrival."""
+        """Subscribe to the presence channel; events of *ids* (all: None) are logged on arrival.
+
+        On a cluster the presence channel is sharded per partition and a failover drops
+        what was published meanwhile, so the events are read from every partition's fleet
+        log instead (`tail_events`), timed by their stream id.
+        """
         redis = self.need_redis()
+        if not isinstance(redis, aioredis.Redis):
+            return await self.tail_events(redis, ids)
         pubsub = redis.pubsub()
         await pubsub.subscribe(self.keys.presence_channel)
 
@@ -199,6 +230,56 @@ class Ctx:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
             await pubsub.aclose()  # type: ignore[no-untyped-call]  # redis-py leaves it untyped
+
+        return stop
+
+    async def tail_events(
+        self, redis: redisconn.Client, ids: set[str] | None
+    ) -> Callable[[], Awaitable[None]]:
+        """Presence events of *ids* read from every partition's fleet log, from now on.
+
+        Every `TAIL_POLL_S` each partition's stream is read after the position reached
+        (one pipeline per node), so nothing written is missed while a node fails over: a
+        read that fails is made again. Each event is timed by its stream id, Redis's clock
+        when the script wrote and published it.
+        """
+        log = EventLog(redis, self.keys)
+        position = await log.position()
+        failed = 0
+
+        async def drain() -> None:
+            nonlocal position
+            while True:
+                reads = await log.read(position, TAIL_COUNT)
+                for read in reads:
+                    for entry_id, body in read.entries:
+                        sid = parse_id(entry_id.decode())
+                        position = position.advanced(read.partition, sid)
+                        data = body.get(b"event", b"")
+                        # the scripts write an event's type first: no need to parse the rest
+                        if data.startswith(b'{"type":"presence"'):
+                            self._presence_event(sid[0] / 1000, data, ids)
+                if all(len(read.entries) < TAIL_COUNT for read in reads):
+                    return
+
+        async def reader() -> None:
+            nonlocal failed
+            while True:
+                try:
+                    await drain()
+                except TAIL_ERRORS:
+                    failed += 1  # a node failing over: the same position is read again
+                await asyncio.sleep(TAIL_POLL_S)
+
+        task = asyncio.create_task(reader())
+
+        async def stop() -> None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            with contextlib.suppress(*TAIL_ERRORS):
+                await drain()  # what was written up to now
+            self.result.metrics["event_log_reads_failed"] = failed
 
         return stop
 

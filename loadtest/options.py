@@ -32,3 +32,11 @@ class Options:
     device_type: str = "loadtest"
     fanout_events: str = "presence"  # fanout: presence transitions in Redis, or device state
     pin: bool = True  # gateways and Redis on some cores, the load generator on the others
+    cluster: bool = False  # a local Valkey Cluster (3 primaries, 3 replicas) instead of one node
+    kill_primary_at: float | None = None  # seconds into the measured phase: SIGKILL a primary
+
+    @property
+    def result_name(self) -> str:
+        """What the result is filed and published under: a cluster run beside, never in
+        place of, the scenario's single-node run."""
+        return f"{self.scenario}-cluster" if self.cluster else self.scenario

@@ -16,6 +16,7 @@ from pathlib import Path
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 LISTEN = "0A"
+ESTABLISHED = "01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,6 +77,35 @@ def pids_listening(port: int) -> list[int]:
                         found.append(int(entry.name))
                         break
     return sorted(found)
+
+
+def _address(hex_address: str) -> str:
+    """`0100007F:1F90` (an IPv4 /proc/net/tcp address, little-endian) as `127.0.0.1:8080`."""
+    host, port = hex_address.split(":")
+    octets = bytes.fromhex(host)[::-1]
+    return f"{'.'.join(str(b) for b in octets)}:{int(port, 16)}"
+
+
+def tcp_connections(pid: int) -> set[tuple[str, str]]:
+    """The established IPv4 TCP connections a process holds, as (local, remote) `ip:port`.
+
+    Its sockets are the `socket:[inode]` links in `/proc/PID/fd`; their addresses come from
+    the network namespace's table (`/proc/PID/net/tcp`). A vanished process holds none.
+    """
+    inodes: set[str] = set()
+    with contextlib.suppress(OSError):
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            with contextlib.suppress(OSError):
+                link = os.readlink(fd)
+                if link.startswith("socket:["):
+                    inodes.add(link[8:-1])
+    found: set[tuple[str, str]] = set()
+    with contextlib.suppress(OSError):
+        for line in Path(f"/proc/{pid}/net/tcp").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == ESTABLISHED and parts[9] in inodes:
+                found.add((_address(parts[1]), _address(parts[2])))
+    return found
 
 
 @dataclass

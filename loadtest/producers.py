@@ -11,12 +11,14 @@ import asyncio
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
 import httpx
 import redis.asyncio as aioredis
 
 from gateway import redisconn
 from gateway.config import Settings
+from gateway.keys import Keys
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.store import Store
@@ -60,11 +62,52 @@ def probe(k: int) -> dict[str, int]:
     return {"probe": time.time_ns(), "seq": k}
 
 
+@dataclass
+class Sent:
+    """Desired changes made through the API: counts by status, and which were accepted."""
+
+    statuses: dict[str, int]
+    accepted: list[int]  # `seq` of every change answered 2xx; change k went to ids[k % len]
+
+    @property
+    def ok(self) -> int:
+        return len(self.accepted)
+
+
+@dataclass
+class Delivery:
+    """Accepted changes against those the devices received, by `seq`."""
+
+    missing: list[int]  # never received, nor any later change to the same device
+    superseded: int  # not received, but a later change to the same device was
+
+
+def delivery(accepted: list[int], received: set[int], devices: int) -> Delivery:
+    """Which accepted changes never reached their device. One not received counts as
+    delivered when a later change to the same device was (the device was sent the newer
+    desired state instead, which is all a shadow promises)."""
+    missing: list[int] = []
+    superseded = 0
+    latest: dict[int, int] = {}
+    for seq in received:
+        device = seq % devices
+        latest[device] = max(latest.get(device, -1), seq)
+    for seq in sorted(accepted):
+        if seq in received:
+            continue
+        if latest.get(seq % devices, -1) > seq:
+            superseded += 1
+        else:
+            missing.append(seq)
+    return Delivery(missing, superseded)
+
+
 async def http_command_load(
     base_urls: list[str], api_key: str, ids: list[str], rate: float, duration: float
-) -> dict[str, int]:
+) -> Sent:
     """`PATCH /api/devices/{id}/desired` with a probe at *rate*/s; counts by status."""
     statuses: Counter[str] = Counter()
+    accepted: list[int] = []
     headers = {"Authorization": f"Bearer {api_key}"}
     limits = httpx.Limits(max_connections=IN_FLIGHT, max_keepalive_connections=IN_FLIGHT)
     async with httpx.AsyncClient(headers=headers, timeout=10, limits=limits) as client:
@@ -74,11 +117,13 @@ async def http_command_load(
             try:
                 response = await client.patch(url, json={"state": probe(k)})
                 statuses[str(response.status_code)] += 1
+                if response.is_success:
+                    accepted.append(k)
             except httpx.HTTPError as exc:
                 statuses[type(exc).__name__] += 1
 
         await paced(rate, duration, patch, IN_FLIGHT)
-    return dict(statuses)
+    return Sent(dict(statuses), accepted)
 
 
 async def store_command_load(
@@ -92,8 +137,13 @@ async def store_command_load(
     it measures. Counts `200` per change written, else the exception's name.
     """
     statuses: Counter[str] = Counter()
-    redis = redisconn.connect(redis_url)
-    store = Store(redis, Settings(redis_url=redis_url))
+    redis: redisconn.Client
+    if redisconn.is_cluster_url(redis_url):
+        redis, keys = redisconn.connect_cluster(redis_url), Keys.cluster()
+        await redis.initialize()
+    else:
+        redis, keys = redisconn.connect(redis_url), Keys()
+    store = Store(redis, Settings(redis_url=redis_url), keys)
 
     async def change(k: int) -> None:
         try:

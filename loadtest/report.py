@@ -135,6 +135,10 @@ ISSUE_TARGETS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
      "bench_dashboard", "first_paint_ms_median", "<=", 1000, "ms"),
     ("dashboard memory", "100,000 devices: scroll frames longer than 50 ms",
      "bench_dashboard", "janky_frames", "<=", 0, ""),
+    ("cluster", "moonshot on a cluster, a primary killed: false offline events",
+     "moonshot-cluster", "false_offline_events", "<=", 0, ""),
+    ("cluster", "moonshot on a cluster, a primary killed: accepted desired changes missing",
+     "moonshot-cluster", "commands_missing", "<=", 0, ""),
 )  # fmt: skip
 
 
@@ -154,6 +158,12 @@ TARGET_SIZES: dict[str, dict[str, float]] = {
     "memory": {"devices": 1_000_000},
     # the cluster split needs partitions past Redis's compact encodings (128 members each)
     "redis_cost": {"devices": 10_000},
+    "moonshot-cluster": {"devices": 100_000, "duration": 600},
+    "bench_store_cluster": {"devices": 10_000},
+}
+# What else a run must have done for its targets to count, and what it says when it did not.
+TARGET_CONDITIONS: dict[str, dict[str, str]] = {
+    "moonshot-cluster": {"kill_primary_at": "no primary killed (--kill-primary-at)"},
 }
 
 
@@ -164,6 +174,9 @@ def below_target_size(scenario: str, data: dict[str, Any]) -> str | None:
         f"{name} {_number(params.get(name))} of {_number(size)}"
         for name, size in TARGET_SIZES.get(scenario, {}).items()
         if not isinstance(params.get(name), int | float) or params[name] < size
+    ]
+    short += [
+        why for name, why in TARGET_CONDITIONS.get(scenario, {}).items() if not params.get(name)
     ]
     return ", ".join(short) or None
 
@@ -338,6 +351,7 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
         lines += ["No published results yet: `python -m loadtest publish RESULT.json`.", ""]
         return "\n".join(lines)
     lines += _issue_rows(latest)
+    lines += _cluster_section(latest, docs_path)
     lines += [
         "## Each run's own checks",
         "",
@@ -362,6 +376,7 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
             f"- run: {data.get('started_at', '?')}, result "
             f"[`{path.name}`]({_relative(path, docs_path.parent)})",
             f"- command: `{_command(data)}`",
+            f"- machine: {_machine(data)}",
         ]
         params = data.get("params", {})
         if params:
@@ -383,14 +398,164 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
     lines += ["## Machine", ""]
     machines = {orjson.dumps(d.get("machine", {})).decode(): d for _, d in latest.values()}
     for _key, data in machines.items():
-        m = data.get("machine", {})
-        lines.append(
-            f"- {m.get('cpus')} CPUs ({m.get('model')}), {m.get('mem_gib')} GiB RAM, "
-            f"Python {m.get('python')}, Redis/valkey {m.get('redis_version')} "
-            f"— load generator, gateways and Redis on the same machine"
-        )
+        lines.append(f"- {_machine(data)} — load generator, gateways and Redis on the same machine")
     lines.append("")
     return "\n".join(lines)
+
+
+def _machine(data: dict[str, Any]) -> str:
+    """The machine a run came from, in one line."""
+    m = data.get("machine", {})
+    return (
+        f"{m.get('cpus')} CPUs ({m.get('model')}), {m.get('mem_gib')} GiB RAM, "
+        f"Python {m.get('python')}, Redis/valkey {m.get('redis_version')}"
+    )
+
+
+CLUSTER_COMMANDS = (
+    "python -m loadtest bench-store --cluster --devices 10000 --seconds 10",
+    "python -m loadtest moonshot --cluster --kill-primary-at 300",
+)
+
+
+def _cluster_section(latest: dict[str, Loaded], docs_path: Path) -> list[str]:
+    """The gateway on a Valkey Cluster: one node against three primaries, and the moonshot
+    with a primary killed, from the latest runs of each (or how to make them)."""
+    lines = ["## On a Valkey Cluster", ""]
+    store = latest.get("bench_store_cluster")
+    moon = latest.get("moonshot-cluster")
+    if store is None and moon is None:
+        commands = " and ".join(f"`{command}`" for command in CLUSTER_COMMANDS)
+        return [*lines, f"No cluster run published yet: {commands}.", ""]
+    if store is not None:
+        lines += _store_on_cluster(store, docs_path)
+    if moon is not None:
+        lines += _moonshot_on_cluster(moon, docs_path)
+    return lines
+
+
+def _goal(data: dict[str, Any], name: str) -> str:
+    """The goal of the run's own target whose name starts with *name*, with its verdict."""
+    for target in data.get("targets", []):
+        if str(target.get("name", "")).startswith(name):
+            return f"{_cell(str(target.get('target')))} {'✅' if target.get('ok') else '❌'}"
+    return ""
+
+
+def _connections_goal(data: dict[str, Any], when: str) -> str:
+    """The goals on all of a process's connections and on its pub/sub ones (`steady`, `after`)."""
+    total = _goal(data, f"Redis connections per gateway process ({when}")
+    pubsub = _goal(data, f"pub/sub connections per gateway process ({when}")
+    return f"{total} (pub/sub {pubsub})" if pubsub else total
+
+
+def _run_header(loaded: Loaded, docs_path: Path) -> list[str]:
+    path, data = loaded
+    lines = [
+        f"- run: {data.get('started_at', '?')}, result "
+        f"[`{path.name}`]({_relative(path, docs_path.parent)})",
+        f"- command: `{_cell(_command(data))}`",
+        f"- machine: {_machine(data)}",
+    ]
+    short = below_target_size(str(data.get("scenario")), data)
+    if short is not None:
+        lines.append(f"- **below target size:** {short}")
+    return lines
+
+
+def _store_on_cluster(loaded: Loaded, docs_path: Path) -> list[str]:
+    m = loaded[1].get("metrics", {})
+    lines = [
+        "### Heartbeats: one node against three primaries",
+        "",
+        "The heartbeat phases of `bench-store`, on one node and then on a local cluster of",
+        "three primaries (no replicas) in the same run; Redis CPU on the cluster is the sum",
+        "over its primaries. Wall-clock rates on a shared 2-core machine move with whatever",
+        "else runs (the client, here one Python process, is often the bound on a cluster):",
+        "compare the Redis CPU per heartbeat.",
+        "",
+        *_run_header(loaded, docs_path),
+        "",
+        "| heartbeat | one node /s | cluster /s | cluster ÷ one node | Redis CPU µs per "
+        "heartbeat, one node | cluster | cluster ÷ one node | busiest primary's share |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for variant in ("changing", "unchanged", "bare"):
+
+        def value(name: str, scale: float = 1.0, v: str = variant) -> str:
+            number = m.get(name.format(v=v))
+            return _number(number * scale) if isinstance(number, int | float) else "n/a"
+
+        lines.append(
+            f"| {variant} state | {value('single_{v}_heartbeats_per_second')} "
+            f"| {value('cluster_{v}_heartbeats_per_second')} "
+            f"| {value('ratio_{v}_heartbeats_per_second')}× "
+            f"| {value('single_{v}_redis_cpu_seconds_per_1k', 1000)} "
+            f"| {value('cluster_{v}_redis_cpu_seconds_per_1k', 1000)} "
+            f"| {value('ratio_{v}_redis_cpu_per_heartbeat')}× "
+            f"| {value('cluster_{v}_busiest_primary_cpu_share', 100)} % |"
+        )
+    return [*lines, ""]
+
+
+def _moonshot_on_cluster(loaded: Loaded, docs_path: Path) -> list[str]:
+    data = loaded[1]
+    m, params = data.get("metrics", {}), data.get("params", {})
+    primaries = m.get("cluster_primaries", 3)
+    killed = params.get("kill_primary_at")
+    lines = [
+        "### Moonshot with a primary killed",
+        "",
+        f"The moonshot's devices and desired changes over {params.get('start_gateways')} gateway "
+        f"processes on a local cluster of {primaries} primaries with a replica each (node "
+        f"timeout {_number(m.get('cluster_node_timeout_ms'))} ms). "
+        + (
+            f"{_number(killed)} s into the run the primary serving most devices "
+            f"({_number(m.get('killed_primary_devices'))} of them) was killed with SIGKILL."
+            if killed
+            else "No primary was killed in this run."
+        ),
+        "",
+        *_run_header(loaded, docs_path),
+    ]
+    invalid = invalid_reason(data)
+    if invalid is not None:
+        lines.append(f"- **not valid:** {_cell(invalid)}; its latencies are not the gateway's")
+    lines += [
+        "",
+        "| figure | measured | goal |",
+        "| --- | --- | --- |",
+        f"| devices online at once | {_number(m.get('max_online'))} of "
+        f"{_number(params.get('devices'))} (fewest during the run: "
+        f"{_number(m.get('min_online_during_soak'))}) | {_goal(data, 'min online during soak')} |",
+        f"| false offline events (offline while the socket stayed open) "
+        f"| {_number(m.get('false_offline_events'))} | {_goal(data, 'false offline events')} |",
+        f"| desired changes accepted → received by their devices (missing) "
+        f"| {_number(m.get('commands_ok'))} → {_number(m.get('commands_received'))} "
+        f"({_number(m.get('commands_missing'))}) "
+        f"| {_goal(data, 'accepted desired changes missing')} |",
+        f"| desired changes refused (not counted above; of them received by their device "
+        f"anyway) | {_number(m.get('commands_refused'))} "
+        f"({_number(m.get('commands_received_not_accepted'))}) | |",
+        f"| desired change → device p99 | {_number(m.get('command_ms_p99'))} ms "
+        f"| {_goal(data, 'command p99')} |",
+        f"| replica promoted after kill -9 | {_number(m.get('replica_promoted_s'))} s "
+        f"| {_goal(data, 'replica promoted')} |",
+        f"| Redis connections per gateway process, steady (busiest; of them pub/sub) "
+        f"| {_number(m.get('redis_connections_per_gateway_max'))} "
+        f"({_number(m.get('redis_pubsub_connections_per_gateway_max'))}) "
+        f"| {_connections_goal(data, 'steady')} |",
+        f"| the same after the failover | "
+        f"{_number(m.get('after_failover_redis_connections_per_gateway_max'))} "
+        f"({_number(m.get('after_failover_redis_pubsub_connections_per_gateway_max'))}) "
+        f"| {_connections_goal(data, 'after')} |",
+        "",
+    ]
+    by_gateway = m.get("redis_connections_by_gateway")
+    if by_gateway:
+        nodes = _cell(str(m.get("redis_connections_nodes")))
+        lines += [f"Connections by gateway process and node ({nodes}), steady: {by_gateway}.", ""]
+    return lines
 
 
 def _run_notes(data: dict[str, Any]) -> list[str]:

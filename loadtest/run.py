@@ -27,6 +27,8 @@ def time_budget(opts: Options) -> float:
     """The hard bound of one run: setup and connect allowance plus the scenario's own time."""
     per_device = (opts.devices + opts.dashboards) / 200
     extra = (opts.heartbeat_timeout or 60) + (opts.offline_grace or 0) + 60
+    if opts.cluster:  # start, replicas catching up, a failover: each bounded at 30 s
+        extra += 3 * 30
     return 120 + per_device + opts.duration * 1.2 + extra
 
 
@@ -108,7 +110,7 @@ def _write(ctx: Ctx, started_at: str, error: str | None, cpus: dict[str, Any]) -
     params.pop("live", None)
     params["api_key"] = "***"
     document = {
-        "scenario": opts.scenario,
+        "scenario": opts.result_name,
         "started_at": started_at,
         "command": opts.command,
         "machine": results.machine(ctx.cluster.redis_version),

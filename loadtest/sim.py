@@ -116,6 +116,8 @@ class Stats:
     errors: Counter[str] = field(default_factory=Counter)
     closes: Counter[str] = field(default_factory=Counter)
     samples: dict[str, list[float]] = field(default_factory=dict)
+    seqs: list[int] = field(default_factory=list)  # `seq` of each desired change received
+    lost: list[str] = field(default_factory=list)  # devices whose socket closed under them
 
     def sample(self, kind: str, value: float) -> None:
         bucket = self.samples.setdefault(kind, [])
@@ -143,12 +145,16 @@ class Stats:
 
     def take(self) -> dict[str, Any]:
         samples, self.samples = self.samples, {}
+        seqs, self.seqs = self.seqs, []
+        lost, self.lost = self.lost, []
         return {
             "stamp": time.monotonic(),
             "counters": dict(self.counters),
             "errors": dict(self.errors),
             "closes": dict(self.closes),
             "samples": samples,
+            "seqs": seqs,
+            "lost": lost,
         }
 
 
@@ -340,6 +346,7 @@ class Worker:
             if self.stopping or device.dropped:
                 return
             counters["disconnects"] += 1
+            self.stats.lost.append(device.id)
             lost_at = time.perf_counter()
             if not self.spec.reconnect:
                 return
@@ -407,6 +414,9 @@ class Worker:
             if isinstance(probe, int) and probe != device.probe:
                 device.probe = probe
                 counters["probes"] += 1
+                seq = desired.get("seq")
+                if isinstance(seq, int):
+                    self.stats.seqs.append(seq)
                 self.stats.sample("desired_ms", (time.time_ns() - probe) / 1e6)
                 committed = frame.get("timestamp")
                 if isinstance(committed, int | float):  # the gateway's commit time in Redis
@@ -596,6 +606,8 @@ class Fleet:
         self.closes: list[dict[str, int]] = [{} for _ in specs]
         self.samples: dict[str, list[float]] = {}
         self.finals: dict[int, dict[str, Any]] = {}
+        self.received_seqs: set[int] = set()  # desired changes received, by `seq`
+        self.lost_sockets: set[str] = set()  # devices whose socket closed at least once
         self.dropped: dict[str, tuple[float, str]] = {}
         self.ready: set[int] = set()
         self.pids: dict[int, int] = {}  # worker index → its process id
@@ -636,6 +648,8 @@ class Fleet:
             self.closes[index] = body["closes"]
             for name, values in body["samples"].items():
                 self.samples.setdefault(name, []).extend(values)
+            self.received_seqs.update(body["seqs"])
+            self.lost_sockets.update(body["lost"])
             if kind == "final":
                 self.finals[index] = body
         elif kind == "dropped":

@@ -9,6 +9,7 @@ from loadtest import report, results
 
 SUITE: tuple[tuple[str, ...], ...] = (
     ("bench-store", "--devices", "10000", "--seconds", "10"),
+    ("bench-store", "--cluster", "--devices", "10000", "--seconds", "10"),
     ("redis-cost", "--devices", "2000", "--rounds", "5"),
     ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
     ("bench-dashboard", "--devices", "100000"),
@@ -20,11 +21,12 @@ SUITE: tuple[tuple[str, ...], ...] = (
     ("offline-lag", "--devices", "1000", "--heartbeat-timeout", "5"),
     ("reconnect-storm", "--devices", "10000", "--start-gateways", "2"),
     ("moonshot",),
+    ("moonshot", "--cluster", "--kill-primary-at", "300"),
 )
 
 
 def suite(run_command: Callable[[Sequence[str]], Path | None], publish: bool) -> None:
-    """Every benchmark in turn (about 45 minutes here); with *publish*, publish them all and
+    """Every benchmark in turn (about an hour here); with *publish*, publish them all and
     regenerate the page, else say how to."""
     written: list[Path] = []
     for command in SUITE:

@@ -102,3 +102,36 @@ def test_results_go_outside_the_repository_by_default(monkeypatch: Any, tmp_path
     monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     assert results.results_dir() == tmp_path / "presence-gateway" / "loadtest"
     shutil.rmtree(tmp_path, ignore_errors=True)
+
+
+def cluster_moonshot(kill_primary_at: float | None) -> dict[str, Any]:
+    return {
+        "scenario": "moonshot-cluster",
+        "started_at": "2030-01-01T00:00:00+00:00",
+        "command": "python -m loadtest moonshot --cluster",
+        "machine": {"cpus": 2, "model": "a test CPU"},
+        "params": {"devices": 100_000, "duration": 600, "kill_primary_at": kill_primary_at},
+        "metrics": {"false_offline_events": 0, "commands_missing": 0, "commands_ok": 12_000,
+                    "commands_received": 12_000, "redis_connections_per_gateway_max": 6},
+        "targets": [{"name": "Redis connections per gateway process (steady, busiest)",
+                     "target": "≤ 11", "measured": 6, "unit": "", "ok": True}],
+        "plots": [],
+    }  # fmt: skip
+
+
+def test_a_cluster_moonshot_counts_for_its_targets_only_with_a_primary_killed(
+    tmp_path: Path,
+) -> None:
+    write(tmp_path, "moonshot-cluster.json", cluster_moonshot(None))
+    page = report.render_markdown(tmp_path, tmp_path / "benchmarks.md")
+    row = target_row(page, "moonshot on a cluster, a primary killed: false offline events")
+    assert "below target size (no primary killed (--kill-primary-at))" in row
+    write(tmp_path, "moonshot-cluster.json", cluster_moonshot(300))
+    page = report.render_markdown(tmp_path, tmp_path / "benchmarks.md")
+    assert "✅" in target_row(
+        page, "moonshot on a cluster, a primary killed: accepted desired changes missing"
+    )
+    section = page.split("## On a Valkey Cluster", 1)[1].split("\n## ", 1)[0]
+    assert "- machine: 2 CPUs (a test CPU)" in section
+    assert "| 12,000 → 12,000 (0) |" in section
+    assert "| 6 (n/a) | ≤ 11 ✅ |" in section

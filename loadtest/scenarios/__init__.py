@@ -27,6 +27,8 @@ class Scenario:
     name: str
     runner: Runner
     defaults: dict[str, Any] = field(default_factory=dict)  # options not given on the command line
+    on_cluster: bool = True  # runs with --cluster
+    kills_primary: bool = False  # takes --kill-primary-at
 
     @property
     def summary(self) -> str:
@@ -50,6 +52,7 @@ SCENARIOS: dict[str, Scenario] = {
             "fanout",
             fanout,
             {"devices": 100, "dashboards": 20, "duration": 15.0, "rate": 200.0},
+            on_cluster=False,  # its window is counted in the one fleet log of a single node
         ),
         Scenario(
             "offline-lag", offline_lag, {"devices": 200, "duration": 0.0, "heartbeat_timeout": 5.0}
@@ -59,7 +62,7 @@ SCENARIOS: dict[str, Scenario] = {
             reconnect_storm,
             {"devices": 500, "duration": 5.0, "start_gateways": 2, "offline_grace": 10.0},
         ),
-        Scenario("soak", soak, {"devices": 1000, "duration": 600.0}),
+        Scenario("soak", soak, {"devices": 1000, "duration": 600.0}, kills_primary=True),
         Scenario(
             "moonshot",
             moonshot,
@@ -72,6 +75,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "rate": 20.0,
                 "connect_concurrency": 256,
             },
+            kills_primary=True,
         ),
     )
 }
