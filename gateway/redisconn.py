@@ -27,6 +27,9 @@ from redis.exceptions import ConnectionError, RedisError, TimeoutError
 SOCKET_TIMEOUT = 5.0
 NO_RETRY = Retry(NoBackoff(), 0)
 MAX_CONNECTIONS = 64
+# commands and pipelines in flight at once on a cluster: a pipeline takes one connection on
+# each node it spans, so this is also the most connections any node's pool ever holds
+CLUSTER_CONCURRENCY = 8
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 Client = Redis | RedisCluster
@@ -94,10 +97,13 @@ def connect(url: str, max_connections: int = MAX_CONNECTIONS, **options: Any) ->
 class GatewayCluster(RedisCluster):
     """RedisCluster with a bound on commands in flight: redis-py's cluster pool refuses a
     connection past its maximum (MaxConnectionsError) instead of waiting for one, so callers
-    wait here instead, and a connect storm queues rather than fails."""
+    wait here instead, and a connect storm queues rather than fails. With at most
+    *concurrency* commands (or pipelines) in flight in all, no node's pool holds more
+    connections than that, plus the two kept for the client's own topology reads: a
+    process's command connections are bounded per primary, whatever the load."""
 
-    def __init__(self, *args: Any, concurrency: int = MAX_CONNECTIONS, **kwargs: Any) -> None:
-        kwargs["max_connections"] = concurrency * 2
+    def __init__(self, *args: Any, concurrency: int = CLUSTER_CONCURRENCY, **kwargs: Any) -> None:
+        kwargs["max_connections"] = concurrency + 2
         super().__init__(*args, **kwargs)
         self.in_flight = asyncio.Semaphore(concurrency)
 
@@ -117,7 +123,9 @@ class BoundedPipeline(ClusterPipeline):
             return await super().execute(raise_on_error, allow_redirections)
 
 
-def connect_cluster(url: str, concurrency: int = MAX_CONNECTIONS, **options: Any) -> GatewayCluster:
+def connect_cluster(
+    url: str, concurrency: int = CLUSTER_CONCURRENCY, **options: Any
+) -> GatewayCluster:
     """A cluster client for a `redis+cluster://` URL, or a plain URL of one of its nodes."""
     node_url = ClusterUrl.parse(url).node_url if is_cluster_url(url) else url
     seeds = ClusterUrl.parse(url).seeds if is_cluster_url(url) else ()
