@@ -50,6 +50,7 @@ PROTOCOL_ATTRIBUTES = {
         "handle_websocket_upgrade",
     ),
 }  # fmt: skip
+CLUSTER_NODE_ATTRIBUTES = ("_free", "_connections")  # idle_cluster_connections
 
 
 def server_protocol(scope: MutableMapping[str, Any]) -> Any:
@@ -100,12 +101,33 @@ def app_state(app: Any) -> State | None:
     return state if isinstance(state, State) else None
 
 
+def idle_cluster_connections(node: Any, keep: int) -> list[Any]:
+    """Take all but *keep* of a cluster node's idle connections out of its pool (the caller
+    closes them).
+
+    redis-py's cluster pool hands connections out round-robin and never closes one, so a
+    burst leaves every node with as many open connections as it ever had at once. Trimming
+    the idle ones keeps a quiet process at one connection per node.
+    """
+    free, every = node._free, node._connections
+    taken = []
+    while len(free) > keep:
+        connection = free.pop()
+        every.remove(connection)
+        taken.append(connection)
+    return taken
+
+
 def missing() -> list[str]:
     """What the installed libraries lack of what the gateway uses: each a reason not to start."""
+    from redis.asyncio.cluster import ClusterNode
     from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     from uvicorn.protocols.websockets.websockets_sansio_impl import WebSocketsSansIOProtocol
 
     problems = []
+    node = ClusterNode("127.0.0.1", 1)
+    if not all(hasattr(node, name) for name in CLUSTER_NODE_ATTRIBUTES):
+        problems.append(f"redis-py's ClusterNode lacks {', '.join(CLUSTER_NODE_ATTRIBUTES)}")
     for kind, cls in (("websocket", WebSocketsSansIOProtocol), ("http", HttpToolsProtocol)):
         absent = [name for name in PROTOCOL_ATTRIBUTES[kind] if not hasattr(cls, name)]
         if absent:

@@ -12,6 +12,7 @@ A plain `redis://` URL that turns out to point at a cluster node is detected by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import urllib.parse
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,15 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff, NoBackoff
 from redis.exceptions import ConnectionError, RedisError, TimeoutError
 
+from gateway import compat
+
 SOCKET_TIMEOUT = 5.0
 NO_RETRY = Retry(NoBackoff(), 0)
 MAX_CONNECTIONS = 64
 # commands and pipelines in flight at once on a cluster: a pipeline takes one connection on
 # each node it spans, so this is also the most connections any node's pool ever holds
 CLUSTER_CONCURRENCY = 8
+IDLE_TRIM_INTERVAL = 5.0  # seconds between closing idle cluster connections past one per node
 CLUSTER_SCHEMES = {"redis+cluster": "redis", "rediss+cluster": "rediss"}
 
 Client = Redis | RedisCluster
@@ -113,6 +117,27 @@ class GatewayCluster(RedisCluster):
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
         return BoundedPipeline(self, transaction)  # type: ignore[abstract]
+
+    async def trim_idle(self, keep: int = 1) -> int:
+        """Close all but *keep* idle connections of every node; returns how many closed.
+        The seed nodes the topology is read from are objects of their own: theirs all go
+        (a topology read opens one when it needs it)."""
+        manager = self.nodes_manager
+        trims = [(node, keep) for node in manager.nodes_cache.values()]
+        trims += [(node, 0) for node in manager.startup_nodes.values()]
+        closed = 0
+        for node, kept in trims:
+            for connection in compat.idle_cluster_connections(node, kept):
+                with contextlib.suppress(RedisError, OSError):
+                    await connection.disconnect()
+                closed += 1
+        return closed
+
+    async def trim_idle_forever(self, interval: float = IDLE_TRIM_INTERVAL) -> None:
+        """After a burst, a node's pool falls back to one connection within *interval*."""
+        while True:
+            await asyncio.sleep(interval)
+            await self.trim_idle()
 
 
 class BoundedPipeline(ClusterPipeline):

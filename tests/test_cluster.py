@@ -16,7 +16,7 @@ from redis.crc import key_slot
 
 from gateway.client import DeviceClient
 from gateway.keys import Keys
-from gateway.redisconn import connect_cluster
+from gateway.redisconn import CLUSTER_CONCURRENCY, connect_cluster
 
 TIMEOUT = 10.0
 
@@ -185,3 +185,33 @@ async def test_keys_of_a_partition_stay_in_its_slot_on_the_server(cluster: Redis
     keys = Keys.cluster()
     node = cluster.get_node_from_key(keys.part(5).online)
     assert node is cluster.get_node_from_key(keys.part(5).events)
+
+
+async def test_command_connections_stay_bounded_and_fall_back_after_a_burst(
+    cluster_url: str, cluster: RedisCluster
+) -> None:
+    """However many commands wait, each node sees at most CLUSTER_CONCURRENCY (+2 for the
+    client's topology reads) of a process's connections; once idle, trimming leaves one."""
+    name = "bound-test"
+    burst = connect_cluster(cluster_url, client_name=name)
+    await burst.initialize()
+
+    async def ours_per_node() -> list[int]:
+        counts = []
+        for node in cluster.get_primaries():
+            listed: Any = await cluster.execute_command("CLIENT LIST", target_nodes=node)
+            counts.append(sum(1 for client in listed if client.get("name") == name))
+        return counts
+
+    try:
+        # many more waiting than may run: each a script of ~20 ms, on every node
+        keys = [f"{{{i}}}bound" for i in range(300)]
+        await asyncio.gather(
+            *(burst.eval("redis.call('SET', KEYS[1], 1) return 1", 1, key) for key in keys)
+        )
+        during = await ours_per_node()
+        assert all(1 <= count <= CLUSTER_CONCURRENCY + 2 for count in during), during
+        assert await burst.trim_idle() > 0
+        assert await ours_per_node() == [1] * len(during)
+    finally:
+        await burst.aclose()
