@@ -55,6 +55,13 @@ class DeviceExists(GatewayError):
         self.device_id = device_id
 
 
+class NotConfirmed(GatewayError):
+    """A write landed on its primary, which failed before a replica confirmed it: it may be
+    lost in the failover. Sending the same change again is safe."""
+
+    problem = "redis-unavailable"
+
+
 class Contention(GatewayError):
     """Concurrent writers kept moving what a compare-and-set write depends on: retry."""
 

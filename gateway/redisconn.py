@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import urllib.parse
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,7 @@ class GatewayCluster(RedisCluster):
         self.in_flight = asyncio.Semaphore(concurrency)
 
     async def execute_command(self, *args: Any, **kwargs: Any) -> Any:
-        async with self.in_flight:
+        async with self.in_flight, _closed_under_us():
             return await super().execute_command(*args, **kwargs)
 
     def pipeline(self, transaction: Any | None = None, shard_hint: Any | None = None) -> Any:
@@ -144,8 +145,19 @@ class BoundedPipeline(ClusterPipeline):
     async def execute(self, raise_on_error: bool = True, allow_redirections: bool = True) -> Any:
         client = self.cluster_client
         assert isinstance(client, GatewayCluster)
-        async with client.in_flight:
+        async with client.in_flight, _closed_under_us():
             return await super().execute(raise_on_error, allow_redirections)
+
+
+@contextlib.asynccontextmanager
+async def _closed_under_us() -> AsyncIterator[None]:
+    """When a node fails, redis-py's cluster client closes all of its connections, those other
+    commands are still using too; such a command then fails inside redis-py with an
+    AttributeError (its writer is gone). It is a lost connection: said so, as one."""
+    try:
+        yield
+    except AttributeError as exc:
+        raise ConnectionError(f"connection closed under the command: {exc}") from exc
 
 
 def connect_cluster(

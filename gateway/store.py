@@ -23,6 +23,7 @@ import orjson
 from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
+from redis.exceptions import RedisError
 
 from gateway import shadow
 from gateway.auth import hash_device_token, new_secret, token_matches
@@ -34,6 +35,7 @@ from gateway.errors import (
     InvalidCursor,
     InvalidDeviceId,
     InvalidDeviceType,
+    NotConfirmed,
 )
 from gateway.eventlog import EventLog, Position, merged, parse_id
 from gateway.keys import Fields, Keys, is_device_id, is_device_type
@@ -452,7 +454,15 @@ class Store:
         nodes = self.redis.nodes_manager.slots_cache.get(slot) or []
         if len(nodes) < 2:
             return  # no replica to wait for
-        acked = await self.redis.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0])
+        try:
+            acked = await self.redis.execute_command(
+                "WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0]
+            )
+        except (RedisError, OSError) as exc:  # the primary went away after the write
+            raise NotConfirmed(
+                "the change was written, but its primary failed before a replica confirmed "
+                "it: send it again"
+            ) from exc
         if int(acked) < 1:
             log.warning(
                 "no replica of %s confirmed a write within %d ms: a failover now could lose it",
