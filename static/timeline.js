@@ -18,9 +18,10 @@ const SVG = "http://www.w3.org/2000/svg";
 export function presencePeriods(items, { t0, t1, status, registeredAt, complete }) {
   const events = items
     .filter((e) => isPlainObject(e) && e.type === "presence")
-    .map((e) => ({ t: toEpochMs(e.timestamp), status: e.status === "online" ? "online" : "offline", reason: String(e.reason || "") }))
+    .map((e) => ({ t: toEpochMs(e.timestamp), v: Number(e.version) || 0, status: e.status === "online" ? "online" : "offline", reason: String(e.reason || "") }))
     .filter((e) => e.t !== null)
-    .sort((a, b) => a.t - b.t);
+    // times are to the millisecond: changes within one are ordered by their presence version
+    .sort((a, b) => a.t - b.t || a.v - b.v);
   // before the oldest event read: unknown, unless the history is whole (then: not yet registered)
   const oldest = events.length ? events[0].t : t1;
   const knownFrom = complete ? Math.max(t0, registeredAt || t0) : Math.max(t0, events.length ? oldest : t0);
@@ -35,7 +36,8 @@ export function presencePeriods(items, { t0, t1, status, registeredAt, complete 
     if (e.t > t1) break;
     // the first event inside the window says what came before it: the other state
     const before = current.status ?? (e.status === "online" ? "offline" : "online");
-    if (e.t > current.start) periods.push({ start: current.start, end: e.t, status: before, reason: current.reason });
+    // a period that began and ended within one millisecond is still a period (drawn thin)
+    if (e.t > current.start || current.status !== null) periods.push({ start: current.start, end: e.t, status: before, reason: current.reason });
     current = { start: e.t, status: e.status, reason: e.reason };
   }
   const last = current.status ?? (status === "online" ? "online" : "offline");
