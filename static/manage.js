@@ -60,12 +60,17 @@ export class Manager {
       e.preventDefault();
       this.register();
     });
-    $("token-done").addEventListener("click", () => $("token-dialog").close());
-    $("token-dialog").addEventListener("close", () => {
-      // shown once: nothing of it stays in the page once the dialog is closed
+    // shown once: nothing of it stays in the page once the dialog is closed, by Done at once
+    // (a dialog's close event comes a task later), or by Escape
+    const forgetToken = () => {
       $("token-value").value = "";
       $("token-snippet").textContent = "";
+    };
+    $("token-done").addEventListener("click", () => {
+      forgetToken();
+      $("token-dialog").close();
     });
+    $("token-dialog").addEventListener("close", forgetToken);
     for (const id of ["token-copy", "snippet-copy"]) {
       $(id).addEventListener("click", async (e) => {
         const source = $(e.currentTarget.dataset.copy);
