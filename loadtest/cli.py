@@ -40,7 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
 }
 OWN = {
-    "suite": "Every benchmark at the issues' sizes (~1 hour)",
+    "suite": "Every benchmark at its target's size (~1.5 hours)",
     "publish": "Copy runs into loadtest/published/, regenerate page",
     "report": "Regenerate docs/benchmarks.md from published runs",
 }

@@ -1,4 +1,4 @@
-"""`python -m loadtest suite`: every figure in docs/benchmarks.md, at the sizes the issues set."""
+"""`python -m loadtest suite`: every figure in docs/benchmarks.md, at its target's size."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ from loadtest import report, results
 SUITE: tuple[tuple[str, ...], ...] = (
     ("bench-store", "--devices", "10000", "--seconds", "10"),
     ("bench-store", "--cluster", "--devices", "10000", "--seconds", "10"),
-    ("redis-cost", "--devices", "2000", "--rounds", "5"),
+    ("redis-cost", "--devices", "10000", "--rounds", "2", "--seed-rounds", "1", "--cluster"),
+    ("memory", "--devices", "1000000"),
     ("bench-api", "--devices", "1000000", "--repeat", "50", "--warmup", "5"),
     ("bench-dashboard", "--devices", "100000"),
     ("idle", "--devices", "15000", "--duration", "30"),
