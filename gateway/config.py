@@ -87,6 +87,7 @@ class Settings:
     dashboard_snapshot_limit: int = 10_000
     dashboard_batch_interval: float = 0.05  # ≤ 20 frames/s per dashboard, ≤ 50 ms waiting
     fleet_sample_interval: int = 10  # seconds between two points of the fleet-counts series
+    fleet_sampling: bool = True  # off: this process only reads the series others write
     handshake_timeout: float = 5.0  # a new connection's whole request or upgrade, seconds
     max_connections: int = 0  # 0: the file-descriptor limit less a reserve
     max_pending_per_address: int = 0  # 0: no limit per source address

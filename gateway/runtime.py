@@ -236,7 +236,8 @@ class Gateway:
         self.spawn(core.presence.run(), "presence")
         self.spawn(core.broker.run(), "broker")
         self.spawn(core.dashboards.run(), "dashboards")
-        self.spawn(core.fleet.run(), "fleet-series")
+        if self.settings.fleet_sampling:
+            self.spawn(core.fleet.run(), "fleet-series")
         if isinstance(core.redis, redisconn.GatewayCluster):
             self.spawn(core.redis.trim_idle_forever(), "cluster-pool-trim")
         await asyncio.wait_for(core.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)

@@ -196,6 +196,22 @@ async def test_the_history_endpoint_serves_the_points_the_gateway_samples(
         assert (await anonymous.get("/api/stats/history")).status_code == 401
 
 
+async def test_a_process_with_sampling_off_writes_no_point_but_serves_them(
+    backend_url: str, backend_client: Client, layout: Keys
+) -> None:
+    async with live_gateway(backend_url, fleet_sample_interval=1, fleet_sampling=False) as quiet:
+        await asyncio.sleep(2.5)  # two step boundaries at least
+        assert await backend_client.exists(*(layout.fleet_series(t.name) for t in TIERS)) == 0
+        sampler = live_gateway(backend_url, fleet_sample_interval=1)
+        async with sampler, quiet.client() as http, asyncio.timeout(10):
+            while True:  # the sampling process's points, served by the quiet one
+                response = await http.get("/api/stats/history", params={"range": "hour"})
+                assert response.status_code == 200, response.text
+                if response.json()["points"]:
+                    break
+                await asyncio.sleep(0.2)
+
+
 # --- the fleet log read backwards -------------------------------------------------------
 async def make_events(store: Store, engine: PresenceEngine, rounds: int) -> None:
     """Presence events with state events between them, on devices in many partitions."""
