@@ -119,7 +119,7 @@ class Scripts:
             return [await only.script(client, only.keys, only.args)]
         async with client.pipeline(transaction=False) as pipe:
             for call in calls:
-                _queue(pipe, call)
+                queue(pipe, call)
             results: list[Any] = await pipe.execute(raise_on_error=False)
         for index, result in enumerate(results):
             if isinstance(result, NoScriptError):
@@ -150,7 +150,7 @@ async def run_each(client: Client, calls: Sequence[Call], in_flight: int) -> lis
                 return [await call.script(client, call.keys, call.args)]
             async with client.pipeline(transaction=False) as pipe:
                 for call in group:
-                    _queue(pipe, call)
+                    queue(pipe, call)
                 results: list[Any] = await pipe.execute(raise_on_error=False)
         except REDIS_ERRORS as exc:
             return [exc] * len(group)
@@ -167,7 +167,8 @@ async def run_each(client: Client, calls: Sequence[Call], in_flight: int) -> lis
     return [result for group in outcomes for result in group]
 
 
-def _queue(pipe: Any, call: Call) -> None:
+def queue(pipe: Any, call: Call) -> None:
+    """Add *call* to a pipeline (single node or cluster)."""
     # by name: redis-py's cluster pipeline refuses its `evalsha` method, though the command
     # routes by its keys like any other
     pipe.execute_command("EVALSHA", call.script.sha, len(call.keys), *call.keys, *call.args)

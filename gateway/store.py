@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import dataclasses
 import logging
+import math
 import random
 import time
 import weakref
@@ -21,9 +22,9 @@ from typing import Any, Literal, cast
 
 import orjson
 from redis.asyncio import Redis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError
 
 from gateway import shadow
 from gateway.auth import hash_device_token, new_secret, token_matches
@@ -41,13 +42,15 @@ from gateway.eventlog import EventLog, Position, merged, parse_id
 from gateway.keys import Fields, Keys, is_device_id, is_device_type
 from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.queries import MAX_PAGE, Page, Queries, Status, text
-from gateway.scripts import Call, KeyOrArg, Scripts
+from gateway.scripts import REDIS_ERRORS, Call, KeyOrArg, Scripts, queue
 
 __all__ = ["MAX_PAGE", "Device", "Page", "Status", "Store", "now_text", "text"]
 
 CAS_ATTEMPTS = 8
 HISTORY_WINDOW = 100
 REPLICA_WAIT_MS = 500
+# how long a primary's replica count (ROLE) is trusted: a new replica is waited for this soon
+REPLICA_RECHECK_S = 5.0
 log = logging.getLogger("gateway.store")
 # the gateway's own fields of the device hash, after the layout's seed fields
 OWN_FIELDS = (
@@ -180,6 +183,7 @@ class Store:
         self.queries = Queries(redis, self.keys, self.scripts, settings.ttl_ms)
         self.events = EventLog(redis, self.keys)
         self._locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
+        self._replicas: dict[str, tuple[int, float]] = {}  # node name → (replicas, read at)
         self.limits = shadow.Limits(
             settings.max_section_bytes, settings.max_depth, settings.max_key_length
         )
@@ -383,11 +387,9 @@ class Store:
                 device_id, section, raw, raw_meta, known, document_patch, time.time(),
                 expected_version, expected_section_version,
             )  # fmt: skip
-            reply = await call.script(self.redis, call.keys, call.args)
+            reply = await self._write_confirmed(device_id, call)
             code, version, desired_version, reported_version, *stale = reply
             versions = shadow.Versions(int(version), int(desired_version), int(reported_version))
-            if code == 1:
-                await self._replicated(device_id)
             if code in (0, 1):
                 return versions, merged_section
             if code == -1:
@@ -445,30 +447,65 @@ class Store:
         ]
         return Call(self.scripts.section_write, keys, args), merged_section
 
-    async def _replicated(self, device_id: str) -> None:
-        """On a cluster shard with replicas, answer only once one has the write (WAIT), so a
-        failover right after the answer cannot lose an accepted change; bounded, then logged."""
-        if not isinstance(self.redis, RedisCluster):
-            return
-        slot = key_slot(self.keys.state(device_id).encode())
-        nodes = self.redis.nodes_manager.slots_cache.get(slot) or []
-        if len(nodes) < 2:
-            return  # no replica to wait for
-        try:
-            acked = await self.redis.execute_command(
-                "WAIT", 1, REPLICA_WAIT_MS, target_nodes=nodes[0]
-            )
-        except (RedisError, OSError) as exc:  # the primary went away after the write
+    async def _write_confirmed(self, device_id: str, call: Call) -> Any:
+        """Run section_write.lua; on a cluster shard with replicas, answer a write (code 1)
+        only once a replica has it, so a failover right after the answer cannot lose an
+        accepted change. WAIT counts the writes of its own connection: it goes in one pipeline
+        with the script, which a cluster pipeline sends to the node on one connection."""
+        primary = await self._primary_with_replica(device_id)
+        if primary is None:
+            return await call.script(self.redis, call.keys, call.args)
+        for _attempt in range(2):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                queue(pipe, call)
+                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=primary)
+                reply, acked = await pipe.execute(raise_on_error=False)
+            if not isinstance(reply, NoScriptError):
+                break
+            await self.redis.script_load(call.script.source)
+        if isinstance(reply, Exception):
+            raise reply
+        if reply[0] != 1:
+            return reply  # nothing written: nothing to confirm
+        if isinstance(acked, Exception):  # the primary went away after the write
             raise NotConfirmed(
                 "the change was written, but its primary failed before a replica confirmed "
                 "it: send it again"
-            ) from exc
-        if int(acked) < 1:
+            ) from acked
+        if int(acked) < 1 or self._primary_of(device_id) is not primary:
+            # no replica in time, or the slot moved and the write was sent on elsewhere
             log.warning(
                 "no replica of %s confirmed a write within %d ms: a failover now could lose it",
-                nodes[0].name,
+                primary.name,
                 REPLICA_WAIT_MS,
             )
+        return reply
+
+    async def _primary_with_replica(self, device_id: str) -> ClusterNode | None:
+        """The cluster primary serving *device_id*'s slot, if it has a replica to wait for.
+
+        Asked of the primary itself (`ROLE`, at most every few seconds): a cluster's slot
+        table leaves out replicas that have not yet received a write, so a client that read it
+        on a quiet cluster would never learn of them."""
+        primary = self._primary_of(device_id)
+        if primary is None:
+            return None
+        count, read_at = self._replicas.get(primary.name, (0, -math.inf))
+        if time.monotonic() - read_at > REPLICA_RECHECK_S:
+            try:
+                role = await self.redis.execute_command("ROLE", target_nodes=primary)
+            except REDIS_ERRORS:
+                return primary  # cannot tell: wait (the write itself will say if it is down)
+            count = len(role[2]) if text(role[0]) == "master" else 0
+            self._replicas[primary.name] = (count, time.monotonic())
+        return primary if count else None
+
+    def _primary_of(self, device_id: str) -> ClusterNode | None:
+        if not isinstance(self.redis, RedisCluster):
+            return None
+        slot = key_slot(self.keys.state(device_id).encode())
+        nodes = self.redis.nodes_manager.slots_cache.get(slot)
+        return nodes[0] if nodes else None
 
     async def delta(self, device_id: str) -> dict[str, Any]:
         device = await self.require(device_id)

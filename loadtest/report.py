@@ -444,7 +444,7 @@ def _goal(data: dict[str, Any], name: str) -> str:
 
 def _connections_goal(data: dict[str, Any], when: str) -> str:
     """The goals on all of a process's connections and on its pub/sub ones (`steady`, `after`)."""
-    total = _goal(data, f"Redis connections per gateway process ({when}")
+    total = _goal(data, f"Redis connections per gateway process and node ({when}")
     pubsub = _goal(data, f"pub/sub connections per gateway process ({when}")
     return f"{total} (pub/sub {pubsub})" if pubsub else total
 
@@ -541,13 +541,16 @@ def _moonshot_on_cluster(loaded: Loaded, docs_path: Path) -> list[str]:
         f"| {_goal(data, 'command p99')} |",
         f"| replica promoted after kill -9 | {_number(m.get('replica_promoted_s'))} s "
         f"| {_goal(data, 'replica promoted')} |",
-        f"| Redis connections per gateway process, steady (busiest; of them pub/sub) "
-        f"| {_number(m.get('redis_connections_per_gateway_max'))} "
-        f"({_number(m.get('redis_pubsub_connections_per_gateway_max'))}) "
+        f"| Redis connections of a gateway process on its busiest node, steady (in all on "
+        f"every node; of them pub/sub) "
+        f"| {_number(m.get('redis_connections_per_gateway_node_max'))} "
+        f"({_number(m.get('redis_connections_per_gateway_max'))}; "
+        f"{_number(m.get('redis_pubsub_connections_per_gateway_max'))}) "
         f"| {_connections_goal(data, 'steady')} |",
         f"| the same after the failover | "
-        f"{_number(m.get('after_failover_redis_connections_per_gateway_max'))} "
-        f"({_number(m.get('after_failover_redis_pubsub_connections_per_gateway_max'))}) "
+        f"{_number(m.get('after_failover_redis_connections_per_gateway_node_max'))} "
+        f"({_number(m.get('after_failover_redis_connections_per_gateway_max'))}; "
+        f"{_number(m.get('after_failover_redis_pubsub_connections_per_gateway_max'))}) "
         f"| {_connections_goal(data, 'after')} |",
         "",
     ]

@@ -23,9 +23,13 @@ import websockets
 from live import ADMIN_KEY, LiveGateway, live_gateway
 
 from gateway.client import DeviceClient
+from gateway.config import Settings
 from gateway.devcluster import LocalCluster, Node
 from gateway.embedded import valkey_executable
+from gateway.keys import Keys
 from gateway.redisconn import connect_cluster
+from gateway.scripts import Scripts
+from gateway.store import REPLICA_WAIT_MS, Store
 
 DEVICES = 24
 HEARTBEAT_TIMEOUT = 6.0
@@ -335,3 +339,41 @@ async def test_a_subscription_gone_silent_is_found_by_its_probe(
         finally:
             victim.process.send_signal(signal.SIGCONT)
             await fleet.stop()
+
+
+async def test_an_accepted_desired_change_waited_for_a_replica_of_its_own_write(
+    cluster: LocalCluster, caplog: pytest.LogCaptureFixture
+) -> None:
+    """WAIT counts the writes of the connection it runs on. Sent on its own, it may run on
+    another of the process's connections and return at once; sent with the write, a replica
+    that has not got the write holds the answer back (and the gateway says so)."""
+    client = connect_cluster(cluster.url)
+    await client.initialize()
+    keys = Keys.cluster()
+    store = Store(client, Settings(), keys, Scripts(keys))
+    try:
+        await store.register("w-1", "meter", {})
+        primary = client.get_node_from_key(keys.state("w-1"))
+        async with next(n for n in cluster.nodes if n.port == primary.port).client() as direct:
+            role = await direct.execute_command("ROLE")  # type: ignore[no-untyped-call]
+        replica_port = int(role[2][0][1])
+        # idle connections to that primary: a command on its own takes any one of them
+        await asyncio.gather(
+            *(client.execute_command("PING", target_nodes=primary) for _ in range(6))
+        )
+        await store.patch_section("w-1", "desired", {"a": 1})  # a replica confirms at once
+        assert "no replica" not in caplog.text
+        stopped = next(node for node in cluster.nodes if node.port == replica_port)
+        assert stopped.process is not None
+        stopped.process.send_signal(signal.SIGSTOP)
+        try:
+            started = time.monotonic()
+            await store.patch_section("w-1", "desired", {"a": 2})
+            waited = time.monotonic() - started
+        finally:
+            stopped.process.send_signal(signal.SIGCONT)
+        assert waited >= REPLICA_WAIT_MS / 1000 * 0.9, waited
+        assert f"no replica of {primary.name} confirmed a write" in caplog.text
+        assert (await store.require("w-1")).desired_state == {"a": 2}
+    finally:
+        await client.aclose()
