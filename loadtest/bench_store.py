@@ -322,8 +322,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 "gateway_phase": "three phases (changing, unchanged, bare state) of whole "
                 "rounds: engine.beat(id, session, reported, meta) for every device with "
                 'reported {"temp": round, "hum": 40} (changing: every heartbeat writes state, '
-                "timestamps, version and both history streams), then await "
-                f"engine.flush() (one heartbeat_batch.lua call per chunk of {CHUNK}); rate = "
+                "timestamps, version, a history entry and a fleet event), then await "
+                f"engine.flush() (one heartbeat_batch.lua or report_batch.lua call per chunk "
+                f"of {CHUNK}); rate = "
                 "heartbeats / wall time of the phase, redis-py asyncio + hiredis, one process",
                 "seed_phase": theirs["how"] + "; same Redis, after the gateway phase",
             },
