@@ -10,7 +10,6 @@ started before its Redis serves as soon as Redis does.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import sys
 from collections.abc import Collection
@@ -39,6 +38,8 @@ from gateway.timeseries import FleetSeries
 log = logging.getLogger("gateway")
 
 REDIS_SOCKET_TIMEOUT = 5.0
+STOP_TASKS_WITHIN = 5.0  # seconds a cancelled background task gets before it is left behind
+RECANCEL_EVERY = 0.5
 REASSERT_HOLD = 3.0  # seconds without sweeping after a reconnect: every process re-asserts first
 
 
@@ -335,13 +336,35 @@ class Gateway:
         self._tasks.append(asyncio.create_task(coro, name=name))
 
     async def stop(self) -> None:
+        """Cancel every background task and close the Redis clients, within a bound.
+
+        A cancellation can be lost (a `wait_for` whose inner wait finished at that instant
+        swallows it on Python 3.11), so a task still running is cancelled again every
+        `RECANCEL_EVERY` s; one that outlives `STOP_TASKS_WITHIN` is logged with where it is
+        stuck and left behind: the process stops whatever one task does."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + STOP_TASKS_WITHIN
+        pending = {task for task in self._tasks if not task.done()}
+        while pending and loop.time() < deadline:
+            for task in pending:
+                task.cancel()
+            _, pending = await asyncio.wait(
+                pending, timeout=min(RECANCEL_EVERY, deadline - loop.time())
+            )
+        for task in pending:
+            log.error(
+                "task %s did not stop within %.0f s of being cancelled; left behind at %s",
+                task.get_name(), STOP_TASKS_WITHIN, _awaiting(task),
+            )  # fmt: skip
         for task in self._tasks:
-            task.cancel()
-        for task in self._tasks:
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
+            if task.done() and not task.cancelled():
+                task.exception()  # retrieved: each task reported its own failure when it ended
         if self._core is not None:
-            await _close_clients(self._core)
+            try:
+                async with asyncio.timeout(STOP_TASKS_WITHIN):
+                    await _close_clients(self._core)
+            except TimeoutError:
+                log.error("closing the Redis clients took over %.0f s; left", STOP_TASKS_WITHIN)
 
 
 class _Deliveries:
@@ -352,6 +375,18 @@ class _Deliveries:
         self.on_command = hub.on_command
         self.on_control = hub.on_control
         self.on_expired = presence.note_expired
+
+
+def _awaiting(task: asyncio.Task[Any]) -> str:
+    """Where a task is suspended: its chain of awaits, outermost first."""
+    where: list[str] = []
+    awaited: Any = task.get_coro()
+    while awaited is not None:
+        frame = getattr(awaited, "cr_frame", None) or getattr(awaited, "gi_frame", None)
+        if frame is not None:
+            where.append(f"{frame.f_code.co_filename}:{frame.f_lineno} {frame.f_code.co_name}")
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return " → ".join(where) or "(no frame)"
 
 
 async def _close_clients(core: Core) -> None:
