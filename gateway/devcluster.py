@@ -196,6 +196,30 @@ class LocalCluster:
                         found.append(node)
         return found
 
+    async def wait_promoted(self, lost: Node, within: float) -> float | None:
+        """Seconds until the other nodes count a full set of primaries again and every one
+        says `cluster_state:ok` (the lost node is never asked: it may be hung); None if not
+        within *within*."""
+        started = time.monotonic()
+        while time.monotonic() - started < within:
+            primaries, healthy = 0, True
+            for node in self.nodes:
+                if node is lost or node.pid is None:
+                    continue
+                try:
+                    async with node.client() as client:
+                        role = (await client.info("replication")).get("role")
+                        info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
+                except (TimeoutError, RedisError, OSError):
+                    healthy = False
+                    break
+                primaries += role == "master"
+                healthy = healthy and b"cluster_state:ok" in info
+            if healthy and primaries == self.primaries:
+                return time.monotonic() - started
+            await asyncio.sleep(0.1)
+        return None
+
     def kill(self, node: Node) -> None:
         """SIGKILL: a crashed node, without a chance to hand anything over."""
         if node.process is not None and node.process.poll() is None:

@@ -192,12 +192,7 @@ def encode_stamps(stamps: Document) -> bytes:
 
 def decode_stamps(raw: bytes | str | None, section: Document) -> Document:
     """Stored stamps as a document: a single time stamps every leaf of *section*."""
-    if not raw:
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
+    value = _loaded(raw)
     if isinstance(value, int | float) and not isinstance(value, bool):
         return stamp(section, value)
     return value if isinstance(value, dict) else {}
@@ -280,13 +275,18 @@ def encode(document: Any) -> bytes:
 
 def decode_document(raw: bytes | str | None) -> Document:
     """A stored section as a document; anything unreadable counts as empty, never a crash."""
-    if not raw:
-        return {}
-    try:
-        value = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        return {}
+    value = _loaded(raw)
     return value if isinstance(value, dict) else {}
+
+
+def _loaded(raw: bytes | str | None) -> Any:
+    """A stored JSON value, or None when there is none or it cannot be read."""
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return None
 
 
 def json_type(value: object) -> str:

@@ -205,27 +205,9 @@ class RunCluster:
         return Failover(node.address, served, lag, promoted)
 
     async def wait_promoted(self, lost: Node, within: float = PROMOTION_TIMEOUT) -> float | None:
-        """Seconds until the other nodes count a full set of primaries again and every one
-        says `cluster_state:ok` (the lost node is never asked); None if not within *within*."""
-        started = time.monotonic()
-        while time.monotonic() - started < within:
-            primaries, healthy = 0, True
-            for node in self.local.nodes:
-                if node is lost or node.pid is None:
-                    continue
-                try:
-                    async with node.client() as client:
-                        role = (await client.info("replication")).get("role")
-                        info = await client.execute_command("CLUSTER", "INFO")  # type: ignore[no-untyped-call]
-                except ERRORS:
-                    healthy = False
-                    break
-                primaries += role == "master"
-                healthy = healthy and b"cluster_state:ok" in info
-            if healthy and primaries == self.primaries:
-                return time.monotonic() - started
-            await asyncio.sleep(POLL_S)
-        return None
+        """Seconds until the cluster serves every slot again without *lost*; None if not
+        within *within*."""
+        return await self.local.wait_promoted(lost, within)
 
     # --- connections ------------------------------------------------------------------
     async def connections(self, processes: Mapping[str, int]) -> dict[str, Held]:

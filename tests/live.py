@@ -33,6 +33,15 @@ class LiveGateway:
         self.base_url = f"http://127.0.0.1:{port}"
         self.ws_url = f"ws://127.0.0.1:{port}"
 
+    async def register(self, device_id: str, device_type: str = "thermo") -> str:
+        """Register a device through the API; its token."""
+        async with self.client() as http:
+            response = await http.post(
+                "/api/devices", json={"device_id": device_id, "device_type": device_type}
+            )
+        assert response.status_code == 201, response.text
+        return str(response.json()["token"])
+
     def client(self, key: str | None = ADMIN_KEY) -> httpx.AsyncClient:
         headers = {"Authorization": f"Bearer {key}"} if key else {}
         return httpx.AsyncClient(base_url=self.base_url, headers=headers, timeout=10)

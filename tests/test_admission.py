@@ -148,15 +148,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def register(gw: LiveGateway, device_id: str) -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": "t"}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def welcomed(gw: LiveGateway, device_id: str, token: str, **kwargs: Any) -> ClientConnection:
     ws = await connect(
         f"{gw.ws_url}/ws/devices/{device_id}", additional_headers=bearer(token), **kwargs
@@ -245,7 +236,7 @@ async def test_a_thousand_slowloris_connections_are_closed_at_the_deadline_while
 ) -> None:
     count, deadline = 1000, 2.0
     async with live_gateway(redis_url, handshake_timeout=deadline) as gw, gw.client() as http:
-        tokens = {name: await register(gw, name) for name in ("adm-before", "adm-during")}
+        tokens = {name: await gw.register(name, "t") for name in ("adm-before", "adm-during")}
         before = await welcomed(gw, "adm-before", tokens["adm-before"])
         dashboard = await connect(f"{gw.ws_url}/ws/dashboard?token={ADMIN_KEY}", max_size=None)
         assert (await next_frame(dashboard))["type"] == "snapshot"
@@ -315,7 +306,7 @@ async def test_a_thousand_slowloris_connections_are_closed_at_the_deadline_while
 async def test_half_open_requests_and_upgrades_are_closed_at_the_deadline(redis_url: str) -> None:
     deadline = 1.5
     async with live_gateway(redis_url, handshake_timeout=deadline) as gw, gw.client() as http:
-        token = await register(gw, "adm-half")
+        token = await gw.register("adm-half", "t")
         body = b'{"device_id": "adm-stalled", "device_type": "t"}'
         attempts = {
             "silent": b"",
@@ -374,8 +365,8 @@ async def test_connections_over_the_limit_are_refused_at_once_and_the_rest_is_se
         live_gateway(redis_url, max_connections=limit, handshake_timeout=60) as gw,
         gw.client() as http,
     ):
-        token = await register(gw, "adm-cap")
-        spare_token = await register(gw, "adm-spare")
+        token = await gw.register("adm-cap", "t")
+        spare_token = await gw.register("adm-spare", "t")
         device = await welcomed(gw, "adm-cap", token)
         await gauge_becomes(
             http, "gateway_connections_open", 2
@@ -426,7 +417,7 @@ async def test_pending_connections_per_address_are_limited(redis_url: str) -> No
         live_gateway(redis_url, max_pending_per_address=per_address, handshake_timeout=60) as gw,
         gw.client() as http,
     ):
-        tokens = {name: await register(gw, name) for name in ("adm-a", "adm-b", "adm-c")}
+        tokens = {name: await gw.register(name, "t") for name in ("adm-a", "adm-b", "adm-c")}
         # connections that completed their request do not count: this client, a device
         assert (await http.get("/api/stats")).status_code == 200
         device = await welcomed(gw, "adm-a", tokens["adm-a"])

@@ -97,7 +97,17 @@ async def browser(chromium_path: str) -> AsyncIterator[Browser]:
 
 @pytest.fixture
 async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
-    context = await browser.new_context(viewport={"width": 1400, "height": 900})
+    async with opened_page(browser, request) as opened:
+        yield opened
+
+
+@contextlib.asynccontextmanager
+async def opened_page(
+    browser: Browser, request: pytest.FixtureRequest, label: str = "", **options: Any
+) -> AsyncIterator[Page]:
+    """A page in a context of its own (viewport, colour scheme, permissions), checked when it
+    closes: a screenshot left in test-artifacts/, and no uncaught error."""
+    context = await browser.new_context(**({"viewport": {"width": 1400, "height": 900}} | options))
     opened = await context.new_page()
     errors: list[str] = []
     opened.on("pageerror", lambda exc: errors.append(str(exc)))
@@ -106,7 +116,7 @@ async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterato
         yield opened
     finally:
         ARTIFACTS.mkdir(exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", request.node.name)
+        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", "-".join(filter(None, (request.node.name, label))))
         with contextlib.suppress(Exception):
             await opened.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
         await context.close()
@@ -585,28 +595,6 @@ async def test_the_docs_screenshots(
 
 
 # --- the dashboard's memory, management, phone and keyboard -------------------------------
-
-
-@contextlib.asynccontextmanager
-async def opened_page(
-    browser: Browser, request: pytest.FixtureRequest, label: str, **options: Any
-) -> AsyncIterator[Page]:
-    """A page in a context of its own (viewport, colour scheme, permissions), checked like the
-    `page` fixture's: a screenshot left in test-artifacts/, and no uncaught error."""
-    context = await browser.new_context(**({"viewport": {"width": 1400, "height": 900}} | options))
-    opened = await context.new_page()
-    errors: list[str] = []
-    opened.on("pageerror", lambda exc: errors.append(str(exc)))
-    opened.set_default_timeout(TIMEOUT * 1000)
-    try:
-        yield opened
-    finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        name = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"{request.node.name}-{label}")
-        with contextlib.suppress(Exception):
-            await opened.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
-        await context.close()
-    assert not errors, f"uncaught errors in the page: {errors}"
 
 
 class Cycler:

@@ -32,16 +32,6 @@ TIMEOUT = 10.0  # every wait in this file is bounded by a multiple of this
 HEARTBEAT = 3.0  # the gateway's heartbeat timeout for these tests
 
 
-async def register(gw: LiveGateway, device_id: str) -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": "thermo"}
-        )
-    assert response.status_code == 201, response.text
-    token: str = response.json()["token"]
-    return token
-
-
 async def device(gw: LiveGateway, device_id: str) -> dict[str, Any]:
     async with gw.client() as http:
         response = await http.get(f"/api/devices/{device_id}")
@@ -84,7 +74,7 @@ class Desired:
 
 async def test_connects_and_gets_welcome(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "sensor-1")
+        token = await gw.register("sensor-1")
         async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "sensor-1", token) as client:
             assert client.connected.is_set()
             assert client.session == gw.gateway.hub.sessions["sensor-1"].session
@@ -102,7 +92,7 @@ async def test_connects_and_gets_welcome(redis_url: str) -> None:
 
 async def test_report_acks_with_increasing_versions(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "sensor-2")
+        token = await gw.register("sensor-2")
         async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "sensor-2", token) as client:
             first = await client.report({"temp": 20, "fw": {"major": 1, "minor": 2}})
             second = await client.report({"temp": 21, "fw": {"minor": None}})
@@ -120,7 +110,7 @@ async def test_heartbeat_carries_a_changed_document_and_keeps_the_device_online(
     redis_url: str,
 ) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=1.0) as gw:
-        token = await register(gw, "sensor-3")
+        token = await gw.register("sensor-3")
         async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "sensor-3", token) as client:
             client.set_reported({"mode": "eco"})
 
@@ -137,7 +127,7 @@ async def test_heartbeat_carries_a_changed_document_and_keeps_the_device_online(
 
 async def test_desired_change_reaches_on_desired(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "lamp-1")
+        token = await gw.register("lamp-1")
         seen = Desired()
         async with (
             asyncio.timeout(2 * TIMEOUT),
@@ -166,7 +156,7 @@ async def test_a_change_published_the_node_classes_way_reaches_on_desired(
     """The Node.js classes of the reference document publish `desiredState`, not
     `desired_state`: the client takes either."""
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "lamp-2")
+        token = await gw.register("lamp-2")
         seen = Desired()
         async with (
             asyncio.timeout(2 * TIMEOUT),
@@ -181,7 +171,7 @@ async def test_a_change_published_the_node_classes_way_reaches_on_desired(
 
 async def test_a_slow_callback_does_not_block_the_reader(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "lamp-3")
+        token = await gw.register("lamp-3")
         entered, release = asyncio.Event(), asyncio.Event()
 
         async def slow(desired: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -199,7 +189,7 @@ async def test_a_slow_callback_does_not_block_the_reader(redis_url: str) -> None
 
 async def test_desired_changed_while_away_arrives_with_the_welcome(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "lamp-2")
+        token = await gw.register("lamp-2")
         async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "lamp-2", token) as client:
             await client.report({"led": "off"})
         await patch_desired(gw, "lamp-2", {"led": "on"})
@@ -227,7 +217,7 @@ async def test_a_report_over_the_frame_limit_is_refused_before_it_is_sent(
     redis_url: str,
 ) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "big-1")
+        token = await gw.register("big-1")
         client = DeviceClient(gw.ws_url, "big-1", token, backoff_min=0.05, backoff_max=0.1)
         async with asyncio.timeout(2 * TIMEOUT), client:
             assert client.max_frame_bytes == gw.gateway.settings.max_frame_bytes  # announced
@@ -247,7 +237,7 @@ async def test_a_report_over_the_frame_limit_is_refused_before_it_is_sent(
 
 async def test_the_frame_limit_comes_from_the_welcome(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT, max_frame_bytes=4096) as gw:
-        token = await register(gw, "big-2")
+        token = await gw.register("big-2")
         async with asyncio.timeout(TIMEOUT), DeviceClient(gw.ws_url, "big-2", token) as client:
             assert client.max_frame_bytes == 4096
             with pytest.raises(FrameTooLarge):
@@ -260,7 +250,7 @@ async def test_a_frame_closed_with_1009_is_never_sent_again(redis_url: str) -> N
     # The gateway announces 64 KiB, but a smaller limit is enforced in front of it (a proxy).
     options = {"ws_max_size": 4096}
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT, server_options=options) as gw:
-        token = await register(gw, "big-3")
+        token = await gw.register("big-3")
         client = DeviceClient(gw.ws_url, "big-3", token, backoff_min=0.05, backoff_max=0.1)
         async with asyncio.timeout(3 * TIMEOUT), client:
             await client.report({"temp": 20})
@@ -294,7 +284,7 @@ async def test_the_on_desired_example_in_the_protocol_doc_runs(
     script = tmp_path / "lamp.py"
     script.write_text(protocol_doc_example())
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "lamp-7")
+        token = await gw.register("lamp-7")
         lamp = await asyncio.create_subprocess_exec(
             sys.executable, str(script), gw.ws_url, "lamp-7", token,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
@@ -322,7 +312,7 @@ async def test_the_on_desired_example_in_the_protocol_doc_runs(
 
 async def test_reconnects_after_gateway_restarting_close(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "relay-1")
+        token = await gw.register("relay-1")
         seen = Desired()
         client = DeviceClient(gw.ws_url, "relay-1", token, on_desired=seen, backoff_min=0.1)
         async with asyncio.timeout(2 * TIMEOUT), client:
@@ -344,7 +334,7 @@ async def test_reconnects_after_gateway_restarting_close(redis_url: str) -> None
 
 async def test_retries_while_the_gateway_refuses_with_503(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "relay-2")
+        token = await gw.register("relay-2")
         client = DeviceClient(gw.ws_url, "relay-2", token, backoff_min=0.05, backoff_max=0.2)
         async with asyncio.timeout(2 * TIMEOUT), client:
             gw.gateway.draining = True
@@ -366,7 +356,7 @@ async def test_retries_while_the_gateway_refuses_with_503(redis_url: str) -> Non
 
 async def test_replaced_session_stops_with_4409(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "twin-1")
+        token = await gw.register("twin-1")
         older = DeviceClient(gw.ws_url, "twin-1", token, backoff_min=0.05)
         newer = DeviceClient(gw.ws_url, "twin-1", token)
         async with asyncio.timeout(2 * TIMEOUT), older, newer:
@@ -384,7 +374,7 @@ async def test_replaced_session_stops_with_4409(redis_url: str) -> None:
 
 async def test_deleted_device_stops_with_1008(redis_url: str) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        token = await register(gw, "gone-1")
+        token = await gw.register("gone-1")
         client = DeviceClient(gw.ws_url, "gone-1", token, backoff_min=0.05)
         async with asyncio.timeout(TIMEOUT), client:
             async with gw.client() as http:
@@ -402,7 +392,7 @@ async def test_refused_handshake_raises_without_retrying(
     redis_url: str, device_id: str, token: str, status: int
 ) -> None:
     async with live_gateway(redis_url, heartbeat_timeout=HEARTBEAT) as gw:
-        await register(gw, "known-1")
+        await gw.register("known-1")
         client = DeviceClient(gw.ws_url, device_id, token, backoff_min=0.01, backoff_max=0.01)
         with pytest.raises(DeviceRejected) as refused:
             async with asyncio.timeout(TIMEOUT), client:

@@ -35,21 +35,12 @@ async def cluster(cluster_url: str) -> Any:
     await client.aclose()
 
 
-async def register(gw: LiveGateway, device_id: str, device_type: str = "thermo") -> str:
-    async with gw.client() as client:
-        reply = await client.post(
-            "/api/devices", json={"device_id": device_id, "device_type": device_type}
-        )
-    assert reply.status_code == 201, reply.text
-    return str(reply.json()["token"])
-
-
 async def test_the_cluster_layout_is_detected_and_used(
     gw: LiveGateway, cluster: RedisCluster
 ) -> None:
     keys = gw.gateway.keys
     assert keys.sharded and keys.partitions == 64
-    await register(gw, "c-1")
+    await gw.register("c-1")
     assert await cluster.exists(keys.state("c-1")) == 1
     assert await cluster.exists("device:state:c-1") == 0  # no single-node names on a cluster
     slots = {key_slot(name.encode()) for name in (keys.state("c-1"), keys.of("c-1").registered)}
@@ -57,7 +48,7 @@ async def test_the_cluster_layout_is_detected_and_used(
 
 
 async def test_a_device_connects_reports_and_gets_desired_changes_live(gw: LiveGateway) -> None:
-    token = await register(gw, "c-2")
+    token = await gw.register("c-2")
     got: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
 
     def on_desired(desired: dict[str, Any], delta: dict[str, Any]) -> None:
@@ -78,9 +69,7 @@ async def test_a_device_connects_reports_and_gets_desired_changes_live(gw: LiveG
 
 async def test_pages_and_stats_cover_every_partition_once(gw: LiveGateway) -> None:
     ids = [f"p-{n:03d}" for n in range(150)]
-    await asyncio.gather(
-        *(register(gw, d, "alpha" if n % 2 else "beta") for n, d in enumerate(ids))
-    )
+    await asyncio.gather(*(gw.register(d, "alpha" if n % 2 else "beta") for n, d in enumerate(ids)))
     async with gw.client() as client:
         seen: list[str] = []
         cursor = None
@@ -99,7 +88,7 @@ async def test_pages_and_stats_cover_every_partition_once(gw: LiveGateway) -> No
 
 async def test_one_session_per_device_across_processes(cluster_url: str) -> None:
     async with live_gateway(cluster_url) as first, live_gateway(cluster_url) as second:
-        token = await register(first, "c-3")
+        token = await first.register("c-3")
         headers = {"Authorization": f"Bearer {token}"}
         old = await websockets.connect(f"{first.ws_url}/ws/devices/c-3", additional_headers=headers)
         assert orjson.loads(await old.recv())["type"] == "welcome"
@@ -116,7 +105,7 @@ async def test_one_session_per_device_across_processes(cluster_url: str) -> None
 
 
 async def test_a_silent_device_goes_offline_once(gw: LiveGateway) -> None:
-    token = await register(gw, "c-4")
+    token = await gw.register("c-4")
     async with open_dashboard(gw) as ws:
         snapshot = orjson.loads(await ws.recv())
         assert snapshot["type"] == "snapshot"
@@ -157,7 +146,7 @@ async def presence_events(
 
 
 async def test_dashboards_resume_across_partitions_without_gap(gw: LiveGateway) -> None:
-    tokens = {d: await register(gw, d) for d in (f"r-{n}" for n in range(8))}
+    tokens = {d: await gw.register(d) for d in (f"r-{n}" for n in range(8))}
     async with open_dashboard(gw) as ws:
         cursor = orjson.loads(await ws.recv())["cursor"]
     for device_id, token in tokens.items():  # each connects and leaves: two events each

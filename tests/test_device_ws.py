@@ -45,15 +45,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def register(gw: LiveGateway, device_id: str, device_type: str = "thermo") -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": device_type}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def rest(gw: LiveGateway, method: str, path: str, body: Any = None) -> Any:
     async with gw.client() as http:
         response = await http.request(method, path, json=body)
@@ -209,8 +200,8 @@ async def refused_status(url: str, headers: dict[str, str] | None = None) -> int
 
 async def test_refused_handshakes_write_nothing(backend_url: str, backend_client: Client) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "hs-1")
-        other_token = await register(gw, "hs-2")
+        token = await gw.register("hs-1")
+        other_token = await gw.register("hs-2")
         base = f"{gw.ws_url}/ws/devices"
         before = await dump(backend_client)
         cases: list[tuple[str, dict[str, str] | None, int]] = [
@@ -239,7 +230,7 @@ async def test_refused_handshakes_write_nothing(backend_url: str, backend_client
 async def test_query_token_and_128_character_id(backend_url: str) -> None:
     longest = "d" * 128
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, longest)
+        token = await gw.register(longest)
         async with connect(f"{gw.ws_url}/ws/devices/{longest}?token={token}") as ws:
             welcome = await receive(ws)
             assert welcome["type"] == "welcome"
@@ -250,7 +241,7 @@ async def test_query_token_and_128_character_id(backend_url: str) -> None:
 async def test_open_socket_keeps_no_handshake_state(backend_url: str) -> None:
     """An accepted socket drops its upgrade request (headers, token) and keeps working."""
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "h-1")
+        token = await gw.register("h-1")
         ws = await connect(
             f"{gw.ws_url}/ws/devices/h-1?token={token}",
             additional_headers={"X-Probe": "x" * 512},
@@ -293,7 +284,7 @@ async def test_open_socket_keeps_no_handshake_state(backend_url: str) -> None:
 
 async def test_welcome_frame_shape(backend_url: str) -> None:
     async with live_gateway(backend_url, heartbeat_timeout=7) as gw:
-        token = await register(gw, "w-1")
+        token = await gw.register("w-1")
         async with open_device(gw, "w-1", token) as ws:
             welcome = await receive(ws)
         assert {
@@ -316,7 +307,7 @@ async def test_welcome_frame_shape(backend_url: str) -> None:
 
 async def test_desired_change_while_offline_arrives_in_welcome(backend_url: str) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "w-2")
+        token = await gw.register("w-2")
         async with open_device(gw, "w-2", token) as ws:
             await receive(ws)
             await ws.send(
@@ -345,7 +336,7 @@ def text(frame: dict[str, Any]) -> str:
 
 async def test_heartbeat_report_and_get(backend_url: str) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "f-1")
+        token = await gw.register("f-1")
         async with open_device(gw, "f-1", token) as ws:
             await receive(ws)
             await ws.send(text({"type": "heartbeat", "reported_state": {"t": 1, "u": 2}}))
@@ -389,7 +380,7 @@ async def test_heartbeat_report_and_get(backend_url: str) -> None:
 async def test_get_right_after_report_sees_the_report(backend_url: str) -> None:
     """Frames of one device are answered in order: a `get` sent after a `report` reflects it."""
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "f-2")
+        token = await gw.register("f-2")
         async with open_device(gw, "f-2", token) as ws:
             await receive(ws)
             await ws.send(text({"type": "report", "reported_state": {"x": 1}, "id": "a"}))
@@ -403,7 +394,7 @@ async def test_get_right_after_report_sees_the_report(backend_url: str) -> None:
 
 async def test_bad_frames_get_error_frames_and_write_nothing(backend_url: str) -> None:
     async with live_gateway(backend_url, malformed_tolerance=50) as gw:
-        token = await register(gw, "f-3")
+        token = await gw.register("f-3")
         async with open_device(gw, "f-3", token) as ws:
             await receive(ws)
             await ws.send(text({"type": "report", "reported_state": {"keep": 1}, "id": 0}))
@@ -442,7 +433,7 @@ async def test_bad_frames_get_error_frames_and_write_nothing(backend_url: str) -
 
 async def test_error_frames_echo_every_readable_id(backend_url: str) -> None:
     async with live_gateway(backend_url, malformed_tolerance=50) as gw:
-        token = await register(gw, "f-7")
+        token = await gw.register("f-7")
         async with open_device(gw, "f-7", token) as ws:
             await receive(ws)
             bad: list[tuple[dict[str, Any], str, Any]] = [
@@ -464,7 +455,7 @@ async def test_error_frames_echo_every_readable_id(backend_url: str) -> None:
 async def test_malformed_beyond_tolerance_closes_4400(backend_url: str) -> None:
     tolerance = 10
     async with live_gateway(backend_url, malformed_tolerance=tolerance) as gw:
-        token = await register(gw, "f-4")
+        token = await gw.register("f-4")
         async with open_device(gw, "f-4", token) as ws:
             await receive(ws)
             for index in range(tolerance):
@@ -478,7 +469,7 @@ async def test_malformed_beyond_tolerance_closes_4400(backend_url: str) -> None:
 
 async def test_frame_over_64_kib_closes_1009(backend_url: str) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "f-5")
+        token = await gw.register("f-5")
         async with open_device(gw, "f-5", token, max_size=None) as ws:
             await receive(ws)
             huge = text({"type": "heartbeat", "reported_state": {"blob": "y" * 70_000}})
@@ -491,7 +482,7 @@ async def test_frame_over_64_kib_closes_1009(backend_url: str) -> None:
 async def test_flood_is_refused_then_closed_4429(backend_url: str) -> None:
     burst = 5
     async with live_gateway(backend_url, rate_limit=0.5, rate_burst=burst) as gw:
-        token = await register(gw, "f-6")
+        token = await gw.register("f-6")
         async with open_device(gw, "f-6", token) as ws:
             await receive(ws)
             with contextlib.suppress(ConnectionClosed):
@@ -522,7 +513,7 @@ async def test_connect_is_online_and_clean_close_is_one_offline(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "p-1")
+        token = await gw.register("p-1")
         ws = await connected(gw, "p-1", token)
         online = (await feed.wait("p-1", "online"))[0]
         assert (online["reason"], online["type"]) == ("connected", "presence")
@@ -550,7 +541,7 @@ async def test_aborted_tcp_connection_is_connection_lost(
 ) -> None:
     settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
     async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "p-2")
+        token = await gw.register("p-2")
         ws = await connected(gw, "p-2", token)
         await feed.wait("p-2", "online")
         ws.transport.abort()  # no close frame: the peer just vanishes
@@ -566,7 +557,7 @@ async def test_unresponsive_tcp_peer_is_connection_lost(
     """A peer that stops reading (half-open TCP) fails the pings and is dropped."""
     settings = {"ws_ping_interval": 0.5, "ws_ping_timeout": 0.5, "heartbeat_timeout": 10}
     async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "p-3")
+        token = await gw.register("p-3")
         ws = await connected(gw, "p-3", token, ping_interval=None)
         await feed.wait("p-3", "online")
         ws.transport.pause_reading()  # pings are never answered; nothing is sent either
@@ -588,7 +579,7 @@ async def test_silent_device_expires_within_timeout_plus_two(
         "sweep_interval": 0.1,  # frequent sweeps must never stretch a silent device's life
     }
     async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "p-4")
+        token = await gw.register("p-4")
         started = time.monotonic()
         ws = await connected(gw, "p-4", token)
         # pings and pongs flow the whole time: they keep TCP honest, not the device online
@@ -622,7 +613,7 @@ async def test_device_sending_within_each_timeout_never_goes_offline(
         text({"type": "heartbeat", "reported_state": {"n": 2}}),
     ]
     async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "p-5")
+        token = await gw.register("p-5")
         async with open_device(gw, "p-5", token) as ws:
             await receive(ws)
             for frame in frames:  # 6 frames × 0.9 timeout: several timeouts in all
@@ -688,7 +679,7 @@ async def test_second_connection_replaces_the_first(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "s-1")
+        token = await gw.register("s-1")
         first = await connected(gw, "s-1", token)
         await feed.wait("s-1", "online")
         second = await connected(gw, "s-1", token)
@@ -713,7 +704,7 @@ async def test_second_connection_replaces_the_first(
 
 async def test_desired_patch_reaches_the_socket(backend_url: str) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "c-1")
+        token = await gw.register("c-1")
         async with open_device(gw, "c-1", token) as ws:
             await receive(ws)
             await ws.send(text({"type": "report", "reported_state": {"led": "off"}, "id": 1}))
@@ -735,7 +726,7 @@ async def test_anything_published_on_the_command_channel_arrives_as_is(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "c-2")
+        token = await gw.register("c-2")
         async with open_device(gw, "c-2", token) as ws:
             await receive(ws)
             channel = layout.commands("c-2")
@@ -757,7 +748,7 @@ async def test_non_utf8_command_reaches_the_socket(
 ) -> None:
     """Whatever is published reaches the socket: bytes that are not text go as a binary frame."""
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "c-3")
+        token = await gw.register("c-3")
         async with open_device(gw, "c-3", token) as ws:
             await receive(ws)
             payload = b"\xff\xfe\x00firmware"
@@ -811,8 +802,8 @@ async def test_slow_consumer_is_dropped_and_others_keep_working(
         live_gateway(backend_url, send_queue_size=32) as gw,
         presence_feed(backend_client) as feed,
     ):
-        slow_token = await register(gw, "slow-1")
-        fine_token = await register(gw, "fine-1")
+        slow_token = await gw.register("slow-1")
+        fine_token = await gw.register("fine-1")
         fine = await connected(gw, "fine-1", fine_token)
         sock = await _raw_handshake(gw, "slow-1", slow_token)
         try:
@@ -845,7 +836,7 @@ async def test_token_rotation_closes_the_session_1008(
     backend_url: str, backend_client: Client
 ) -> None:
     async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
-        old = await register(gw, "t-1")
+        old = await gw.register("t-1")
         ws = await connected(gw, "t-1", old)
         rotated = await rest(gw, "POST", "/api/devices/t-1/token")
         assert await close_code(ws) == 1008
@@ -860,7 +851,7 @@ async def test_deleting_the_device_closes_the_session_1008(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "t-2")
+        token = await gw.register("t-2")
         assert await backend_client.exists(layout.state("t-2"))
         ws = await connected(gw, "t-2", token)
         await feed.wait("t-2", "online")
@@ -883,7 +874,7 @@ async def test_offline_grace(backend_url: str, backend_client: Client) -> None:
     grace = 2.0
     settings = {"offline_grace": grace, "sweep_interval": 0.5}
     async with live_gateway(backend_url, **settings) as gw, presence_feed(backend_client) as feed:
-        token = await register(gw, "g-1")
+        token = await gw.register("g-1")
         ws = await connected(gw, "g-1", token)
         await feed.wait("g-1", "online")
         await ws.close()
@@ -912,7 +903,7 @@ async def test_desired_change_while_pubsub_reconnects_is_resent(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "r-1")
+        token = await gw.register("r-1")
         async with open_device(gw, "r-1", token) as ws:
             await receive(ws)
             reconnects = gw.gateway.broker.reconnects
@@ -947,7 +938,7 @@ async def test_desired_change_while_pubsub_reconnects_is_resent(
 
 async def test_metrics_describe_the_sockets(backend_url: str) -> None:
     async with live_gateway(backend_url) as gw:
-        token = await register(gw, "m-1")
+        token = await gw.register("m-1")
         ws = await connected(gw, "m-1", token)
         await ws.send(text({"type": "heartbeat"}))
         await ws.send(text({"type": "report", "reported_state": {"a": 1}, "id": 1}))

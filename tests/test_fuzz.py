@@ -243,15 +243,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def register(gw: LiveGateway, device_id: str) -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": "t"}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def welcomed(gw: LiveGateway, device_id: str, token: str, **kwargs: Any) -> ClientConnection:
     ws = await connect(
         f"{gw.ws_url}/ws/devices/{device_id}", additional_headers=bearer(token), **kwargs
@@ -348,7 +339,7 @@ async def server_close_code(sock: socket.socket) -> int | None:
 
 async def test_invalid_utf8_text_frame_closes_1007_and_nothing_breaks(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "u8-1")
+        token = await gw.register("u8-1", "t")
         sock = await raw_device_socket(gw.port, "u8-1", token)
         try:
             loop = asyncio.get_running_loop()
@@ -361,7 +352,7 @@ async def test_invalid_utf8_text_frame_closes_1007_and_nothing_breaks(redis_url:
 
 async def test_binary_deep_wide_and_odd_frames_get_error_frames(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "hx-1")
+        token = await gw.register("hx-1", "t")
         ws = await welcomed(gw, "hx-1", token)
         cases: list[tuple[str | bytes, str]] = [
             (b'{"type":"get"}', "binary_frame"),
@@ -399,7 +390,7 @@ async def test_binary_deep_wide_and_odd_frames_get_error_frames(redis_url: str) 
 
 async def test_100000_keys_and_oversize_frames_close_1009(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "big-1")
+        token = await gw.register("big-1", "t")
         for payload in (
             orjson.dumps(
                 {"type": "report", "reported_state": {f"k{n}": n for n in range(100_000)}}
@@ -415,7 +406,7 @@ async def test_100000_keys_and_oversize_frames_close_1009(redis_url: str) -> Non
 
 async def test_flood_is_closed_4429(redis_url: str) -> None:
     async with live_gateway(redis_url, rate_limit=5.0, rate_burst=10) as gw:
-        token = await register(gw, "fl-1")
+        token = await gw.register("fl-1", "t")
         ws = await welcomed(gw, "fl-1", token)
         with contextlib.suppress(ConnectionClosed):
             for _ in range(1000):
@@ -441,7 +432,7 @@ async def test_flood_is_closed_4429(redis_url: str) -> None:
 async def test_slowloris_handshakes_do_not_starve_others(redis_url: str) -> None:
     count = 200
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "sl-1")
+        token = await gw.register("sl-1", "t")
         loop = asyncio.get_running_loop()
         socks: list[socket.socket] = []
         for _ in range(count):

@@ -111,15 +111,6 @@ def text(kind: str, **fields: Any) -> str:
     return orjson.dumps({"type": kind, **fields}).decode()
 
 
-async def register(gw: LiveGateway, device_id: str, device_type: str = "thermo") -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": device_type}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def api(gw: LiveGateway, method: str, path: str, **kwargs: Any) -> Any:
     async with gw.client() as http:
         response = await http.request(method, path, **kwargs)
@@ -272,7 +263,7 @@ async def test_reads_report_last_seen_to_the_millisecond(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
-        token = await register(gw, "r-1")
+        token = await gw.register("r-1")
         async with device(gw, "r-1", token) as ws:
             # frames until one renewed the TTL in a step already written (the first, unless a
             # second boundary fell between it and the connect)
@@ -365,7 +356,7 @@ async def test_a_repeated_document_writes_nothing_of_the_shadow(
 ) -> None:
     async with live_gateway(backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
         scripts = gw.gateway.store.scripts
-        token = await register(gw, "w-1")
+        token = await gw.register("w-1")
         document = {"t": 1, "u": {"v": 2}}
         async with device(gw, "w-1", token) as ws:
             await ws.send(text("heartbeat", reported_state=document))
@@ -431,7 +422,7 @@ async def test_history_is_bounded_newest_first_and_pages_with_the_log_ids(
     async with live_gateway(
         backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT, history_maxlen=HISTORY_MAXLEN
     ) as gw:
-        token = await register(gw, "h-1")
+        token = await gw.register("h-1")
         key = layout.history("h-1")
         lengths: list[int] = []
 
@@ -506,7 +497,7 @@ async def test_history_is_bounded_newest_first_and_pages_with_the_log_ids(
 
 async def test_a_before_this_api_did_not_issue_is_refused(backend_url: str, layout: Keys) -> None:
     async with live_gateway(backend_url) as gw, gw.client() as http:
-        await register(gw, "h-2")
+        await gw.register("h-2")
         not_issued = [
             "18446744073709551615-18446744073709551615",  # past any stream's last id
             f"{layout.partitions}:1-0",  # a partition this layout does not have
@@ -636,7 +627,7 @@ async def test_stamps_are_one_number_until_a_patch_stamps_leaves_apart(
     backend_url: str, backend_client: Client, layout: Keys
 ) -> None:
     async with live_gateway(backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
-        token = await register(gw, "st-1")
+        token = await gw.register("st-1")
         state = layout.state("st-1")
         path = "/api/devices/st-1"
 
@@ -693,8 +684,8 @@ async def test_seed_readers_see_a_gateway_device_online_and_seen_within_a_second
     backend_url: str, seed: types.SimpleNamespace
 ) -> None:
     async with live_gateway(backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
-        token = await register(gw, "sd-1")
-        await register(gw, "sd-2")  # never connected
+        token = await gw.register("sd-1")
+        await gw.register("sd-2")  # never connected
         async with device(gw, "sd-1", token) as ws:
             last_frame = await chatter(ws)
             with redis.Redis.from_url(backend_url) as client:
@@ -726,7 +717,7 @@ async def test_node_readers_see_a_gateway_device_online_and_seen_within_a_second
     async with live_gateway(
         redis_url, heartbeat_timeout=HEARTBEAT_TIMEOUT, seed_schema="node"
     ) as gw:
-        token = await register(gw, "nd-1")
+        token = await gw.register("nd-1")
         async with device(gw, "nd-1", token) as ws:
             last_frame = await chatter(ws)
             state = await node_seed.call("manager", "getDeviceState", "nd-1")
@@ -745,7 +736,7 @@ async def test_the_seed_sets_are_kept_on_one_node_only(
         for name in (part.registered, part.online, part.type_set("lamp"))
     }
     async with live_gateway(backend_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
-        token = await register(gw, "ss-1", "lamp")
+        token = await gw.register("ss-1", "lamp")
         async with device(gw, "ss-1", token) as ws:
             await synced(ws)
             kept = seed_sets & await all_keys(backend_client)

@@ -38,15 +38,6 @@ async def eventually(check: Callable[[], Awaitable[bool]], what: str) -> None:
         await asyncio.sleep(0.02)
 
 
-async def register(gw: LiveGateway, device_id: str) -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": "relay"}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def next_frame(ws: ClientConnection, kind: str) -> dict[str, object]:
     async with asyncio.timeout(TIMEOUT):
         while True:
@@ -57,7 +48,7 @@ async def next_frame(ws: ClientConnection, kind: str) -> dict[str, object]:
 
 async def test_a_relayed_command_is_counted(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "relay-1")
+        token = await gw.register("relay-1", "relay")
         async with connect(
             f"{gw.ws_url}/ws/devices/relay-1",
             additional_headers={"Authorization": f"Bearer {token}"},
@@ -86,7 +77,7 @@ async def test_an_event_batched_out_to_a_dashboard_is_counted(redis_url: str) ->
     ):
         await next_frame(dashboard, "snapshot")
         assert await relay_count(gw, "dashboard") == 0
-        await register(gw, "relay-2")  # a registry event in the fleet stream
+        await gw.register("relay-2", "relay")  # a registry event in the fleet stream
         await next_frame(dashboard, "events")
 
         async def counted() -> bool:

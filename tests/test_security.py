@@ -26,15 +26,6 @@ def bearer(token: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {token}"}
 
 
-async def register(gw: LiveGateway, device_id: str) -> str:
-    async with gw.client() as http:
-        response = await http.post(
-            "/api/devices", json={"device_id": device_id, "device_type": "t"}
-        )
-    assert response.status_code == 201, response.text
-    return str(response.json()["token"])
-
-
 async def handshake_status(url: str, headers: dict[str, str] | None = None) -> int:
     """The HTTP status of a refused handshake (101 when it was accepted)."""
     try:
@@ -90,7 +81,7 @@ async def test_tokens_are_random_43_char_url_safe_and_stored_only_hashed(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     async with live_gateway(redis_url) as gw:
-        tokens = [await register(gw, f"tok-{n}") for n in range(5)]
+        tokens = [await gw.register(f"tok-{n}", "t") for n in range(5)]
         async with gw.client() as http:
             rotated = (await http.post("/api/devices/tok-0/token")).json()["token"]
         tokens.append(rotated)
@@ -124,8 +115,8 @@ def test_token_check_is_constant_time() -> None:
 
 async def test_wrong_tokens_of_every_shape_are_refused(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "ct-1")
-        other = await register(gw, "ct-2")
+        token = await gw.register("ct-1", "t")
+        other = await gw.register("ct-2", "t")
         url = f"{gw.ws_url}/ws/devices/ct-1"
         flipped = token[:-1] + ("A" if token[-1] != "A" else "B")
         cases = {
@@ -149,7 +140,7 @@ async def test_wrong_tokens_of_every_shape_are_refused(redis_url: str) -> None:
 
 async def test_rotation_stops_the_old_token_at_once_on_every_process(redis_url: str) -> None:
     async with live_gateway(redis_url) as first, live_gateway(redis_url) as second:
-        old = await register(first, "rot-1")
+        old = await first.register("rot-1", "t")
         ws = await welcomed(first, "rot-1", old)
         async with second.client() as http:  # rotated through the other process
             new = (await http.post("/api/devices/rot-1/token")).json()["token"]
@@ -164,7 +155,7 @@ async def test_rotation_stops_the_old_token_at_once_on_every_process(redis_url: 
 
 async def test_deleting_a_device_closes_its_socket_on_another_process(redis_url: str) -> None:
     async with live_gateway(redis_url) as first, live_gateway(redis_url) as second:
-        token = await register(first, "del-1")
+        token = await first.register("del-1", "t")
         ws = await welcomed(first, "del-1", token)
         async with second.client() as http:
             assert (await http.delete("/api/devices/del-1")).status_code == 204
@@ -188,7 +179,7 @@ WRITES: list[tuple[str, str, Any]] = [
 
 async def test_read_only_key_can_never_write(redis_url: str, redis_client: aioredis.Redis) -> None:
     async with live_gateway(redis_url) as gw:
-        await register(gw, "ro-1")
+        await gw.register("ro-1", "t")
         before = sorted(await everything(redis_client))
         async with gw.client(READ_KEY) as http:
             assert (await http.get("/api/devices/ro-1")).status_code == 200
