@@ -15,7 +15,7 @@ import pytest
 import redis.asyncio as aioredis
 from live import live_gateway
 from rawws import CLOSE, TEXT, RawSocket, close_of
-from test_device_ws import bearer, device_doc, eventually, presence_feed, register
+from test_device_ws import bearer, device_doc, eventually, presence_feed
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
@@ -51,7 +51,7 @@ async def test_refused_handshakes_log_no_error_and_keep_their_status_and_body(
     redis_url: str,
 ) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "rf-1")
+        token = await gw.register("rf-1")
         base = f"{gw.ws_url}/ws/devices"
         cases: list[tuple[str, dict[str, str] | None, int]] = [
             (f"{base}/rf-1", None, 401),
@@ -81,7 +81,7 @@ async def test_a_frame_too_large_closes_1009_with_its_reason_everywhere(
     redis_url: str, redis_client: aioredis.Redis
 ) -> None:
     async with live_gateway(redis_url) as gw, presence_feed(redis_client) as feed:
-        token = await register(gw, "big-1")
+        token = await gw.register("big-1")
         async with connect(
             f"{gw.ws_url}/ws/devices/big-1", additional_headers=bearer(token), max_size=None
         ) as ws:
@@ -101,7 +101,7 @@ async def test_a_frame_too_large_closes_1009_with_its_reason_everywhere(
 
 async def test_a_frame_too_large_is_closed_cleanly_and_dropped_promptly(redis_url: str) -> None:
     async with live_gateway(redis_url) as gw:
-        token = await register(gw, "big-2")
+        token = await gw.register("big-2")
         device = await RawSocket.open(gw.port, "/ws/devices/big-2", token)
         try:
             assert (await device.frame())[0] == TEXT  # welcome
@@ -127,7 +127,7 @@ async def test_a_frame_too_large_is_closed_cleanly_and_dropped_promptly(redis_ur
 async def test_a_flood_is_closed_after_the_burst_and_dropped_promptly(redis_url: str) -> None:
     burst = 3
     async with live_gateway(redis_url, rate_limit=0.1, rate_burst=burst) as gw:
-        token = await register(gw, "fl-1")
+        token = await gw.register("fl-1")
         device = await RawSocket.open(gw.port, "/ws/devices/fl-1", token)
         try:
             assert (await device.frame())[0] == TEXT  # welcome
