@@ -39,6 +39,39 @@ class Deliveries(Protocol):
 Resubscribed = Callable[[Collection[str] | None], Awaitable[None]]
 
 
+class DeviceSubscriber(Protocol):
+    """A broker's device subscriptions (`Broker`, `ClusterBroker`)."""
+
+    def subscribe_device(self, device_id: str) -> asyncio.Future[None]: ...
+    def unsubscribe_device(self, device_id: str) -> None: ...
+
+
+class DeviceChannels:
+    """Counted interest in device command channels, over either broker.
+
+    A device's channel is wanted by its live socket and, meanwhile, by callers waiting for
+    one of its commands to finish: it stays subscribed until the last of them lets go. Every
+    `subscribe` is paired with one `unsubscribe`.
+    """
+
+    def __init__(self, broker: DeviceSubscriber) -> None:
+        self.broker = broker
+        self._wanted: dict[str, int] = {}
+
+    def subscribe(self, device_id: str) -> asyncio.Future[None]:
+        """Listen to the device's channel; the future resolves once it is live."""
+        self._wanted[device_id] = self._wanted.get(device_id, 0) + 1
+        return self.broker.subscribe_device(device_id)
+
+    def unsubscribe(self, device_id: str) -> None:
+        left = self._wanted.get(device_id, 0) - 1
+        if left > 0:
+            self._wanted[device_id] = left
+            return
+        self._wanted.pop(device_id, None)
+        self.broker.unsubscribe_device(device_id)
+
+
 class Broker:
     def __init__(
         self,

@@ -18,6 +18,7 @@ limit, say) lowers the limit below its size, so it is never sent again.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import inspect
 import itertools
@@ -38,6 +39,10 @@ from gateway import disconnect, shadow
 log = logging.getLogger("gateway.client")
 
 DesiredCallback = Callable[[dict[str, Any], dict[str, Any]], Awaitable[None] | None]
+# (name, params) -> result: async or plain (a plain one runs in a worker thread)
+CommandHandler = Callable[
+    [str, dict[str, Any]], Awaitable[dict[str, Any] | None] | dict[str, Any] | None
+]
 
 # Handshake statuses that retrying cannot fix: no token, wrong token, unknown or invalid id.
 REJECTED_STATUSES = frozenset({400, 401, 403, 404, 410, 422})
@@ -48,6 +53,10 @@ DEFAULT_MAX_FRAME_BYTES = 65536
 NO_RECONNECT = frozenset(close.code for close in disconnect.TABLE if not close.reconnect)
 MAX_EXPONENT = 62
 HEARTBEAT = orjson.dumps({"type": "heartbeat"})
+# commands answered, remembered by id: the gateway sends a command again when it cannot know
+# the answer arrived (a dropped connection), and the answer is sent again, never recomputed
+ANSWERS_KEPT = 1000
+MAX_ERROR_LENGTH = 1024
 
 
 class DeviceRejected(Exception):
@@ -125,6 +134,7 @@ class DeviceClient:
         *,
         heartbeat_fraction: float = 1 / 3,
         on_desired: DesiredCallback | None = None,
+        on_command: CommandHandler | None = None,
         reported: dict[str, Any] | None = None,
         backoff_min: float = 0.5,
         backoff_max: float = 30.0,
@@ -139,6 +149,7 @@ class DeviceClient:
         self.device_id = device_id
         self.heartbeat_fraction = heartbeat_fraction
         self.on_desired = on_desired
+        self.on_command = on_command
         self.backoff_min = backoff_min
         self.backoff_max = backoff_max
         self.open_timeout = open_timeout
@@ -162,6 +173,10 @@ class DeviceClient:
         self._ids = itertools.count(1)
         self._stop = asyncio.Event()
         self._callbacks: asyncio.Queue[tuple[dict[str, Any], dict[str, Any]]] = asyncio.Queue()
+        self._commands: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self._answers: collections.OrderedDict[str, bytes] = collections.OrderedDict()
+        self._working: str | None = None  # the command whose handler runs now
+        self._queued: set[str] = set()  # commands waiting for the handler
         self._task: asyncio.Task[None] | None = None
         self._running = False
         self._rng = random.Random()
@@ -190,6 +205,7 @@ class DeviceClient:
             raise RuntimeError("this DeviceClient is already running")
         self._running = True
         callbacks = asyncio.create_task(self._run_callbacks(), name=f"{self.device_id} callbacks")
+        commands = asyncio.create_task(self._run_commands(), name=f"{self.device_id} commands")
         attempt = 0
         try:
             while not self._stop.is_set():
@@ -211,9 +227,11 @@ class DeviceClient:
         finally:
             self._running = False
             self.connected.clear()
-            callbacks.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await callbacks
+            for task in (callbacks, commands):
+                task.cancel()
+            for task in (callbacks, commands):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
 
     async def report(self, patch: dict[str, Any]) -> int:
         """Merge *patch* into the reported document (`null` deletes); return the new version.
@@ -419,6 +437,13 @@ class DeviceClient:
             self.desired = _object(frame.get("desired_state"))
             self._set_version(frame.get("version"))
             self._answer(frame)
+        elif kind == "command":
+            self._command(frame)
+        elif kind == "error" and "command_id" in frame and "id" not in frame:
+            # a result the gateway did not take: the command ended meanwhile (timed out,
+            # canceled) or was answered already; nothing to do but say so
+            log.info("%s: command %s: %s", self.device_id, frame.get("command_id"),
+                     frame.get("message"))  # fmt: skip
         elif kind == "error":
             pending = self._pending.pop(str(frame.get("id")), None) if "id" in frame else None
             error = RequestFailed(str(frame.get("code")), str(frame.get("message")))
@@ -478,6 +503,75 @@ class DeviceClient:
                 entry = self._pending.get(request_id)
                 if entry is not None and entry.patch is None:
                     del self._pending[request_id]  # a report stays: a late ack still merges
+
+    # --- commands ------------------------------------------------------------
+    def _command(self, frame: dict[str, Any]) -> None:
+        """A command (or the same one sent again): answered from memory when it was
+        answered before, queued for the handler otherwise, never run twice."""
+        command_id = frame.get("command_id")
+        if not isinstance(command_id, str) or self.on_command is None:
+            return
+        answer = self._answers.get(command_id)
+        if answer is not None:
+            self._send_answer(answer)
+        elif command_id != self._working and command_id not in self._queued:
+            self._queued.add(command_id)
+            self._commands.put_nowait(frame)
+
+    async def _run_commands(self) -> None:
+        """Run `on_command` for one command at a time, in the order they came."""
+        while True:
+            frame = await self._commands.get()
+            command_id = str(frame["command_id"])
+            self._queued.discard(command_id)
+            self._working = command_id
+            try:
+                answer = await self._answer_command(command_id, frame)
+            finally:
+                self._working = None
+            self._answers[command_id] = answer
+            while len(self._answers) > ANSWERS_KEPT:
+                self._answers.popitem(last=False)
+            self._send_answer(answer)
+
+    async def _answer_command(self, command_id: str, frame: dict[str, Any]) -> bytes:
+        """The `command_result` frame: `succeeded` with what the handler returned, or
+        `failed` with the message of what it raised."""
+        assert self.on_command is not None
+        name, params = str(frame.get("name")), _object(frame.get("params"))
+        try:
+            if inspect.iscoroutinefunction(self.on_command):
+                result = await self.on_command(name, params)
+            else:
+                result = await asyncio.to_thread(self.on_command, name, params)
+                if inspect.isawaitable(result):
+                    result = await result
+            if result is not None and not isinstance(result, dict):
+                raise TypeError(f"a command handler returns a dict or None, not {type(result)}")
+            answer = {"type": "command_result", "command_id": command_id,
+                      "status": "succeeded", "result": result or {}}  # fmt: skip
+            data = orjson.dumps(answer)
+            if len(data) > self.max_frame_bytes:
+                raise FrameTooLarge("this command's result", len(data), self.max_frame_bytes)
+            return data
+        except Exception as exc:
+            log.info("%s: command %s (%s) failed: %s", self.device_id, command_id, name, exc)
+            message = (str(exc) or type(exc).__name__)[:MAX_ERROR_LENGTH]
+            return orjson.dumps({"type": "command_result", "command_id": command_id,
+                                 "status": "failed", "error": message})  # fmt: skip
+
+    def _send_answer(self, answer: bytes) -> None:
+        """Send a command's answer now if connected; else it goes when the gateway sends the
+        command again on the next connection."""
+        ws = self._ws
+        if ws is None or not self.connected.is_set():
+            return
+        task = asyncio.get_running_loop().create_task(self._send_quietly(ws, answer))
+        task.add_done_callback(lambda done: done.cancelled() or done.exception())
+
+    async def _send_quietly(self, ws: ClientConnection, data: bytes) -> None:
+        with contextlib.suppress(ConnectionClosed):
+            await self._send(ws, data)
 
     async def _run_callbacks(self) -> None:
         """Run `on_desired` in order, off the reader; a failing callback is logged."""

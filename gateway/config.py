@@ -7,6 +7,7 @@ module sees the same values for the life of the process.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import urllib.parse
@@ -91,6 +92,9 @@ class Settings:
     handshake_timeout: float = 5.0  # a new connection's whole request or upgrade, seconds
     max_connections: int = 0  # 0: the file-descriptor limit less a reserve
     max_pending_per_address: int = 0  # 0: no limit per source address
+    # commands (gateway/commands/): pending per device, and how long final ones are kept
+    command_queue_max: int = 100
+    command_retention: float = 86400.0
     log_level: str = "info"
     # where people reach the gateway, for the start-up banner (default: from host and port)
     public_url: str | None = None
@@ -153,6 +157,15 @@ class Settings:
             raise ConfigError(
                 f"must be 0.1–300 seconds, got {self.handshake_timeout}", "handshake_timeout"
             )
+        if not 1 <= self.command_queue_max <= 10_000:
+            raise ConfigError(
+                f"must be 1–10000 commands, got {self.command_queue_max}", "command_queue_max"
+            )
+        if not 1 <= self.command_retention <= 30 * 86400:
+            raise ConfigError(
+                f"must be 1–2592000 seconds (30 days), got {self.command_retention}",
+                "command_retention",
+            )
         for name, zero in (
             ("max_connections", "derived from the file-descriptor limit"),
             ("max_pending_per_address", "no limit"),
@@ -163,6 +176,11 @@ class Settings:
     @property
     def ttl_ms(self) -> int:
         return int(self.heartbeat_timeout * 1000)
+
+    @property
+    def command_retention_s(self) -> int:
+        """Seconds a final command is kept, whole (what Redis EXPIRE takes)."""
+        return max(1, math.ceil(self.command_retention))
 
     def with_overrides(self, **changes: Any) -> Settings:
         """A copy with the given non-None values applied (CLI flags over environment)."""

@@ -24,6 +24,7 @@ from typing import Annotated, Any, Literal
 from msgspec import UNSET, Meta, Struct, UnsetType
 
 from gateway import keys
+from gateway.commands import model as commands_model
 from gateway.store import MAX_PAGE
 
 MAX_BODY_BYTES = 256 * 1024
@@ -32,6 +33,8 @@ DEFAULT_PAGE = 100
 DEFAULT_HISTORY_PAGE = 50
 MAX_CURSOR_LENGTH = 1024
 MAX_POSITION_LENGTH = 2048
+MAX_COMMAND_PAGE = 100
+DEFAULT_COMMAND_PAGE = 50
 NAME_CHARACTERS = "A-Z a-z 0-9 . _ -"
 
 
@@ -477,6 +480,126 @@ class Problem(Struct):
     current_version: Version | UnsetType = UNSET
     current_desired_version: Version | UnsetType = UNSET
     current_reported_version: Version | UnsetType = UNSET
+
+
+# --- commands (gateway/commands/) ----------------------------------------------------
+CommandName = Annotated[
+    str, _text(_whole(keys.COMMAND_NAME_PATTERN), f"1–64 characters of {NAME_CHARACTERS}")
+]
+CommandId = Annotated[
+    str, _text(_whole(keys.COMMAND_ID_PATTERN), f"1–64 characters of {NAME_CHARACTERS}")
+]
+CommandStatus = Literal["queued", "sent", "succeeded", "failed", "timed_out", "expired", "canceled"]
+Params = Annotated[
+    dict[str, Any],
+    Meta(
+        description="A JSON object, within a state document's size and depth bounds",
+        extra={
+            "type_problem": "invalid-state",
+            "also": ("invalid-state-key", "state-too-deep", "state-too-large"),
+        },
+    ),
+]
+
+
+class CommandRequest(Struct, forbid_unknown_fields=True):
+    """A command for a device."""
+
+    name: Annotated[CommandName, Meta(description="What the device should do, e.g. reboot")]
+    params: Annotated[Params, Meta(description="Its arguments")] = {}
+    timeout: Annotated[
+        float,
+        Meta(
+            ge=commands_model.MIN_TIMEOUT,
+            le=commands_model.MAX_TIMEOUT,
+            description="Seconds the device has to answer once the command was sent to it "
+            "(each time it is sent)",
+            extra={"expected": "0.1–3600 seconds"},
+        ),
+    ] = commands_model.DEFAULT_TIMEOUT
+    ttl: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=commands_model.MAX_TTL,
+            description="Seconds from now the command may wait for the device to connect and "
+            "be sent again after a dropped session; 0: only if the device is connected now "
+            "(else 409 device-offline, nothing stored)",
+            extra={"expected": "0–604800 seconds (7 days)"},
+        ),
+    ] = commands_model.DEFAULT_TTL
+    command_id: (
+        Annotated[
+            CommandId,
+            Meta(
+                description="Your own id for it: a repeated request with the same id and "
+                "content answers the command it made instead of making another (safe retries)"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+class CommandWait(Struct, forbid_unknown_fields=True):
+    wait: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=commands_model.MAX_WAIT,
+            description="Seconds to wait for the final status: 200 with it when it comes in "
+            "time, else 202",
+            extra={"expected": "0–60 seconds"},
+        ),
+    ] = 0.0
+
+
+class CommandQuery(Struct, forbid_unknown_fields=True):
+    status: Annotated[
+        Literal["pending", "done", "all"],
+        Meta(description="pending: queued or sent; done: final; all: both"),
+    ] = "all"
+    limit: Annotated[
+        int,
+        Meta(ge=1, le=MAX_COMMAND_PAGE, description="Largest number of commands on the page"),
+    ] = DEFAULT_COMMAND_PAGE
+    cursor: Cursor | UnsetType = UNSET
+
+
+class Command(Struct, forbid_unknown_fields=True):
+    """A command and where it stands."""
+
+    command_id: CommandId
+    name: CommandName
+    params: Params
+    status: Annotated[
+        CommandStatus,
+        Meta(
+            description="queued (waiting for the device) → sent → succeeded | failed (the "
+            "device said so), or timed_out (sent, no answer in time), expired (never sent "
+            "within its ttl), canceled; a final status never changes again"
+        ),
+    ]
+    created_at: Seconds
+    sent_at: Annotated[Seconds | None, Meta(description="When it was last sent")]
+    completed_at: Annotated[Seconds | None, Meta(description="When it became final")]
+    attempts: Annotated[Count, Meta(description="How many times it was sent")]
+    result: Annotated[Params | None, Meta(description="What the device answered")]
+    error: Annotated[str | None, Meta(description="Why it failed, timed out or expired")]
+    timeout: Annotated[float, Meta(description="Seconds the device has to answer each send")]
+    ttl: Annotated[float, Meta(description="Seconds it may wait to be sent, from created_at")]
+    expires_at: Annotated[Seconds, Meta(description="created_at + ttl")]
+    deadline: Annotated[
+        Seconds | None, Meta(description="When the answer to the latest send is due")
+    ]
+
+
+class CommandPage(Struct, forbid_unknown_fields=True):
+    """A device's commands, newest first."""
+
+    items: list[Command]
+    next_cursor: Annotated[
+        str | None, Meta(description="Pass as `cursor` for the next page; null at the end")
+    ]
 
 
 # --- operations ------------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, assert_never
 
@@ -17,6 +17,7 @@ import orjson
 from starlette.websockets import WebSocket
 
 from gateway import disconnect, protocol, shadow
+from gateway.commands.queue import Finished, ResultIn
 from gateway.metrics import Metrics
 from gateway.ratelimit import TokenBucket
 from gateway.writer import Relay, Writer
@@ -31,6 +32,12 @@ class Shadow(Protocol):
     def reported_state(self) -> shadow.Document: ...
     @property
     def version(self) -> int: ...
+
+
+class CommandResults(Protocol):
+    """The command service, as a session uses it: finish commands with the device's results."""
+
+    def submit(self, result: ResultIn) -> asyncio.Future[Finished]: ...
 
 
 class Beats(Protocol):
@@ -54,6 +61,7 @@ class SessionContext:
 
     presence: Beats
     read_shadow: Callable[[str], Awaitable[Shadow | None]]
+    commands: CommandResults
     metrics: Metrics
     limits: shadow.Limits
     heartbeat_timeout: float
@@ -67,7 +75,7 @@ class SessionContext:
 class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
-        "bucket", "close_reason", "context", "desired", "device_id", "last_activity",
+        "bucket", "close_reason", "context", "desired", "device_id", "held", "last_activity",
         "malformed", "refused", "reported", "reported_encoded", "reported_meta", "session",
         "version", "websocket", "writer",
     )  # fmt: skip
@@ -96,6 +104,9 @@ class DeviceSession:
         self.refused = 0
         self.close_reason: str | None = None
         self.last_activity = time.time()
+        # what the broker delivered before the welcome went out: sent right after it, so the
+        # welcome is always the first frame and a device's commands keep their order
+        self.held: list[tuple[bytes, str | None]] | None = []
 
     def _slow(self) -> None:
         self.close_reason = "slow_consumer"
@@ -115,12 +126,31 @@ class DeviceSession:
         """The connection is closing already (its disconnect arrived): send nothing more."""
         self.writer.closed = True  # a frame still queued fails quietly; no close frame follows
 
+    def deliver_frame(self, frame: bytes, kind: str) -> None:
+        """A frame the gateway made for this session (a command), after the welcome."""
+        if self.held is not None:
+            self._hold(frame, kind)
+            return
+        self.send(frame, kind)
+
+    def _hold(self, data: bytes, kind: str | None) -> None:
+        assert self.held is not None
+        if len(self.held) >= self.context.send_queue_size:
+            self.close(disconnect.TOO_SLOW)
+            return
+        self.held.append((data, kind))
+
     def deliver_command(self, data: bytes, received: float | None = None) -> None:
         """Relay a command-channel message as is, then the delta it leaves.
 
         *received*: when the message came off Redis (`time.perf_counter()`), for the relay
         latency histogram; None for frames the gateway makes up itself (a re-sync).
         """
+        if self.held is not None:
+            self._hold(data, None)
+            return
+        if protocol.is_gateway_message(data):
+            return  # a message of a type the gateway owns, not from the gateway: not relayed
         relay = None if received is None else Relay(received, self.context.metrics.relay_command)
         self.send(data, "command", relay)
         desired = protocol.parse_command(data)
@@ -132,7 +162,16 @@ class DeviceSession:
             self.version = max(self.version, version)
         self.send(protocol.delta_frame(shadow.delta(desired, self.reported), version), "delta")
 
-    def welcome(self, desired: bytes, reported: bytes, meta: bytes, version: int) -> None:
+    def welcome(
+        self,
+        desired: bytes,
+        reported: bytes,
+        meta: bytes,
+        version: int,
+        commands: Sequence[bytes] = (),
+    ) -> None:
+        """The first frame, then the device's pending *commands* (oldest first), then what
+        the broker delivered meanwhile."""
         self.desired = shadow.decode_document(desired)
         self.reported = shadow.decode_document(reported)
         self.reported_encoded = reported
@@ -146,6 +185,14 @@ class DeviceSession:
             ),
             "welcome",
         )  # fmt: skip
+        for frame in commands:
+            self.send(frame, "command")
+        held, self.held = self.held, None
+        for data, kind in held or ():
+            if kind is None:
+                self.deliver_command(data)
+            else:
+                self.send(data, kind)
 
     # --- incoming -----------------------------------------------------------
     def receive(self, data: str | bytes | None, binary: bool) -> None:
@@ -189,8 +236,29 @@ class DeviceSession:
                 context.metrics.in_get.inc()
                 written = presence.beat(self.device_id, self.session, ack=True)
                 asyncio.get_running_loop().create_task(self._answer_get(frame.request_id, written))
+            case protocol.CommandResult():
+                context.metrics.in_command_result.inc()
+                presence.beat(self.device_id, self.session)
+                self._command_result(frame)
             case _:
                 assert_never(frame)
+
+    def _command_result(self, frame: protocol.CommandResult) -> None:
+        result = ResultIn(self.device_id, frame.command_id, frame.status, frame.result, frame.error)
+        finished = self.context.commands.submit(result)
+        request_id, command_id = frame.request_id, frame.command_id
+
+        def answer(done: asyncio.Future[Finished]) -> None:
+            if done.cancelled() or done.exception() is not None:
+                return  # the process is stopping: the device sends it again on the re-send
+            outcome = done.result()
+            if outcome.code == 1:
+                self.send(protocol.command_ack(request_id, command_id, outcome.status), "ack")
+            else:
+                status = outcome.status if outcome.code == -1 else None
+                self.send(protocol.command_refused(request_id, command_id, status), "error")
+
+        finished.add_done_callback(answer)
 
     def _report(self, frame: protocol.Report) -> None:
         merged = shadow.merge(self.reported, frame.patch)

@@ -66,3 +66,55 @@ class Contention(GatewayError):
     """Concurrent writers kept moving what a compare-and-set write depends on: retry."""
 
     problem = "write-contention"
+
+
+# --- commands (gateway/commands/) ---------------------------------------------------
+class CommandNotFound(GatewayError):
+    problem = "command-not-found"
+
+    def __init__(self, device_id: str, command_id: str) -> None:
+        super().__init__(f"device {device_id!r} has no command {command_id!r}")
+
+
+class CommandFinished(GatewayError):
+    """The command reached a final status already: it never changes again."""
+
+    problem = "command-finished"
+
+    def __init__(self, command_id: str, status: str) -> None:
+        super().__init__(f"command {command_id!r} has ended ({status})", status=status)
+
+
+class CommandExists(GatewayError):
+    """A command with this id exists with other content: an id names one command."""
+
+    problem = "command-exists"
+
+    def __init__(self, command_id: str) -> None:
+        super().__init__(
+            f"command id {command_id!r} names another command of this device; "
+            "send a new id, or the same name, params, timeout and ttl to get that command back"
+        )
+
+
+class CommandQueueFull(GatewayError):
+    problem = "command-queue-full"
+
+    def __init__(self, device_id: str, pending: int) -> None:
+        super().__init__(
+            f"device {device_id!r} has {pending} commands pending, the most it may queue; "
+            "wait for some to finish or cancel them",
+            pending=pending,
+        )
+
+
+class DeviceOffline(GatewayError):
+    """A command with ttl 0 for a device that is not connected: nothing was stored."""
+
+    problem = "device-offline"
+
+    def __init__(self, device_id: str) -> None:
+        super().__init__(
+            f"device {device_id!r} is not connected, and a command with ttl 0 is only "
+            "delivered to a connected device; nothing was stored"
+        )

@@ -35,6 +35,7 @@ class LiveSession(Protocol):
     @property
     def writer(self) -> Closable: ...
     def deliver_command(self, data: bytes, received: float | None = None) -> None: ...
+    def deliver_frame(self, frame: bytes, kind: str) -> None: ...
     def close(self, close: disconnect.Close) -> None: ...
 
 
@@ -77,6 +78,14 @@ class DeviceHub:
         session = self.sessions.get(device_id)
         if session is not None:
             session.deliver_command(data, time.perf_counter())
+
+    def deliver_frame(self, device_id: str, session_id: str, frame: bytes, kind: str) -> bool:
+        """Write a frame made for one session, if that session lives here; True if it does."""
+        session = self.sessions.get(device_id)
+        if session is None or session.session != session_id or session.writer.closed:
+            return False
+        session.deliver_frame(frame, kind)
+        return True
 
     def on_control(self, data: bytes) -> None:
         try:

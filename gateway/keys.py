@@ -30,6 +30,8 @@ from redis.crc import key_slot
 ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,128}")
 TYPE_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 SESSION_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+COMMAND_ID_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
+COMMAND_NAME_PATTERN = re.compile(r"[A-Za-z0-9._-]{1,64}")
 PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._:-]{0,64}")
 SLOTS = 16384
 TAG_ALPHABET = "0123456789abcdefghijklmnopqrstuvwxyz"
@@ -46,6 +48,11 @@ def is_device_id(value: object) -> bool:
 
 def is_device_type(value: object) -> bool:
     return isinstance(value, str) and TYPE_PATTERN.fullmatch(value) is not None
+
+
+def is_command_id(value: object) -> bool:
+    """True when *value* may be a command id (it becomes part of a key name)."""
+    return isinstance(value, str) and COMMAND_ID_PATTERN.fullmatch(value) is not None
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +157,27 @@ class Partition:
         """Where one process checks that its subscriptions in this partition still deliver."""
         return f"{self.base}gateway:probe:{process}"
 
+    # --- commands (gateway/commands/) ---------------------------------------------
+    @property
+    def commands_due(self) -> str:
+        """`<device id>/<command id>` of pending commands, by the epoch ms they are due."""
+        return f"{self.base}devices:commands:due"
+
+    @property
+    def commands_counts(self) -> str:
+        """Pending commands by status (queued, sent)."""
+        return f"{self.base}devices:commands:counts"
+
+    @property
+    def commands_channel(self) -> str:
+        """Every command status change, as its fleet-log event."""
+        return f"{self.base}devices:commands"
+
+    @property
+    def command_keys(self) -> list[str]:
+        """The partition's keys every command script takes first, in their order."""
+        return [self.commands_due, self.commands_counts, self.events, self.commands_channel]
+
 
 @dataclass(frozen=True)
 class Keys:
@@ -231,6 +259,23 @@ class Keys:
 
     def commands(self, device_id: str) -> str:
         return f"{self.of(device_id).base}device:{device_id}:commands"
+
+    def command(self, device_id: str, command_id: str) -> str:
+        """One command's record (a hash)."""
+        return self.command_base(device_id) + command_id
+
+    def command_base(self, device_id: str) -> str:
+        """A command key without its command id: scripts that walk a device's commands append
+        the ids (every such key shares the device's hash tag, so the device's slot)."""
+        return f"{self.of(device_id).base}device:command:{device_id}:"
+
+    def commands_pending(self, device_id: str) -> str:
+        """The device's commands not final yet, by their order (a zset)."""
+        return f"{self.of(device_id).base}device:commands:pending:{device_id}"
+
+    def commands_done(self, device_id: str) -> str:
+        """The device's final commands still kept, by their order (a zset, bounded)."""
+        return f"{self.of(device_id).base}device:commands:done:{device_id}"
 
     # --- names read back --------------------------------------------------------
     def device_from_heartbeat(self, key: str) -> str | None:

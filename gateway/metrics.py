@@ -11,6 +11,10 @@ RELAY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.04, 0.05, 0.06
                  0.15, 0.2, 0.3, 0.5, 1.0, 2.5)  # fmt: skip
 
 
+COMMAND_BUCKETS = (0.002, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15,
+                   0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)  # fmt: skip
+
+
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
@@ -101,10 +105,40 @@ class Metrics:
             registry=r,
         )
 
+        # commands (gateway/commands/)
+        self.commands = Counter(
+            "gateway_commands",
+            "Command status changes this process made (accepted as queued or sent, re-sent, "
+            "finished)",
+            ["status"],
+            registry=r,
+        )
+        self.commands_pending = Gauge(
+            "gateway_commands_pending",
+            "Commands of the whole fleet not final yet, by status (the same in every process)",
+            ["status"],
+            registry=r,
+        )
+        self.command_queue_depth = Histogram(
+            "gateway_command_queue_depth",
+            "A device's pending commands right after one was accepted",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 10000),
+            registry=r,
+        )
+        self.command_seconds = Histogram(
+            "gateway_command_seconds",
+            "From a command accepted (since=created) or last sent (since=sent) to its result "
+            "stored",
+            ["since"],
+            buckets=COMMAND_BUCKETS,
+            registry=r,
+        )
+
         # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
         self.in_heartbeat = self.messages_in.labels("heartbeat")
         self.in_report = self.messages_in.labels("report")
         self.in_get = self.messages_in.labels("get")
+        self.in_command_result = self.messages_in.labels("command_result")
         self.relay_command = self.relay.labels("command")
         self.relay_dashboard = self.relay.labels("dashboard")
         self._out: dict[str, Any] = {}

@@ -27,6 +27,7 @@ PROBLEM_MEDIA_TYPE = "application/problem+json"
 TAGS = {
     "devices": "Registry and shadows",
     "presence": "Presence events and counts",
+    "commands": "Commands to devices: results, timeouts and an offline queue",
     "session": "The credential of a request, and the dashboard's login cookie",
     "operations": "Liveness, readiness and metrics",
     "meta": "About the API itself",

@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
+from gateway.commands.model import DONE_MAX
 from gateway.config import Settings
 from gateway.keys import Partition
 from gateway.lastseen import step_of
@@ -60,6 +61,7 @@ class Welcome:
     version: int
     reported_meta: bytes
     reason: str
+    commands: tuple[bytes, ...] = ()  # the device's pending commands, now sent to this session
 
 
 class Revoked(Exception):
@@ -130,7 +132,8 @@ class PresenceEngine:
         reason = reply[6].decode() if isinstance(reply[6], bytes) else str(reply[6])
         if reason:
             self.metrics.transitions.labels("online", reason).inc()
-        return Welcome(int(reply[1]), reply[2], reply[3], int(reply[4]), reply[5], reason)
+        commands = tuple(bytes(frame) for frame in reply[7])
+        return Welcome(int(reply[1]), reply[2], reply[3], int(reply[4]), reply[5], reason, commands)
 
     def beat(
         self,
@@ -598,11 +601,14 @@ def connect_call(
     keys = [
         k.state(device_id), k.heartbeat(device_id), k.history(device_id), part.online,
         part.index_online, part.online_seen, part.offline_seen, part.online_by_type, part.events,
-        part.presence_channel, part.control_channel,
+        part.presence_channel, part.control_channel, k.commands_pending(device_id),
+        k.commands_done(device_id), k.commands(device_id), part.commands_due,
+        part.commands_counts, part.commands_channel,
     ]  # fmt: skip
     args: list[KeyOrArg] = [
         device_id, session, now_text(now), ttl_ms or settings.ttl_ms, settings.history_maxlen,
-        settings.events_maxlen, token_hash,
+        settings.events_maxlen, token_hash, k.command_base(device_id),
+        settings.command_retention_s, DONE_MAX,
     ]  # fmt: skip
     return Call(store.scripts.connect, keys, args)
 

@@ -13,12 +13,13 @@ from typing import Any
 import orjson
 
 from gateway import shadow
-from gateway.keys import is_device_id
+from gateway.commands import model as commands_model
+from gateway.keys import is_command_id, is_device_id
 
 MAX_REQUEST_ID = 64
 MAX_FILTER_IDS = 1000
 POSITION = re.compile(r"[A-Za-z0-9_.:-]{1,4096}")  # a stream id, or a cluster's position
-EVENT_TYPES = frozenset({"presence", "state", "registered", "deleted", "metadata"})
+EVENT_TYPES = frozenset({"presence", "state", "registered", "deleted", "metadata", "command"})
 
 
 class FrameError(ValueError):
@@ -47,7 +48,19 @@ class Get:
     request_id: str | int | None
 
 
-DeviceFrame = Heartbeat | Report | Get
+@dataclass(frozen=True, slots=True)
+class CommandResult:
+    """A device's answer to a command: `succeeded` with an optional result, or `failed`."""
+
+    command_id: str
+    status: str
+    result: bytes  # a JSON object within a state document's bounds; b"" for none
+    error: str | None
+    request_id: str | int | None
+
+
+DeviceFrame = Heartbeat | Report | Get | CommandResult
+COMMAND_OUTCOMES = ("succeeded", "failed")
 
 
 def _load_object(data: str | bytes) -> dict[str, Any]:
@@ -105,13 +118,40 @@ def parse_device_frame(data: str | bytes, limits: shadow.Limits) -> DeviceFrame:
         return Report(_state(frame, limits), request_id)
     if kind == "get":
         return Get(_request_id(frame))
+    if kind == "command_result":
+        return _command_result(frame, limits)
     if not isinstance(kind, str):
         raise FrameError("invalid_frame", "frame must have a string 'type'", _readable_id(frame))
     raise FrameError(
         "unknown_type",
-        f"unknown frame type {kind[:40]!r}; expected heartbeat, report or get",
+        f"unknown frame type {kind[:40]!r}; expected heartbeat, report, get or command_result",
         _readable_id(frame),
     )
+
+
+def _command_result(frame: dict[str, Any], limits: shadow.Limits) -> CommandResult:
+    request_id = _request_id(frame)
+    command_id = frame.get("command_id")
+    if not is_command_id(command_id):
+        raise FrameError(
+            "invalid_frame", "'command_id' must be the id of a command frame", request_id
+        )
+    status = frame.get("status")
+    if status not in COMMAND_OUTCOMES:
+        raise FrameError("invalid_frame", "'status' must be succeeded or failed", request_id)
+    result = frame.get("result")
+    empty = b"{}" if status == "succeeded" else b""  # a failure without a result has none
+    try:
+        encoded = empty if result is None else commands_model.encode_params(result, limits)
+    except shadow.ShadowError as exc:
+        code = exc.problem.replace("-", "_")
+        raise FrameError(code, f"'result': {exc.detail}", request_id) from None
+    try:
+        error = commands_model.check_error(frame.get("error"))
+    except ValueError as exc:
+        raise FrameError("invalid_frame", str(exc), request_id) from None
+    assert isinstance(command_id, str)
+    return CommandResult(command_id, str(status), encoded, error, request_id)
 
 
 def welcome(
@@ -141,6 +181,28 @@ def ack(request_id: str | int | None, version: int) -> bytes:
     return orjson.dumps({"type": "ack", "id": request_id, "version": version})
 
 
+def command_ack(request_id: str | int | None, command_id: str, status: str) -> bytes:
+    """The answer to a `command_result` that finished its command."""
+    return orjson.dumps({"type": "ack", "id": request_id, "command_id": command_id,
+                         "status": status})  # fmt: skip
+
+
+def command_refused(request_id: str | int | None, command_id: str, status: str | None) -> bytes:
+    """The answer to a `command_result` that changed nothing: an unknown command (or one
+    never sent), or one that is final already (*status*)."""
+    if status is None:
+        code, message = "unknown_command", f"no command {command_id!r} was sent to this device"
+    else:
+        code, message = "command_finished", f"command {command_id!r} has ended ({status})"
+    frame: dict[str, Any] = {"type": "error", "code": code, "message": message,
+                             "command_id": command_id}  # fmt: skip
+    if status is not None:
+        frame["status"] = status
+    if request_id is not None:
+        frame["id"] = request_id
+    return orjson.dumps(frame)
+
+
 def shadow_frame(
     request_id: str | int | None, desired: shadow.Document, reported: shadow.Document, version: int
 ) -> bytes:
@@ -161,6 +223,21 @@ def error(code: str, message: str, request_id: str | int | None = None) -> bytes
     if request_id is not None:
         frame["id"] = request_id
     return orjson.dumps(frame)
+
+
+GATEWAY_TYPES = frozenset({"command", "command_done"})
+
+
+def is_gateway_message(data: bytes) -> bool:
+    """True for a command-channel message of a type the gateway owns (`command`,
+    `command_done`): those are the gateway's own to send, never relayed as they are."""
+    if b'"command' not in data:
+        return False
+    try:
+        message = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(message, dict) and message.get("type") in GATEWAY_TYPES
 
 
 def parse_command(data: bytes) -> shadow.Document | None:

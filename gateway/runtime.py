@@ -22,8 +22,10 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from gateway import disconnect, redisconn
 from gateway.auth import ApiKeys, hash_token, new_secret
-from gateway.broker import Broker
+from gateway.broker import Broker, DeviceChannels
 from gateway.broker_cluster import ClusterBroker
+from gateway.commands.queue import CommandQueue
+from gateway.commands.service import CommandService
 from gateway.config import Settings
 from gateway.dashboards import DashboardHub, close_all
 from gateway.device_session import SessionContext
@@ -61,6 +63,8 @@ class Core:
     sessions: SessionContext
     pubsub_redis: Redis | None  # one node: a client of its own that never reconnects silently
     fleet: FleetSeries  # the fleet-counts series: sampled by one process per step
+    commands: CommandService
+    channels: DeviceChannels  # counted device-channel subscriptions (sockets, waiting callers)
 
 
 class Gateway:
@@ -119,6 +123,14 @@ class Gateway:
     @property
     def sessions(self) -> SessionContext:
         return self.core.sessions
+
+    @property
+    def commands(self) -> CommandService:
+        return self.core.commands
+
+    @property
+    def channels(self) -> DeviceChannels:
+        return self.core.channels
 
     # --- start and stop ---------------------------------------------------------
     async def start(self) -> None:
@@ -202,7 +214,8 @@ class Gateway:
             db,
             local_active=self.hub.active_session,
         )
-        deliveries = _Deliveries(self.hub, presence)
+        commands = CommandService(CommandQueue(store), self.hub, settings, self.metrics)
+        deliveries = _Deliveries(self.hub, presence, commands)
         broker: Broker | ClusterBroker
         if isinstance(redis, RedisCluster):
             broker = ClusterBroker(
@@ -215,6 +228,7 @@ class Gateway:
         sessions = SessionContext(
             presence=presence,
             read_shadow=store.get,
+            commands=commands,
             metrics=self.metrics,
             limits=store.limits,
             heartbeat_timeout=settings.heartbeat_timeout,
@@ -227,8 +241,9 @@ class Gateway:
         dashboards = DashboardHub(store.events, settings, self.metrics)
         fleet = FleetSeries(redis, keys, store.stats, settings.fleet_sample_interval)
         return Core(
-            redis, keys, db, store, presence, dashboards, broker, sessions, pubsub_redis, fleet
-        )
+            redis, keys, db, store, presence, dashboards, broker, sessions, pubsub_redis, fleet,
+            commands, DeviceChannels(broker),
+        )  # fmt: skip
 
     async def on_redis_ready(self) -> None:
         """Start the parts that need Redis: detection, the tick, the pub/sub connections."""
@@ -237,6 +252,7 @@ class Gateway:
         self.spawn(core.presence.run(), "presence")
         self.spawn(core.broker.run(), "broker")
         self.spawn(core.dashboards.run(), "dashboards")
+        self.spawn(core.commands.run(), "commands")
         if self.settings.fleet_sampling:
             self.spawn(core.fleet.run(), "fleet-series")
         if isinstance(core.redis, redisconn.GatewayCluster):
@@ -270,6 +286,13 @@ class Gateway:
                     resent += 1
         if resent:
             log.info("re-sent desired state to %d devices after reconnect", resent)
+        try:
+            commands = await core.commands.resync([(s.device_id, s.session) for s in sessions])
+        except REDIS_ERRORS as exc:
+            log.warning("re-sending commands after reconnect failed: %s", exc)
+            raise
+        if commands:
+            log.info("re-sent %d pending commands after reconnect", commands)
 
     async def _ensure_admin_key(self) -> None:
         """With no admin key configured, one is generated at the first start and printed once
@@ -368,13 +391,22 @@ class Gateway:
 
 
 class _Deliveries:
-    """What the broker delivers, to whom: commands and kicks to the hub, expiries to the
+    """What the broker delivers, to whom: the gateway's own command messages to the command
+    service, every other command-channel message and kicks to the hub, expiries to the
     presence engine."""
 
-    def __init__(self, hub: DeviceHub, presence: PresenceEngine) -> None:
-        self.on_command = hub.on_command
+    def __init__(self, hub: DeviceHub, presence: PresenceEngine, commands: CommandService) -> None:
+        self.relay = hub.on_command
+        self.commands = commands.on_message
         self.on_control = hub.on_control
         self.on_expired = presence.note_expired
+
+    def on_command(self, device_id: str, data: bytes) -> None:
+        # the scripts write the gateway's own messages with this exact start
+        if data.startswith(b'{"type":"command'):
+            self.commands(device_id, data)
+        else:
+            self.relay(device_id, data)
 
 
 def _awaiting(task: asyncio.Task[Any]) -> str:

@@ -2,9 +2,10 @@
 
 Every script gets a prelude in front of it: the layout's names for the device hash's fields and
 its publish command (`PUBLISH` on one node, `SPUBLISH` on a cluster), rendered once when the
-scripts are built, then `_lib.lua`, so helpers are written once and the scripts are the same
-for every layout. A server restart, a failover to a replica that never saw `SCRIPT LOAD`, or
-`SCRIPT FLUSH` empties the script cache: the first `NOSCRIPT` reply reloads and retries.
+scripts are built, then `_lib.lua` (and `_commands.lua` for the scripts that handle
+commands), so helpers are written once and the scripts are the same for every layout. A
+server restart, a failover to a replica that never saw `SCRIPT LOAD`, or `SCRIPT FLUSH`
+empties the script cache: the first `NOSCRIPT` reply reloads and retries.
 """
 
 from __future__ import annotations
@@ -27,7 +28,13 @@ REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 Client = Redis | RedisCluster
 NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
-    "section_write", "rotate_token", "page", "adopt", "describe", "stats",
+    "section_write", "rotate_token", "page", "adopt", "describe", "stats", "command_create",
+    "command_result", "command_cancel", "command_expire", "command_claim",
+)  # fmt: skip
+# the scripts that also take the command helpers (_commands.lua) after _lib.lua
+WITH_COMMANDS = frozenset(
+    {"connect", "deregister", "command_create", "command_result", "command_cancel",
+     "command_expire", "command_claim"}
 )  # fmt: skip
 
 
@@ -60,7 +67,8 @@ class Script:
     def __init__(self, name: str, head: str | None = None) -> None:
         self.name = name
         head = prelude(Keys()) if head is None else head
-        self.source = head + _source("_lib") + "\n" + _source(name)
+        libs = ("_lib", "_commands") if name in WITH_COMMANDS else ("_lib",)
+        self.source = head + "".join(_source(lib) + "\n" for lib in libs) + _source(name)
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[KeyOrArg]) -> Any:
@@ -99,6 +107,11 @@ class Scripts:
         self.adopt = Script("adopt", head)
         self.describe = Script("describe", head)
         self.stats = Script("stats", head)
+        self.command_create = Script("command_create", head)
+        self.command_result = Script("command_result", head)
+        self.command_cancel = Script("command_cancel", head)
+        self.command_expire = Script("command_expire", head)
+        self.command_claim = Script("command_claim", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

@@ -42,7 +42,7 @@ from gateway.eventlog import EventLog, Position, merged, parse_id
 from gateway.keys import Fields, Keys, is_device_id, is_device_type
 from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.queries import MAX_PAGE, Page, Queries, Status, text
-from gateway.scripts import REDIS_ERRORS, Call, KeyOrArg, Scripts, queue
+from gateway.scripts import REDIS_ERRORS, Call, KeyOrArg, Scripts, queue, run_each
 
 __all__ = ["MAX_PAGE", "Device", "Page", "Status", "Store", "now_text", "text"]
 
@@ -297,8 +297,19 @@ class Store:
                     part.types,
                     part.presence_channel,
                     part.control_channel,
+                    k.commands_pending(device_id),
+                    k.commands_done(device_id),
+                    part.commands_due,
+                    part.commands_counts,
+                    part.commands_channel,
                 ],
-                [device_id, device_type, now_text(), self.settings.events_maxlen],
+                [
+                    device_id,
+                    device_type,
+                    now_text(),
+                    self.settings.events_maxlen,
+                    k.command_base(device_id),
+                ],
             )
             if result == 1:
                 return
@@ -480,6 +491,65 @@ class Store:
                 REPLICA_WAIT_MS,
             )
         return reply
+
+    async def write_confirmed(self, device_id: str, call: Call) -> Any:
+        """Run a write script on *device_id*'s partition that answers `{1, ...}` when it wrote;
+        on a cluster shard with replicas, answered only once a replica has it (see
+        `_write_confirmed`). For writes other modules own (commands)."""
+        return await self._write_confirmed(device_id, call)
+
+    async def write_many_confirmed(self, calls: Sequence[tuple[str, Call]]) -> list[Any]:
+        """Every call's reply or exception, in order: one pipeline per node; on a cluster, a
+        node with replicas gets `WAIT 1` at the end of its pipeline (its own connection), so
+        what the replies say was written survives a failover. *calls* pair each call with a
+        device of its partition (where it runs)."""
+        if not isinstance(self.redis, RedisCluster):
+            return await run_each(self.redis, [call for _, call in calls], 4)
+        by_node: dict[str, list[int]] = {}
+        nodes: dict[str, ClusterNode | None] = {}
+        for index, (device_id, _) in enumerate(calls):
+            primary = await self._primary_with_replica(device_id)
+            name = primary.name if primary is not None else ""
+            by_node.setdefault(name, []).append(index)
+            nodes[name] = primary
+        results: list[Any] = [None] * len(calls)
+        for name, indexes in by_node.items():
+            group = [calls[i][1] for i in indexes]
+            primary = nodes[name]
+            if primary is None:
+                replies = await run_each(self.redis, group, 4)
+            else:
+                replies = await self._pipeline_confirmed(primary, group)
+            for index, reply in zip(indexes, replies, strict=True):
+                results[index] = reply
+        return results
+
+    async def _pipeline_confirmed(self, primary: ClusterNode, calls: Sequence[Call]) -> list[Any]:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for call in calls:
+                    queue(pipe, call)
+                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=primary)
+                *replies, acked = await pipe.execute(raise_on_error=False)
+        except REDIS_ERRORS as exc:
+            return [exc] * len(calls)
+        for index, reply in enumerate(replies):
+            if isinstance(reply, NoScriptError):
+                call = calls[index]
+                try:
+                    replies[index] = await call.script(self.redis, call.keys, call.args)
+                except REDIS_ERRORS as exc:
+                    replies[index] = exc
+        if isinstance(acked, Exception):
+            error = NotConfirmed("written, but its primary failed before a replica confirmed it")
+            return [error if not isinstance(r, Exception) else r for r in replies]
+        if int(acked) < 1:
+            log.warning(
+                "no replica of %s confirmed a write within %d ms: a failover now could lose it",
+                primary.name,
+                REPLICA_WAIT_MS,
+            )
+        return replies
 
     async def _primary_with_replica(self, device_id: str) -> ClusterNode | None:
         """The cluster primary serving *device_id*'s slot, if it has a replica to wait for.

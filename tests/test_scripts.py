@@ -19,7 +19,7 @@ LUA = resources.files("gateway") / "lua"
 SCRIPT_FILES = sorted(
     entry.name[: -len(".lua")]
     for entry in LUA.iterdir()
-    if entry.name.endswith(".lua") and entry.name != "_lib.lua"
+    if entry.name.endswith(".lua") and not entry.name.startswith("_")  # `_name`: helpers
 )
 
 
@@ -56,6 +56,13 @@ def test_every_script_carries_the_layouts_names_and_the_shared_helpers() -> None
     node = Scripts(Keys(schema="node"))
     assert "'SPUBLISH'" in cluster.connect.source and "'deviceId'" in node.connect.source
     assert len({SCRIPTS.connect.sha, cluster.connect.sha, node.connect.sha}) == 3
+    # the command helpers go with the scripts that use them, and only there: every other
+    # script (heartbeats above all) stays as short to load and run as before
+    helpers = (LUA / "_commands.lua").read_text(encoding="utf-8")
+    with_helpers = {s.name for s in SCRIPTS.all() if helpers in s.source}
+    assert with_helpers == {"connect", "deregister"} | {
+        s.name for s in SCRIPTS.all() if s.name.startswith("command_")
+    }
 
 
 async def test_all_scripts_load(redis_client: aioredis.Redis) -> None:

@@ -87,7 +87,7 @@ def problem_response(
         # RFC 6750: a presented but unknown key is an invalid token, a missing one is not
         presented = bearer(request.headers.get("authorization"))
         extra["WWW-Authenticate"] = REALM + (', error="invalid_token"' if presented else "")
-    elif problem.kind in ("redis-unavailable", "write-contention"):
+    elif problem.kind in ("redis-unavailable", "write-contention", "command-queue-full"):
         extra["Retry-After"] = "1"
     return ORJSONResponse(
         problem.body(instance=_instance(request)),
@@ -123,7 +123,7 @@ async def _authorize(request: Request, gateway: Gateway, write: bool) -> Role:
 
 # --- the endpoint wrapper -----------------------------------------------------------
 def endpoint(
-    reply: Reply,
+    reply: Reply | tuple[Reply, ...],
     *,
     access: Access = "read",
     problems: Iterable[str] = (),
@@ -176,7 +176,7 @@ def endpoint(
 
 def _declare(
     handler: Callable[..., Awaitable[Response]],
-    reply: Reply,
+    reply: Reply | tuple[Reply, ...],
     access: Access,
     problems: Iterable[str],
     tag: str,
@@ -204,7 +204,7 @@ def _declare(
         summary=" ".join(summary.split()).removesuffix("."),
         description=" ".join(description.split()),
         access=access,
-        replies=(reply,),
+        replies=(reply,) if isinstance(reply, Reply) else reply,
         tag=tag,
         path=path,
         query=query,

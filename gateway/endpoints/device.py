@@ -67,7 +67,7 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
     session_id = secrets.token_urlsafe(12)
     session = DeviceSession(gateway.sessions, websocket, device_id, session_id)
     gateway.hub.add(session)
-    listening = gateway.broker.subscribe_device(device_id)
+    listening = gateway.channels.subscribe(device_id)
     try:
         # the command channel is live before the desired state is read: a change made in
         # between is then either in the welcome or delivered after it, never lost
@@ -86,7 +86,11 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
     if welcome is None:
         session.close(disconnect.DELETED)
     else:
-        session.welcome(welcome.desired, welcome.reported, welcome.reported_meta, welcome.version)
+        session.welcome(
+            welcome.desired, welcome.reported, welcome.reported_meta, welcome.version,
+            welcome.commands,
+        )  # fmt: skip
+        gateway.commands.sent(device_id, welcome.commands)
     # this frame lives as long as the socket: keep nothing in it that is no longer needed
     del welcome, token, token_hash
     gateway.metrics.devices_connected.inc()
@@ -103,8 +107,8 @@ async def device_socket(websocket: WebSocket, receive: Receive | None = None) ->
                 break
     finally:
         gateway.metrics.devices_connected.dec()
-        if gateway.hub.remove(session):
-            gateway.broker.unsubscribe_device(device_id)
+        gateway.hub.remove(session)
+        gateway.channels.unsubscribe(device_id)
         # the session's own close, else the peer's or the WebSocket layer's (frame_too_large)
         reason = session.close_reason or disconnect.ended_by(1000 if code is None else code)
         if accepted:

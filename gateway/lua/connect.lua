@@ -3,12 +3,18 @@
 -- KEYS[4] devices:online     KEYS[5] devices:index:online   KEYS[6] devices:online:seen
 -- KEYS[7] devices:offline:seen  KEYS[8] devices:stats:online_by_type  KEYS[9] devices:events
 -- KEYS[10] devices:presence (channel)  KEYS[11] gateway:control (channel)
+-- KEYS[12] device:commands:pending:{id}  KEYS[13] device:commands:done:{id}
+-- KEYS[14] device:{id}:commands (channel)  KEYS[15] devices:commands:due
+-- KEYS[16] devices:commands:counts  KEYS[17] devices:commands (channel)
 -- ARGV[1] id  ARGV[2] session  ARGV[3] now  ARGV[4] heartbeat TTL ms  ARGV[5] history maxlen
 -- ARGV[6] events maxlen  ARGV[7] token hash the handshake checked ('' to skip the check)
--- Returns {1, presence version, desired, reported, shadow version, reported_meta, event reason}
--- where the reason is '' when no presence event was due (still online: a reconnect inside the
--- offline grace, or a device the seed heartbeats); {0} for an unknown device; {-1} when the
--- token was rotated after the handshake checked it.
+-- ARGV[8] the device's command base (its command key without the command id)
+-- ARGV[9] command retention (s)  ARGV[10] most final commands kept per device
+-- Returns {1, presence version, desired, reported, shadow version, reported_meta, event reason,
+-- command frames} where the reason is '' when no presence event was due (still online: a
+-- reconnect inside the offline grace, or a device the seed heartbeats) and the frames are the
+-- device's pending commands, now sent to this session, oldest first; {0} for an unknown
+-- device; {-1} when the token was rotated after the handshake checked it.
 local id, session, now = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HEXISTS', KEYS[1], F_ID) == 0 then
   return {0}
@@ -43,5 +49,10 @@ else
 end
 local shadow = redis.call('HMGET', KEYS[1], F_DESIRED, F_REPORTED, 'version',
   'reported_meta')
+local frames = {}
+if redis.call('EXISTS', KEYS[12]) == 1 then
+  frames = claim({KEYS[15], KEYS[16], KEYS[9], KEYS[17]}, KEYS[12], KEYS[13], ARGV[8], KEYS[14],
+    id, session, now, tonumber(ARGV[9]), tonumber(ARGV[10]), ARGV[6])
+end
 return {1, presence_version, shadow[1] or '{}', shadow[2] or '{}', tonumber(shadow[3] or '0'),
-  shadow[4] or '{}', reason}
+  shadow[4] or '{}', reason, frames}

@@ -7,7 +7,12 @@
 -- KEYS[10] devices:stats:online_by_type  KEYS[11] devices:presence:retired
 -- KEYS[12] devices:events     KEYS[13] devices:type:{type}   KEYS[14] devices:index:type:{type}
 -- KEYS[15] devices:types      KEYS[16] devices:presence (channel)  KEYS[17] gateway:control
+-- KEYS[18] device:commands:pending:{id}  KEYS[19] device:commands:done:{id}
+-- KEYS[20] devices:commands:due  KEYS[21] devices:commands:counts
+-- KEYS[22] devices:commands (channel)
 -- ARGV[1] id  ARGV[2] type (as read before the call)  ARGV[3] now  ARGV[4] events maxlen
+-- ARGV[5] the device's command base (its command key without the command id)
+-- Its pending commands end `canceled`; every command record of it is removed.
 -- Returns 1 when deleted, 0 when unknown, -1 when the type changed meanwhile (read again).
 local id, now = ARGV[1], ARGV[3]
 if redis.call('EXISTS', KEYS[1]) == 0 then
@@ -23,6 +28,8 @@ go_offline(KEYS[1], nil, {KEYS[5], KEYS[7], KEYS[9], KEYS[8], KEYS[10], KEYS[12]
 if session and session ~= '' then
   kick(KEYS[17], id, session, 1008, 'deleted')
 end
+drop_commands({KEYS[20], KEYS[21], KEYS[12], KEYS[22]}, KEYS[18], KEYS[19], ARGV[5], id, now,
+  ARGV[4])
 local presence_version = redis.call('HGET', KEYS[1], 'presence_version') or '0'
 redis.call('HSET', KEYS[11], id, presence_version)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
