@@ -51,6 +51,7 @@ class Sender:
         self.device_ids = device_ids
         self.accepted: dict[str, str] = {}  # command id → device id
         self.refused = 0
+        self.attempts: dict[str, int] = {}  # of each succeeded command, as settle read it
 
     async def send(self, index: int) -> None:
         device_id = self.device_ids[index % len(self.device_ids)]
@@ -84,7 +85,14 @@ class Sender:
             status = reply.json().get("status") if reply.status_code == 200 else reply.status_code
             if status != "succeeded":
                 left[command_id] = str(status)
+            else:
+                self.attempts[command_id] = reply.json()["attempts"]
         return left
+
+    def summary(self) -> str:
+        again = sum(1 for count in self.attempts.values() if count > 1)
+        return (f"{len(self.accepted)} accepted, {self.refused} refusals sent again, "
+                f"{again} sent more than once")  # fmt: skip
 
     async def settle(self, within: float = SETTLE) -> dict[str, str]:
         deadline = time.monotonic() + within
@@ -125,6 +133,7 @@ async def test_kill_9_of_the_gateway_holding_the_socket_loses_no_command(
             for index in range(10, 20):
                 await sender.send(index)
             left = await sender.settle()
+    print(f"\n[measured] {sender.summary()}")
     assert not left, f"accepted commands that never succeeded: {left}"
     assert handlers.runs == {command_id: 1 for command_id in sender.accepted}
 
@@ -152,6 +161,7 @@ async def test_a_redis_restart_from_its_aof_loses_no_command(fresh_redis: RedisS
         async with Device(gw.ws_url, "aof-away", away_token) as device:
             frames = await device.wait_for(10)
             assert [f["command_id"] for f in frames] == [c["command_id"] for c in queued]
+    print(f"\n[measured] {sender.summary()}")
     assert not left, f"accepted commands that never succeeded: {left}"
     assert handlers.runs == {command_id: 1 for command_id in sender.accepted}
     assert len(sender.accepted) > 20
@@ -207,7 +217,6 @@ async def test_a_cluster_primary_killed_under_load_loses_no_command(
         stop.set()
         await sending
         left = await sender.settle()
-    print(f"\n[measured] {len(sender.accepted)} commands accepted, {sender.refused} refusals "
-          f"sent again, replica promoted {took:.1f} s after kill -9")  # fmt: skip
+    print(f"\n[measured] {sender.summary()}; replica promoted {took:.1f} s after kill -9")
     assert not left, f"accepted commands that never succeeded: {left}"
     assert handlers.runs == {command_id: 1 for command_id in sender.accepted}
