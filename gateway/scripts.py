@@ -20,14 +20,14 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys, OwnFields
 
 KeyOrArg = str | bytes | int | float
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 Client = Redis | RedisCluster
 NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
-    "section_write", "rotate_token", "page", "adopt", "describe", "stats",
+    "section_write", "rotate_token", "page", "adopt", "describe", "stats", "migrate_fields",
 )  # fmt: skip
 
 
@@ -35,8 +35,9 @@ def _source(name: str) -> str:
     return (resources.files("gateway") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def prelude(keys: Keys) -> str:
-    """The layout's names as Lua constants (every value is a fixed identifier: no escaping)."""
+def prelude(keys: Keys, own: OwnFields = OWN_FIELDS) -> str:
+    """The layout's names as Lua constants (every value is a fixed identifier: no escaping);
+    *own* names the gateway's own hash fields (the stored layout's)."""
     f = keys.fields
     return "\n".join(
         [
@@ -49,6 +50,13 @@ def prelude(keys: Keys) -> str:
             f"local PUBLISH = '{'SPUBLISH' if keys.sharded else 'PUBLISH'}'",
             f"local NODE_EVENTS = {'true' if keys.schema == 'node' else 'false'}",
             f"local SEED_SETS = {'true' if keys.seed_sets else 'false'}",
+            f"local G_VERSION, G_DESIRED_VERSION, G_REPORTED_VERSION = '{own.version}', "
+            f"'{own.desired_version}', '{own.reported_version}'",
+            f"local G_PRESENCE_VERSION, G_DESIRED_SHA = '{own.presence_version}', "
+            f"'{own.desired_sha}'",
+            f"local G_REPORTED_META, G_DESIRED_META = '{own.reported_meta}', '{own.desired_meta}'",
+            f"local G_SESSION, G_TOKEN_HASH, G_LINGER = '{own.session}', '{own.token_hash}', "
+            f"'{own.linger_reason}'",
             "",
         ]
     )
@@ -99,6 +107,7 @@ class Scripts:
         self.adopt = Script("adopt", head)
         self.describe = Script("describe", head)
         self.stats = Script("stats", head)
+        self.migrate_fields = Script("migrate_fields", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]
