@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 import uvicorn
+from redis.exceptions import RedisError
 from starlette.types import ASGIApp
 
 from gateway import __version__, compat, redact
@@ -33,6 +34,8 @@ from gateway.config import ConfigError, Settings, StartupError, from_env, option
 from gateway.devcluster import LocalCluster, run_forever
 from gateway.embedded import EmbeddedRedis
 from gateway.metrics import Metrics
+from gateway.migrate.command import migrate
+from gateway.migrate.runner import MigrateRefused
 from gateway.wsprotocol import WebSocketProtocol
 
 log = logging.getLogger("gateway")
@@ -87,6 +90,18 @@ def build_parser() -> argparse.ArgumentParser:
     cluster.add_argument("--port", type=int, default=7000, help="first node's port (7000)")
     cluster.add_argument("--primaries", type=int, default=3, help="primaries (3)")
     cluster.add_argument("--replicas", type=int, default=1, help="replicas per primary (1)")
+    migrate = commands.add_parser(
+        "migrate",
+        help="upgrade the data an earlier release stored (dry run unless --apply)",
+        description="Show what upgrading the stored layout to this release's changes (keys, "
+        "changes, time), or with --apply do it. Resumable: stopped at any point, run it again.",
+    )
+    migrate.add_argument("--redis-url", help="Redis URL (REDIS_URL); none: the embedded one")
+    migrate.add_argument("--data-dir", help="embedded Redis data directory (default ./data)")
+    migrate.add_argument("--apply", action="store_true", help="write the changes")
+    migrate.add_argument(
+        "--batch", type=int, default=500, help="keys per SCAN step and pipeline (500)"
+    )
     return parser
 
 
@@ -134,6 +149,13 @@ class Stop:
         finally:
             for signum in (signal.SIGINT, signal.SIGTERM):
                 loop.remove_signal_handler(signum)
+
+    def request(self) -> None:
+        """Stop as a signal would, without one (the gateway refused the data it found)."""
+        if not self.requested.is_set():
+            self.requested.set()
+            if self.server is not None:
+                self.server.should_exit = True
 
     def _received(self, signum: int) -> None:
         if self.requested.is_set():
@@ -299,13 +321,24 @@ async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str |
             if stop.requested.is_set():
                 return
             log.info("serving the gateway and its dashboard at %s", ready.public_url)
-            await server.serve(sockets=[listener])
+            gateway = app.state.gateway
+            refused = asyncio.ensure_future(gateway.refused.wait())
+            refused.add_done_callback(lambda _: stop.request())
+            try:
+                await server.serve(sockets=[listener])
+            finally:
+                refused.cancel()
+            if gateway.refusal is not None:
+                raise StartupError(gateway.refusal)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.command == "dev-cluster":
         dev_cluster(args)
+        return
+    if args.command == "migrate":
+        migrate_command(args)
         return
     try:
         settings = settings_from(args)
@@ -337,3 +370,27 @@ def dev_cluster(args: argparse.Namespace) -> None:
         asyncio.run(run_forever(cluster))
     except StartupError as exc:
         fail(str(exc), status=1)
+
+
+def migrate_command(args: argparse.Namespace) -> None:
+    """`gateway migrate`: every refusal and every Redis failure is one line; exit status 1."""
+    if args.batch < 1:
+        fail("--batch: at least 1")
+    try:
+        settings = from_env().with_overrides(
+            redis_url=args.redis_url,
+            data_dir=None if args.data_dir is None else Path(args.data_dir),
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+    logging.basicConfig(level="WARNING", format="%(levelname)s %(name)s: %(message)s")
+    redact.install()
+    try:
+        asyncio.run(migrate(settings, args.apply, args.batch))
+    except (MigrateRefused, StartupError) as exc:
+        fail(str(exc), status=1)
+    except RedisError as exc:
+        fail(f"Redis failed during the migration ({exc}); run it again: it goes on "
+             "where it stopped", status=1)  # fmt: skip
+    except KeyboardInterrupt:
+        fail("interrupted; run it again: it goes on where it stopped", status=130)

@@ -378,3 +378,72 @@ def _candidate_tags() -> list[str]:
     two = [a + b for a in TAG_ALPHABET for b in TAG_ALPHABET]
     three = [a + b for a in TAG_ALPHABET for b in two]
     return one + two + three
+
+
+# --- the stored layout and the gateway's own hash fields ---------------------------------
+@dataclass(frozen=True, slots=True)
+class OwnFields:
+    """The gateway's own fields of the device hash (beside the layout's `Fields`).
+
+    Names are short: a device hash is a compact listpack searched from its start, and every
+    byte of a field name is paid once per device. No other program reads them.
+    """
+
+    version: str = "v"
+    desired_version: str = "dv"
+    reported_version: str = "rv"
+    presence_version: str = "pv"
+    desired_sha: str = "ds"
+    reported_meta: str = "rm"
+    desired_meta: str = "dm"
+    session: str = "sn"
+    token_hash: str = "th"
+    linger_reason: str = "lr"
+
+
+OWN_FIELDS = OwnFields()
+# the names the previous release wrote (stored layout 1), read only by `gateway migrate`
+LAYOUT1_OWN_FIELDS = OwnFields(
+    version="version",
+    desired_version="desired_version",
+    reported_version="reported_version",
+    presence_version="presence_version",
+    desired_sha="desired_sha",
+    reported_meta="reported_meta",
+    desired_meta="desired_meta",
+    session="session",
+    token_hash="token_hash",
+    linger_reason="linger_reason",
+)
+
+
+def layout_version(keys: Keys) -> str:
+    """The stored layout's version: one small string per deployment (prefix) and cluster;
+    on a cluster under a tag of its own, like the fleet series."""
+    return f"{keys._fleet_base}gateway:layout"
+
+
+def layout_migration(keys: Keys) -> str:
+    """A hash of a running `gateway migrate --apply`: where each node's scan got to."""
+    return f"{keys._fleet_base}gateway:layout:migration"
+
+
+def device_key_patterns(keys: Keys) -> dict[str, str]:
+    """SCAN patterns of each kind of per-device key (any partition), by kind."""
+    tag = "{*}" if keys.sharded else ""
+    return {
+        "state": f"{_glob(keys.prefix)}{tag}device:state:*",
+        "history": f"{_glob(keys.prefix)}{tag}device:history:*",
+    }
+
+
+def device_of_key(keys: Keys, kind: str, name: str) -> str | None:
+    """The device id in a per-device key of *kind* (`state`, `history`) found by SCAN, if it
+    is one of this layout's names (a partition's tag must match the id's)."""
+    return keys._read_back(name, f"device:{kind}:", "")
+
+
+def _glob(text: str) -> str:
+    """*text* matched literally by a SCAN pattern (a prefix may hold none of `*?[]\\`, but
+    escape them anyway)."""
+    return re.sub(r"([*?\[\]\\])", r"\\\1", text)

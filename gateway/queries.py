@@ -23,7 +23,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway import shadow
 from gateway.errors import InvalidCursor, InvalidDeviceType, InvalidRequest
-from gateway.keys import Keys, Partition, is_device_id, is_device_type
+from gateway.keys import OWN_FIELDS, Keys, Partition, is_device_id, is_device_type
 from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.scripts import Call, Scripts
 
@@ -79,7 +79,7 @@ class Queries:
         self.keys = keys
         self.scripts = scripts
         f = keys.fields
-        self.summary_fields = (f.device_id, f.device_type, f.last_seen, "version")
+        self.summary_fields = (f.device_id, f.device_type, f.last_seen, OWN_FIELDS.version)
         self.state_fields = (*self.summary_fields, f.metadata, f.reported, f.desired)
         self.seen_scale = 1000.0 if f.millis else 1.0
 

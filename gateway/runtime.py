@@ -32,6 +32,7 @@ from gateway.device_session import SessionContext
 from gateway.hub import RESYNC_CHUNK, DeviceHub
 from gateway.keys import Keys, generated_admin_key
 from gateway.metrics import Metrics
+from gateway.migrate import layout as stored_layout
 from gateway.presence import REDIS_ERRORS, PresenceEngine
 from gateway.scripts import Scripts
 from gateway.store import Store
@@ -84,6 +85,9 @@ class Gateway:
         self.started = asyncio.Event()
         self._core: Core | None = None
         self._tasks: list[asyncio.Task[Any]] = []
+        # set when the stored layout is not this release's: the process must not serve
+        self.refused = asyncio.Event()
+        self.refusal: str | None = None
 
     # --- the parts, once Redis answered -----------------------------------------
     @property
@@ -144,6 +148,7 @@ class Gateway:
             try:
                 core = await self._build()
                 try:
+                    await stored_layout.ensure(core.redis, core.keys)
                     await core.store.scripts.load(core.redis)
                     self._core = core
                     await self._ensure_admin_key()
@@ -152,6 +157,11 @@ class Gateway:
                     await _close_clients(core)
                     raise
                 break
+            except stored_layout.LayoutRefused as exc:
+                log.error("%s", exc)
+                self.refusal = str(exc)
+                self.refused.set()
+                return
             except Exception as exc:  # Redis not there yet: keep trying, say why
                 log.warning(
                     "Redis at %s not usable yet (%s); retrying in %.1f s",

@@ -21,15 +21,15 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoScriptError, RedisError
 
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys, OwnFields
 
 KeyOrArg = str | bytes | int | float
 REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
 Client = Redis | RedisCluster
 NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
-    "section_write", "rotate_token", "page", "adopt", "describe", "stats", "command_create",
-    "command_result", "command_cancel", "command_expire", "command_claim",
+    "section_write", "rotate_token", "page", "adopt", "describe", "stats", "migrate_fields",
+    "command_create", "command_result", "command_cancel", "command_expire", "command_claim",
 )  # fmt: skip
 # the scripts that also take the command helpers (_commands.lua) after _lib.lua
 WITH_COMMANDS = frozenset(
@@ -42,8 +42,9 @@ def _source(name: str) -> str:
     return (resources.files("gateway") / "lua" / f"{name}.lua").read_text(encoding="utf-8")
 
 
-def prelude(keys: Keys) -> str:
-    """The layout's names as Lua constants (every value is a fixed identifier: no escaping)."""
+def prelude(keys: Keys, own: OwnFields = OWN_FIELDS) -> str:
+    """The layout's names as Lua constants (every value is a fixed identifier: no escaping);
+    *own* names the gateway's own hash fields (the stored layout's)."""
     f = keys.fields
     return "\n".join(
         [
@@ -56,6 +57,13 @@ def prelude(keys: Keys) -> str:
             f"local PUBLISH = '{'SPUBLISH' if keys.sharded else 'PUBLISH'}'",
             f"local NODE_EVENTS = {'true' if keys.schema == 'node' else 'false'}",
             f"local SEED_SETS = {'true' if keys.seed_sets else 'false'}",
+            f"local G_VERSION, G_DESIRED_VERSION, G_REPORTED_VERSION = '{own.version}', "
+            f"'{own.desired_version}', '{own.reported_version}'",
+            f"local G_PRESENCE_VERSION, G_DESIRED_SHA = '{own.presence_version}', "
+            f"'{own.desired_sha}'",
+            f"local G_REPORTED_META, G_DESIRED_META = '{own.reported_meta}', '{own.desired_meta}'",
+            f"local G_SESSION, G_TOKEN_HASH, G_LINGER = '{own.session}', '{own.token_hash}', "
+            f"'{own.linger_reason}'",
             "",
         ]
     )
@@ -112,6 +120,7 @@ class Scripts:
         self.command_cancel = Script("command_cancel", head)
         self.command_expire = Script("command_expire", head)
         self.command_claim = Script("command_claim", head)
+        self.migrate_fields = Script("migrate_fields", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

@@ -39,6 +39,7 @@ from gateway.errors import (
     NotConfirmed,
 )
 from gateway.eventlog import EventLog, Position, merged, parse_id
+from gateway.keys import OWN_FIELDS as OWN
 from gateway.keys import Fields, Keys, is_device_id, is_device_type
 from gateway.lastseen import NO_KEY, refined_last_seen
 from gateway.queries import MAX_PAGE, Page, Queries, Status, text
@@ -54,8 +55,8 @@ REPLICA_RECHECK_S = 5.0
 log = logging.getLogger("gateway.store")
 # the gateway's own fields of the device hash, after the layout's seed fields
 OWN_FIELDS = (
-    "version", "presence_version", "reported_meta", "desired_meta", "desired_version",
-    "reported_version", "desired_sha",
+    OWN.version, OWN.presence_version, OWN.reported_meta, OWN.desired_meta, OWN.desired_version,
+    OWN.reported_version, OWN.desired_sha,
 )  # fmt: skip
 
 
@@ -331,7 +332,7 @@ class Store:
 
     async def check_token(self, device_id: str, token: str) -> tuple[bool, str | None]:
         """(device exists, token hash if *token* is its current token)."""
-        fields = [self.fields.device_id, "token_hash"]
+        fields = [self.fields.device_id, OWN.token_hash]
         stored = await self.redis.hmget(self.keys.state(device_id), fields)
         exists = stored[0] is not None
         if exists and token_matches(stored[1], token):
@@ -342,7 +343,7 @@ class Store:
         """(desired state, shadow version) of each device, in one pipeline."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for device_id in device_ids:
-                pipe.hmget(self.keys.state(device_id), [self.fields.desired, "version"])
+                pipe.hmget(self.keys.state(device_id), [self.fields.desired, OWN.version])
             replies = await pipe.execute()
         return [(desired, _int(version)) for desired, version in replies]
 
@@ -385,12 +386,13 @@ class Store:
     ) -> tuple[shadow.Versions, shadow.Document]:
         k = self.keys
         field = self.fields.section(section)
-        meta_field = f"{section}_meta"
+        # metadata keeps no stamps: its "meta" field is one no device hash holds
+        meta_field = {"desired": OWN.desired_meta, "reported": OWN.reported_meta}.get(section, "")
         for attempt in range(CAS_ATTEMPTS):
             if attempt:
                 await asyncio.sleep(random.uniform(0, 0.001 * 2**attempt))
             raw, raw_meta, exists, known = await self.redis.hmget(
-                k.state(device_id), [field, meta_field, self.fields.device_id, "desired_sha"]
+                k.state(device_id), [field, meta_field, self.fields.device_id, OWN.desired_sha]
             )
             if exists is None:
                 raise DeviceNotFound(device_id)

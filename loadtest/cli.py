@@ -38,6 +38,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "fleet": ("loadtest.fleet", "Load a registered fleet straight into Redis"),
     "memory": ("loadtest.memory", "Redis memory per registered device, by key kind"),
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
+    "migrate": ("loadtest.bench_migrate", "gateway migrate --apply on a loaded fleet, timed"),
 }
 OWN = {
     "suite": "Every benchmark at its target's size (~1.5 hours)",

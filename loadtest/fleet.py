@@ -43,7 +43,7 @@ from gateway import shadow
 from gateway.auth import hash_device_token
 from gateway.config import Settings
 from gateway.embedded import find_free_port, valkey_executable
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys
 from gateway.presence import connect_call
 from gateway.scripts import Call
 from gateway.store import Store
@@ -411,10 +411,12 @@ def load_fleet(
                     k.state(ident),
                     mapping={
                         "reported_state": orjson.dumps(reported),
-                        "reported_meta": shadow.encode_stamps(shadow.stamp(reported, stamp_time)),
+                        OWN_FIELDS.reported_meta: shadow.encode_stamps(
+                            shadow.stamp(reported, stamp_time)
+                        ),
                         "desired_state": desired_bytes,
-                        "desired_meta": desired_meta,
-                        "version": 2,
+                        OWN_FIELDS.desired_meta: desired_meta,
+                        OWN_FIELDS.version: 2,
                     },
                 )
                 return

@@ -21,6 +21,7 @@ from gateway import openapi
 from gateway.app import create_app
 from gateway.config import Settings
 from gateway.endpoints import api
+from gateway.keys import OWN_FIELDS
 from gateway.presence import PresenceEngine
 
 PROBLEM = "application/problem+json"
@@ -554,7 +555,7 @@ async def test_a_hash_without_device_id_is_no_device_anywhere(redis_url: str) ->
 
         token = await client.post("/api/devices/ghost/token")
         assert token.status_code == 404, token.text
-        assert not await g.redis.hexists(key, "token_hash")
+        assert not await g.redis.hexists(key, OWN_FIELDS.token_hash)
         for method, path, body in [
             ("GET", "/api/devices/ghost", None),
             ("PATCH", "/api/devices/ghost", {"metadata": {"a": 1}}),

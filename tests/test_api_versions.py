@@ -11,6 +11,8 @@ import orjson
 from live import LiveGateway, live_gateway
 from websockets.asyncio.client import ClientConnection, connect
 
+from gateway.keys import OWN_FIELDS
+
 TIMEOUT = 5.0
 
 
@@ -132,7 +134,7 @@ async def test_devices_without_section_versions_read_as_zero(redis_url: str) -> 
         await client.patch("/api/devices/sv-3/desired", json={"state": {"a": 1}})
         key = gw.gateway.keys.state("sv-3")
         # as a device written before section versions existed
-        await gw.gateway.redis.hdel(key, "desired_version", "reported_version")
+        await gw.gateway.redis.hdel(key, OWN_FIELDS.desired_version, OWN_FIELDS.reported_version)
         assert await versions(client, "sv-3") == (1, 0, 0)
         edit = await client.patch(
             "/api/devices/sv-3/desired", json={"state": {"b": 2}, "desired_version": 0}

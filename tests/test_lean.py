@@ -30,7 +30,7 @@ from websockets.asyncio.client import ClientConnection, connect
 
 from gateway.config import Settings
 from gateway.eventlog import parse_id
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys
 from gateway.lastseen import INDEX_STEP, step_of
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine, connect_call
@@ -340,7 +340,8 @@ class Written:
 
 
 async def written(client: Client, layout: Keys, device_id: str) -> Written:
-    fields = ["version", "reported_version", "reported_state", "reported_meta"]
+    fields = [OWN_FIELDS.version, OWN_FIELDS.reported_version, "reported_state",
+              OWN_FIELDS.reported_meta]  # fmt: skip
     values = await client.hmget(layout.state(device_id), fields)
     history = await client.lrange(layout.history(device_id), 0, -1)
     mine: list[bytes] = []
@@ -636,13 +637,13 @@ async def test_stamps_are_one_number_until_a_patch_stamps_leaves_apart(
 
         # desired, written whole by a patch of an empty section, then in part
         await api(gw, "PATCH", path + "/desired", json={"state": {"a": 1, "b": {"c": 2}}})
-        whole = await stored("desired_meta")
+        whole = await stored(OWN_FIELDS.desired_meta)
         assert isinstance(whole, float)
         meta = (await api(gw, "GET", path))["shadow_metadata"]
         assert meta["desired"] == stamped({"a": 1, "b": {"c": 2}}, whole)
         await asyncio.sleep(0.002)  # a later millisecond
         await api(gw, "PATCH", path + "/desired", json={"state": {"b": {"c": 3}}})
-        apart = await stored("desired_meta")
+        apart = await stored(OWN_FIELDS.desired_meta)
         assert apart["a"] == {"timestamp": whole}
         assert apart["b"]["c"]["timestamp"] > whole
         assert (await api(gw, "GET", path))["shadow_metadata"]["desired"] == apart
@@ -651,7 +652,7 @@ async def test_stamps_are_one_number_until_a_patch_stamps_leaves_apart(
         async with device(gw, "st-1", token) as ws:
             await ws.send(text("heartbeat", reported_state={"x": 1, "y": {"z": 2}}))
             await synced(ws)
-            whole = await stored("reported_meta")
+            whole = await stored(OWN_FIELDS.reported_meta)
             assert isinstance(whole, float)
             meta = (await api(gw, "GET", path))["shadow_metadata"]
             assert meta["reported"] == stamped({"x": 1, "y": {"z": 2}}, whole)
@@ -660,7 +661,7 @@ async def test_stamps_are_one_number_until_a_patch_stamps_leaves_apart(
             await asyncio.sleep(0.002)
             await ws.send(text("report", reported_state={"x": 5}, id=1))
             await receive_type(ws, "ack")
-            apart = await stored("reported_meta")
+            apart = await stored(OWN_FIELDS.reported_meta)
             assert apart["y"] == {"z": {"timestamp": whole}}
             assert apart["x"]["timestamp"] > whole
             assert (await api(gw, "GET", path))["shadow_metadata"]["reported"] == apart

@@ -23,7 +23,7 @@ from presence_feed import Listener
 from servers import RedisServer
 
 from gateway.config import Settings
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys
 from gateway.lastseen import INDEX_STEP
 from gateway.metrics import Metrics
 from gateway.presence import RESUMED, STALE, UNKNOWN, WRITTEN, PresenceEngine, cancel_and_wait
@@ -210,7 +210,7 @@ async def test_second_session_replaces_and_kicks_the_first(
         {"op": "kick", "device_id": "d1", "session": "old", "code": 4409, "reason": "replaced"}
     ]
     assert stale.calls == []
-    assert await backend_client.hget(layout.state("d1"), "session") == b"new"
+    assert await backend_client.hget(layout.state("d1"), OWN_FIELDS.session) == b"new"
 
 
 async def test_heartbeat_from_the_replaced_session_writes_nothing(
@@ -230,7 +230,7 @@ async def test_heartbeat_from_the_replaced_session_writes_nothing(
         assert await listener.drain() == []
     assert await backend_client.hgetall(state) == before
     assert await backend_client.zscore(online_seen, "d1") == seen_before
-    assert await backend_client.hget(layout.state("d1"), "session") == b"new"
+    assert await backend_client.hget(layout.state("d1"), OWN_FIELDS.session) == b"new"
     assert stale.calls == [("d1", "old", STALE)]
 
 
@@ -275,7 +275,7 @@ async def test_reconnect_within_grace_publishes_nothing(
     heartbeat = layout.heartbeat("d1")
     async with Listener(backend_client) as listener:
         assert await end(engine, "d1", "s1", "connection_lost") == 2
-        assert await backend_client.hget(layout.state("d1"), "linger_reason") is not None
+        assert await backend_client.hget(layout.state("d1"), OWN_FIELDS.linger_reason) is not None
         assert 0 < await backend_client.pttl(heartbeat) <= 500
         welcome = await engine.connect("d1", "s2", "")
         assert welcome is not None and welcome.reason == ""
@@ -284,7 +284,7 @@ async def test_reconnect_within_grace_publishes_nothing(
         assert await engine.sweep() == 0
         assert await listener.drain() == []
     assert await backend_client.pttl(heartbeat) > 1000
-    assert await backend_client.hget(layout.state("d1"), "linger_reason") is None
+    assert await backend_client.hget(layout.state("d1"), OWN_FIELDS.linger_reason) is None
 
 
 async def test_no_reconnect_goes_offline_once_with_the_kept_reason(
@@ -302,7 +302,7 @@ async def test_no_reconnect_goes_offline_once_with_the_kept_reason(
         assert await engine.expire(["d1"]) == 0
         events = await listener.presence()
     assert brief(events) == [("d1", "offline", 2, "connection_lost")]
-    assert await backend_client.hget(layout.state("d1"), "linger_reason") is None
+    assert await backend_client.hget(layout.state("d1"), OWN_FIELDS.linger_reason) is None
 
 
 async def test_a_grace_disconnect_then_a_later_expiry_says_expired(

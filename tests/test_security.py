@@ -17,6 +17,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
 from gateway import auth
+from gateway.keys import OWN_FIELDS
 
 TIMEOUT = 5.0
 TOKEN_SHAPE = re.compile(r"[A-Za-z0-9_-]{43}")
@@ -94,7 +95,7 @@ async def test_tokens_are_random_43_char_url_safe_and_stored_only_hashed(
         for token in tokens:
             assert token.encode() not in blob, "a device token is stored in Redis"
         for device_id, token in (("tok-0", rotated), ("tok-1", tokens[1])):
-            token_hash = await redis_client.hget(f"device:state:{device_id}", "token_hash")
+            token_hash = await redis_client.hget(f"device:state:{device_id}", OWN_FIELDS.token_hash)
             # the first 128 bits of its SHA-256, base64url
             digest = hashlib.sha256(token.encode()).digest()[:16]
             assert token_hash == base64.urlsafe_b64encode(digest).rstrip(b"=")

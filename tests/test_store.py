@@ -23,7 +23,7 @@ from presence_feed import Listener
 from gateway.auth import hash_device_token
 from gateway.config import Settings
 from gateway.errors import DeviceExists, DeviceNotFound, GatewayError
-from gateway.keys import Keys
+from gateway.keys import OWN_FIELDS, Keys
 from gateway.metrics import Metrics
 from gateway.presence import PresenceEngine
 from gateway.shadow import BadKey, VersionConflict
@@ -66,7 +66,7 @@ async def test_register_returns_a_token_and_stores_only_its_hash(
     assert device.metadata == {"room": "kitchen"}
     assert (device.status, device.version, device.presence_version) == ("offline", 0, 0)
     stored = await backend_client.hgetall(layout.state("d1"))
-    assert stored[b"token_hash"] == hash_device_token(token).encode()
+    assert stored[OWN_FIELDS.token_hash.encode()] == hash_device_token(token).encode()
     assert all(token.encode() not in value for value in stored.values())
     # the seed's fields, in the seed's format
     for field in (b"registered_at", b"status", b"last_seen", b"reported_state", b"desired_state"):
@@ -77,7 +77,10 @@ async def test_register_returns_a_token_and_stores_only_its_hash(
     assert await backend_client.sismember(part.registered, "d1") == layout.seed_sets
     assert await backend_client.sismember(part.type_set("thermo"), "d1") == layout.seed_sets
     assert await backend_client.zscore(part.index, "d1") == 0
-    assert await store.check_token("d1", token) == (True, stored[b"token_hash"].decode())
+    assert await store.check_token("d1", token) == (
+        True,
+        stored[OWN_FIELDS.token_hash.encode()].decode(),
+    )
     assert await store.check_token("d1", "wrong") == (True, None)
     assert await store.check_token("nobody", token) == (False, None)
 

@@ -100,7 +100,7 @@ end
 -- Bump the presence version, record the transition, publish it once.
 local function presence_transition(state_key, history_key, events_key, channel, id, status, now,
                                    reason, history_maxlen, events_maxlen)
-  local version = redis.call('HINCRBY', state_key, 'presence_version', 1)
+  local version = redis.call('HINCRBY', state_key, G_PRESENCE_VERSION, 1)
   local rest = ',"status":"' .. status .. '","timestamp":' .. now .. ',"version":' .. version ..
     ',"reason":"' .. reason .. '"'
   local stream_id = record(history_key, events_key, history_maxlen, events_maxlen, 'presence',
@@ -131,7 +131,7 @@ local function go_offline(state_key, history_key, offline, id, now, reason, hist
     redis.call('ZADD', offline[4], time_of(fields[3]), id)
   end
   redis.call('HSET', state_key, F_STATUS, 'offline')
-  redis.call('HDEL', state_key, 'linger_reason')
+  redis.call('HDEL', state_key, G_LINGER)
   if in_set == 1 or in_index == 1 then
     return presence_transition(state_key, history_key, offline[6], offline[7], id, 'offline', now,
       reason, history_maxlen, events_maxlen)

@@ -18,7 +18,7 @@ local replies = {}
 for i = 0, (#KEYS - 4) / 4 - 1 do
   local id, session = ARGV[5 + 3 * i], ARGV[6 + 3 * i]
   local frames = {}
-  if redis.call('HGET', KEYS[5 + 4 * i], 'session') == session then
+  if redis.call('HGET', KEYS[5 + 4 * i], G_SESSION) == session then
     frames = claim(c, KEYS[6 + 4 * i], KEYS[7 + 4 * i], ARGV[7 + 3 * i], KEYS[8 + 4 * i], id,
       session, now, retention, done_max, events_maxlen)
   end

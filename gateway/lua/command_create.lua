@@ -29,7 +29,7 @@ local pending = redis.call('ZCARD', KEYS[3])
 if pending >= tonumber(ARGV[8]) then
   return {-2, pending}
 end
-local session = redis.call('HGET', KEYS[1], 'session')
+local session = redis.call('HGET', KEYS[1], G_SESSION)
 local connected = session and session ~= '' and redis.call('EXISTS', KEYS[2]) == 1
 if tonumber(ARGV[6]) == 0 and not connected then
   return {-4}

@@ -41,7 +41,7 @@ for i = 0, (#KEYS - 4) / 6 - 1 do
         done_max, events_maxlen)
       reply = {status, 0, 1}
     else
-      local session = redis.call('HGET', state_key, 'session')
+      local session = redis.call('HGET', state_key, G_SESSION)
       local live = session and session ~= '' and redis.call('EXISTS', heartbeat_key) == 1
       if live and session == f[2] then
         finish(c, key, pending_key, done_key, channel, id, cid, 'timed_out', nil, NO_ANSWER, now,

@@ -19,16 +19,16 @@ local id, session, now = ARGV[1], ARGV[2], ARGV[3]
 if redis.call('HEXISTS', KEYS[1], F_ID) == 0 then
   return {0}
 end
-if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], 'token_hash') ~= ARGV[7] then
+if ARGV[7] ~= '' and redis.call('HGET', KEYS[1], G_TOKEN_HASH) ~= ARGV[7] then
   return {-1}
 end
-local previous = redis.call('HGET', KEYS[1], 'session')
+local previous = redis.call('HGET', KEYS[1], G_SESSION)
 -- online as far as anyone announced: a lapsed key nobody has expired yet still counts
 local was_online = redis.call('EXISTS', KEYS[2]) == 1 or redis.call('ZSCORE', KEYS[5], id)
   or (SEED_SETS and redis.call('SISMEMBER', KEYS[4], id) == 1)
 redis.call('SET', KEYS[2], '1', 'PX', ARGV[4])
-redis.call('HSET', KEYS[1], 'session', session)
-redis.call('HDEL', KEYS[1], 'linger_reason')
+redis.call('HSET', KEYS[1], G_SESSION, session)
+redis.call('HDEL', KEYS[1], G_LINGER)
 mark_online(KEYS[1], KEYS[4], KEYS[5], KEYS[6], KEYS[7], KEYS[8], id, now)
 local superseded = previous and previous ~= '' and previous ~= session
 if superseded then
@@ -45,10 +45,10 @@ if reason ~= '' then
   presence_version = presence_transition(KEYS[1], KEYS[3], KEYS[9], KEYS[10], id, 'online', now,
     reason, tonumber(ARGV[5]), ARGV[6])
 else
-  presence_version = tonumber(redis.call('HGET', KEYS[1], 'presence_version') or '0')
+  presence_version = tonumber(redis.call('HGET', KEYS[1], G_PRESENCE_VERSION) or '0')
 end
-local shadow = redis.call('HMGET', KEYS[1], F_DESIRED, F_REPORTED, 'version',
-  'reported_meta')
+local shadow = redis.call('HMGET', KEYS[1], F_DESIRED, F_REPORTED, G_VERSION,
+  G_REPORTED_META)
 local frames = {}
 if redis.call('EXISTS', KEYS[12]) == 1 then
   frames = claim({KEYS[15], KEYS[16], KEYS[9], KEYS[17]}, KEYS[12], KEYS[13], ARGV[8], KEYS[14],

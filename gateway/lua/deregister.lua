@@ -22,7 +22,7 @@ local device_type = redis.call('HGET', KEYS[1], F_TYPE)
 if device_type ~= ARGV[2] then
   return -1
 end
-local session = redis.call('HGET', KEYS[1], 'session')
+local session = redis.call('HGET', KEYS[1], G_SESSION)
 go_offline(KEYS[1], nil, {KEYS[5], KEYS[7], KEYS[9], KEYS[8], KEYS[10], KEYS[12], KEYS[16]}, id,
   now, 'deleted', 0, ARGV[4])
 if session and session ~= '' then
@@ -30,7 +30,7 @@ if session and session ~= '' then
 end
 drop_commands({KEYS[20], KEYS[21], KEYS[12], KEYS[22]}, KEYS[18], KEYS[19], ARGV[5], id, now,
   ARGV[4])
-local presence_version = redis.call('HGET', KEYS[1], 'presence_version') or '0'
+local presence_version = redis.call('HGET', KEYS[1], G_PRESENCE_VERSION) or '0'
 redis.call('HSET', KEYS[11], id, presence_version)
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3])
 if SEED_SETS then

@@ -18,12 +18,12 @@ for i = 0, count - 1 do
   local state_key, heartbeat_key, history_key = KEYS[8 + 3 * i], KEYS[9 + 3 * i], KEYS[10 + 3 * i]
   local id, session, reason = ARGV[6 + 3 * i], ARGV[7 + 3 * i], ARGV[8 + 3 * i]
   local code = 0
-  if redis.call('HGET', state_key, 'session') == session then
-    redis.call('HSET', state_key, 'session', '')
+  if redis.call('HGET', state_key, G_SESSION) == session then
+    redis.call('HSET', state_key, G_SESSION, '')
     settle_last_seen(state_key, heartbeat_key, ttl, now)
     if grace > 0 and redis.call('EXISTS', heartbeat_key) == 1 then
       redis.call('PEXPIRE', heartbeat_key, grace)
-      redis.call('HSET', state_key, 'linger_reason', reason)
+      redis.call('HSET', state_key, G_LINGER, reason)
       -- the sweep reads this score as "last renewed": due exactly when the grace ends
       redis.call('ZADD', KEYS[3], tonumber(now) + (grace - ttl) / 1000, id)
       code = 2

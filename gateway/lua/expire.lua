@@ -24,7 +24,7 @@ for i = 0, count - 1 do
     redis.call('ZADD', KEYS[3], 'XX',
       math.min(tonumber(now), tonumber(now) + (remaining - tonumber(ARGV[4])) / 1000), ARGV[5 + i])
   elseif remaining == -2 then
-    local reason = redis.call('HGET', state_key, 'linger_reason')
+    local reason = redis.call('HGET', state_key, G_LINGER)
     if not reason or reason == '' then
       reason = 'expired'
     end

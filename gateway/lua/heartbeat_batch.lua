@@ -29,7 +29,7 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
     px = ARGV[arg + 3]
     arg = arg + 4
   end
-  local current = call('HGET', state_key, 'session')
+  local current = call('HGET', state_key, G_SESSION)
   local code = 1
   if not current then
     code = 0

@@ -17,11 +17,11 @@ local presence_version = redis.call('HGET', KEYS[8], id) or '0'
 redis.call('HDEL', KEYS[8], id)
 -- the fields heartbeats read and write come first: a compact (listpack) hash is searched
 -- from its start
-redis.call('HSET', KEYS[1], 'session', '', F_SEEN, '0', F_STATUS, 'offline', F_REPORTED, '{}',
-  'reported_meta', '{}', 'version', 0, 'reported_version', 0,
+redis.call('HSET', KEYS[1], G_SESSION, '', F_SEEN, '0', F_STATUS, 'offline', F_REPORTED, '{}',
+  G_REPORTED_META, '{}', G_VERSION, 0, G_REPORTED_VERSION, 0,
   F_ID, id, F_TYPE, device_type, F_REGISTERED, stored_time(now), F_DESIRED, '{}',
-  F_METADATA, ARGV[4], 'presence_version', presence_version, 'token_hash', ARGV[5],
-  'desired_meta', '{}', 'desired_version', 0, 'desired_sha', short_sha(redis.sha1hex('{}')))
+  F_METADATA, ARGV[4], G_PRESENCE_VERSION, presence_version, G_TOKEN_HASH, ARGV[5],
+  G_DESIRED_META, '{}', G_DESIRED_VERSION, 0, G_DESIRED_SHA, short_sha(redis.sha1hex('{}')))
 if SEED_SETS then
   redis.call('SADD', KEYS[2], id)
   redis.call('SADD', KEYS[3], id)

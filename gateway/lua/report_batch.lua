@@ -28,7 +28,7 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
     px = ARGV[arg + 5]
     arg = arg + 6
   end
-  local current = call('HMGET', state_key, 'session', F_REPORTED, 'version', 'reported_version')
+  local current = call('HMGET', state_key, G_SESSION, F_REPORTED, G_VERSION, G_REPORTED_VERSION)
   local code, version = 1, 0
   if not current[1] then
     code = 0
@@ -54,10 +54,10 @@ for i = 0, (#KEYS - 7) / 3 - 1 do
       local reported_version = (tonumber(current[4]) or 0) + 1
       if seen_at ~= '' and not lapsed then
         call('HSET', state_key, F_SEEN, stored_time(seen_at), F_REPORTED, reported,
-          'reported_meta', meta, 'version', version, 'reported_version', reported_version)
+          G_REPORTED_META, meta, G_VERSION, version, G_REPORTED_VERSION, reported_version)
       else
-        call('HSET', state_key, F_REPORTED, reported, 'reported_meta', meta, 'version', version,
-          'reported_version', reported_version)
+        call('HSET', state_key, F_REPORTED, reported, G_REPORTED_META, meta, G_VERSION, version,
+          G_REPORTED_VERSION, reported_version)
       end
     elseif seen_at ~= '' and not lapsed then
       call('HSET', state_key, F_SEEN, stored_time(seen_at))

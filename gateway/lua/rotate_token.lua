@@ -6,8 +6,8 @@
 if redis.call('HEXISTS', KEYS[1], F_ID) == 0 then
   return 0
 end
-redis.call('HSET', KEYS[1], 'token_hash', ARGV[2])
-local session = redis.call('HGET', KEYS[1], 'session')
+redis.call('HSET', KEYS[1], G_TOKEN_HASH, ARGV[2])
+local session = redis.call('HGET', KEYS[1], G_SESSION)
 if session and session ~= '' then
   kick(KEYS[2], ARGV[1], session, 1008, 'token_rotated')
 end

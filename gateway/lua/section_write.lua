@@ -33,12 +33,12 @@ if redis.sha1hex(current) ~= ARGV[3] then
   return {-3, 0, 0, 0}
 end
 local desired = section == 'desired'
-if desired and (redis.call('HGET', KEYS[1], 'desired_sha') or '') ~= ARGV[13] then
+if desired and (redis.call('HGET', KEYS[1], G_DESIRED_SHA) or '') ~= ARGV[13] then
   return {-3, 0, 0, 0}
 end
 
 local function versions()
-  local v = redis.call('HMGET', KEYS[1], 'version', 'desired_version', 'reported_version')
+  local v = redis.call('HMGET', KEYS[1], G_VERSION, G_DESIRED_VERSION, G_REPORTED_VERSION)
   return tonumber(v[1] or '0') or 0, tonumber(v[2] or '0') or 0, tonumber(v[3] or '0') or 0
 end
 
@@ -50,9 +50,9 @@ local function record_state(version, body, external)
 end
 
 if desired and ARGV[14] == '1' then
-  local version = redis.call('HINCRBY', KEYS[1], 'version', 1)
-  redis.call('HINCRBY', KEYS[1], 'desired_version', 1)
-  redis.call('HSET', KEYS[1], 'desired_meta', ARGV[15], 'desired_sha', short_sha(ARGV[3]))
+  local version = redis.call('HINCRBY', KEYS[1], G_VERSION, 1)
+  redis.call('HINCRBY', KEYS[1], G_DESIRED_VERSION, 1)
+  redis.call('HSET', KEYS[1], G_DESIRED_META, ARGV[15], G_DESIRED_SHA, short_sha(ARGV[3]))
   record_state(version, ARGV[16], true)
 end
 
@@ -67,7 +67,7 @@ end
 -- the SHA checks above prove the section is what the caller compared: trust its verdict
 if current == ARGV[6] or ARGV[12] == '1' then
   if desired and ARGV[13] == '' then
-    redis.call('HSET', KEYS[1], 'desired_sha', short_sha(ARGV[3]))
+    redis.call('HSET', KEYS[1], G_DESIRED_SHA, short_sha(ARGV[3]))
   end
   return {0, version, desired_version, reported_version}
 end
@@ -77,13 +77,13 @@ if section == 'metadata' then
     ',"metadata":' .. ARGV[6], ARGV[6])
   return {1, version, desired_version, reported_version}
 end
-redis.call('HSET', KEYS[1], field, ARGV[6], section .. '_meta', ARGV[8])
-version = redis.call('HINCRBY', KEYS[1], 'version', 1)
+redis.call('HSET', KEYS[1], field, ARGV[6], desired and G_DESIRED_META or G_REPORTED_META, ARGV[8])
+version = redis.call('HINCRBY', KEYS[1], G_VERSION, 1)
 if desired then
-  desired_version = redis.call('HINCRBY', KEYS[1], 'desired_version', 1)
-  redis.call('HSET', KEYS[1], 'desired_sha', short_sha(ARGV[7]))
+  desired_version = redis.call('HINCRBY', KEYS[1], G_DESIRED_VERSION, 1)
+  redis.call('HSET', KEYS[1], G_DESIRED_SHA, short_sha(ARGV[7]))
 else
-  reported_version = redis.call('HINCRBY', KEYS[1], 'reported_version', 1)
+  reported_version = redis.call('HINCRBY', KEYS[1], G_REPORTED_VERSION, 1)
 end
 record_state(version, ARGV[6], false)
 if desired then
