@@ -527,30 +527,46 @@ class Store:
         return results
 
     async def _pipeline_confirmed(self, primary: ClusterNode, calls: Sequence[Call]) -> list[Any]:
-        try:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for call in calls:
-                    queue(pipe, call)
-                pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=primary)
-                *replies, acked = await pipe.execute(raise_on_error=False)
-        except REDIS_ERRORS as exc:
-            return [exc] * len(calls)
-        for index, reply in enumerate(replies):
-            if isinstance(reply, NoScriptError):
-                call = calls[index]
-                try:
-                    replies[index] = await call.script(self.redis, call.keys, call.args)
-                except REDIS_ERRORS as exc:
+        """The calls and `WAIT 1` in one pipeline on *primary* (its scripts loaded again and
+        the missing calls re-sent, still with their WAIT, when it answers NOSCRIPT: a
+        promoted replica may never have seen them)."""
+        replies: list[Any] = [None] * len(calls)
+        todo = list(range(len(calls)))
+        for _attempt in range(2):
+            try:
+                async with self.redis.pipeline(transaction=False) as pipe:
+                    for index in todo:
+                        queue(pipe, calls[index])
+                    pipe.execute_command("WAIT", 1, REPLICA_WAIT_MS, target_nodes=primary)
+                    *got, acked = await pipe.execute(raise_on_error=False)
+            except REDIS_ERRORS as exc:
+                for index in todo:
                     replies[index] = exc
-        if isinstance(acked, Exception):
-            error = NotConfirmed("written, but its primary failed before a replica confirmed it")
-            return [error if not isinstance(r, Exception) else r for r in replies]
-        if int(acked) < 1:
-            log.warning(
-                "no replica of %s confirmed a write within %d ms: a failover now could lose it",
-                primary.name,
-                REPLICA_WAIT_MS,
-            )
+                return replies
+            if not isinstance(acked, Exception) and int(acked) < 1:
+                log.warning(
+                    "no replica of %s confirmed a write within %d ms: a failover now could lose it",
+                    primary.name,
+                    REPLICA_WAIT_MS,
+                )
+            missing = []
+            for index, reply in zip(todo, got, strict=True):
+                if isinstance(reply, NoScriptError):
+                    missing.append(index)
+                elif isinstance(acked, Exception) and not isinstance(reply, Exception):
+                    replies[index] = NotConfirmed(
+                        "written, but its primary failed before a replica confirmed it"
+                    )
+                else:
+                    replies[index] = reply
+            if not missing:
+                break
+            for script in {calls[index].script for index in missing}:
+                await self.redis.script_load(script.source)
+            todo = missing
+        for index in todo:
+            if replies[index] is None:
+                replies[index] = NoScriptError("the script was missing again after its load")
         return replies
 
     async def _primary_with_replica(self, device_id: str) -> ClusterNode | None:

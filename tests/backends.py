@@ -15,6 +15,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
 from servers import available_engines
 
+from gateway.devcluster import LocalCluster, Node
 from gateway.keys import Keys
 from gateway.redisconn import connect_cluster, is_cluster_url
 
@@ -91,3 +92,19 @@ async def primaries(client: Client) -> AsyncIterator[list[aioredis.Redis]]:
     finally:
         for node in nodes:
             await node.aclose()
+
+
+async def busiest_primary(cluster: LocalCluster, device_ids: list[str]) -> Node:
+    """The primary of *cluster* that holds the most of the devices' partitions."""
+    client = connect_cluster(cluster.url)
+    await client.initialize()
+    try:
+        keys = Keys.cluster()
+        counts: dict[str, int] = {}
+        for device_id in device_ids:
+            node = client.get_node_from_key(keys.state(device_id))
+            counts[node.name] = counts.get(node.name, 0) + 1
+    finally:
+        await client.aclose()
+    name = max(counts, key=lambda n: counts[n])
+    return next(node for node in cluster.nodes if node.address == name)

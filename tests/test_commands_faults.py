@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from backends import busiest_primary
 from commanddevice import Device, post_command
 from conftest import ADMIN_KEY, GatewayFactory
 from live import live_gateway
@@ -22,9 +23,7 @@ from servers import RedisServer
 from tcpproxy import TcpProxy
 
 from gateway.client import DeviceClient
-from gateway.devcluster import LocalCluster, Node
-from gateway.keys import Keys
-from gateway.redisconn import connect_cluster
+from gateway.devcluster import LocalCluster
 
 SETTLE = 30.0
 FAILOVER_WITHIN = 15.0
@@ -171,21 +170,6 @@ async def test_a_redis_restart_from_its_aof_loses_no_command(fresh_redis: RedisS
 async def cluster(tmp_path: Path) -> AsyncIterator[LocalCluster]:
     async with LocalCluster(tmp_path / "cluster") as local:
         yield local
-
-
-async def busiest_primary(cluster: LocalCluster, device_ids: list[str]) -> Node:
-    client = connect_cluster(cluster.url)
-    await client.initialize()
-    try:
-        keys = Keys.cluster()
-        counts: dict[str, int] = {}
-        for device_id in device_ids:
-            node = client.get_node_from_key(keys.state(device_id))
-            counts[node.name] = counts.get(node.name, 0) + 1
-    finally:
-        await client.aclose()
-    name = max(counts, key=lambda n: counts[n])
-    return next(node for node in cluster.nodes if node.address == name)
 
 
 async def test_a_cluster_primary_killed_under_load_loses_no_command(
