@@ -281,12 +281,12 @@ def assert_one_line(result: subprocess.CompletedProcess[str], named: str) -> Non
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_the_readme_device_steps_show_a_desired_change_arrive_live(
+def test_the_readme_device_steps_show_a_desired_change_and_a_command_result(
     redis_url: str, gateway_factory: GatewayFactory
 ) -> None:
     if shutil.which("curl") is None:
         skip_or_fail("curl not found (apt-get install curl): the README's steps use it")
-    register, device_code, change = readme_blocks("Try a device")
+    register, device_code, change, command = readme_blocks("Try a device")
     gateway = gateway_factory(redis_url)
 
     def local(block: str) -> str:
@@ -310,6 +310,14 @@ def test_the_readme_device_steps_show_a_desired_change_arrive_live(
         expected = "desired: {'interval': 30} to do: {'interval': {'desired': 30, 'reported': 60}}"
         wait_for_line(output, expected, device)
         assert expected in " ".join(README.read_text().split())
+        answered = subprocess.run(
+            ["bash", "-c", local(command)], env=env, capture_output=True, text=True, check=True
+        )
+        finished = json.loads(answered.stdout)
+        assert finished["status"] == "succeeded" and finished["result"] == {"celsius": 21.5}
+        wait_for_line(output, "command: read {}", device)
+        prose = " ".join(README.read_text().split())
+        assert '`"status":"succeeded"` and `"result":{"celsius":21.5}`' in prose
     finally:
         device.terminate()
         device.wait(timeout=10)
