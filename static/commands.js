@@ -237,7 +237,7 @@ export class CommandsView {
     const sent = toEpochMs(cmd.sent_at);
     const done = toEpochMs(cmd.completed_at);
     const due = toEpochMs(cmd.deadline);
-    const times = [h("time", { class: "command-created", title: formatDateTime(created) }, `made ${formatClock(created)}`)];
+    const times = [h("time", { class: "command-created", title: formatDateTime(created) }, `created ${formatClock(created)}`)];
     if (sent) times.push(h("time", { class: "command-sent", title: formatDateTime(sent) }, `sent ${formatClock(sent)}`));
     if (status === "sent" && due) times.push(h("time", { class: "command-due", title: formatDateTime(due) }, `due ${formatClock(due)}`));
     if (done) {

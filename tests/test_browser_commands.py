@@ -9,19 +9,19 @@ the gateway, inline, and sends nothing.
 
 from __future__ import annotations
 
-import re
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
-import httpx
 import pytest
+import pytest_asyncio
 from commanddevice import Device
 from live import READ_KEY, LiveGateway, live_gateway
 from playwright.async_api import Browser, Page, async_playwright, expect
 from servers import RedisServer
-from test_browser import CHROMIUM_ARGS, CONTRAST, open_panel, opened_page, signed_in
+from test_browser import ARTIFACTS, CHROMIUM_ARGS, CONTRAST, open_panel, opened_page, signed_in
 
-pytestmark = pytest.mark.browser
+# one Chromium for the module (a launch costs a second or two), so one event loop for it all
+pytestmark = [pytest.mark.browser, pytest.mark.asyncio(loop_scope="module")]
 
 LIVE_MS = 3000  # a status change shows this soon after it happened (events are batched per 50 ms)
 
@@ -41,13 +41,13 @@ def valkey_url(valkey: RedisServer) -> str:
     return valkey.url
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def gw(valkey_url: str) -> AsyncIterator[LiveGateway]:
     async with live_gateway(valkey_url) as live:
         yield live
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def browser(chromium_path: str) -> AsyncIterator[Browser]:
     async with async_playwright() as playwright:
         launched = await playwright.chromium.launch(
@@ -59,7 +59,7 @@ async def browser(chromium_path: str) -> AsyncIterator[Browser]:
             await launched.close()
 
 
-@pytest.fixture
+@pytest_asyncio.fixture(loop_scope="module")
 async def page(browser: Browser, request: pytest.FixtureRequest) -> AsyncIterator[Page]:
     async with opened_page(browser, request) as opened:
         yield opened
@@ -70,16 +70,25 @@ def command_row(page: Page, command_id: str) -> Any:
 
 
 async def send_from_panel(
-    page: Page, name: str, params: str = "", timeout: str = "", ttl: str = ""
+    page: Page, name: str, params: str = "", answer_in: str = "", ttl: str = ""
 ) -> None:
-    """Fill the form and press Send (fields left empty keep what the form shows)."""
+    """Fill the form and press Send (timeout and ttl left empty keep what the form shows)."""
     await page.fill("#command-name", name)
     await page.fill("#command-params", params)
-    if timeout:
-        await page.fill("#command-timeout", timeout)
+    if answer_in:
+        await page.fill("#command-timeout", answer_in)
     if ttl:
         await page.fill("#command-ttl", ttl)
     await page.click("#command-send")
+
+
+async def shot(page: Page, name: str) -> None:
+    """The commands section alone, in test-artifacts/ (the page's own shot misses it: the
+    panel scrolls inside itself)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    section = page.locator("#panel-commands")
+    await section.scroll_into_view_if_needed()
+    await section.screenshot(path=str(ARTIFACTS / f"{name}.png"))
 
 
 async def commands_of(gw: LiveGateway, device_id: str) -> list[dict[str, Any]]:
@@ -101,7 +110,7 @@ async def test_a_command_from_the_panel_goes_sent_then_succeeded_or_failed_live(
         await expect(page.locator("#command-list")).to_have_attribute("data-loaded", "true")
         await expect(page.locator("#command-state")).to_have_text("No commands yet.")
 
-        await send_from_panel(page, "reboot", '{"delay": 5}', timeout="20")
+        await send_from_panel(page, "reboot", '{"delay": 5}', answer_in="20")
         (frame,) = await device.wait_for(1)
         assert (frame["name"], frame["params"]) == ("reboot", {"delay": 5})
         cid = frame["command_id"]
@@ -134,6 +143,7 @@ async def test_a_command_from_the_panel_goes_sent_then_succeeded_or_failed_live(
             "#command-list li", "items => items.map(item => item.dataset.commandId)"
         )
         assert ids == [second["command_id"], cid]
+        await shot(page, "commands-light")
         stored = {c["command_id"]: c for c in await commands_of(gw, "cmd-live")}
         assert stored[cid]["timeout"] == 20.0 and stored[cid]["result"] == {"uptime": 0}
         assert stored[second["command_id"]]["error"] == "sensor 2 missing"
@@ -207,7 +217,9 @@ async def test_a_read_only_key_gets_the_form_disabled_with_the_reason(
     await expect(row.locator(".command-cancel")).to_be_disabled()
     await expect(row.locator(".command-cancel")).to_have_attribute("title", reason)
     # Ctrl+Enter in the (disabled) params does nothing either
-    await page.locator("#command-params").dispatch_event("keydown", {"key": "Enter", "ctrlKey": True})
+    await page.locator("#command-params").dispatch_event(
+        "keydown", {"key": "Enter", "ctrlKey": True}
+    )
     assert len(await commands_of(gw, "cmd-ro")) == 1
 
 
@@ -237,7 +249,7 @@ async def test_bad_input_and_refusals_are_shown_inline_and_send_nothing(
         await send_from_panel(page, "re boot")
         await expect(result).to_contain_text("the name must be")
         await expect(page.locator("#command-name")).to_be_focused()
-        await send_from_panel(page, "reboot", timeout="0")
+        await send_from_panel(page, "reboot", answer_in="0")
         await expect(result).to_contain_text("timeout must be 0.1–3600 seconds")
         assert posts == [] and await commands_of(gw, "cmd-bad") == []
         await page.fill("#command-timeout", "30")
@@ -272,29 +284,25 @@ async def test_bad_input_and_refusals_are_shown_inline_and_send_nothing(
         assert len(posts) == 5  # the 422, the 409, two accepted, the 429
 
 
-@pytest.mark.parametrize("scheme", ["dark"])
 async def test_the_commands_fit_a_phone_and_meet_contrast_in_the_dark(
-    gw: LiveGateway, browser: Browser, request: pytest.FixtureRequest, scheme: str
+    gw: LiveGateway, browser: Browser, request: pytest.FixtureRequest
 ) -> None:
     token = await gw.register("cmd-phone-with-a-long-device-name", "lamp")
     device_id = "cmd-phone-with-a-long-device-name"
     async with Device(gw.ws_url, device_id, token) as device:
         await device.wait_for(1, "welcome")
-        async with httpx.AsyncClient(
-            base_url=gw.base_url, headers={"Authorization": "Bearer test-admin-key"}
-        ) as http:
-            for name, ttl in (("ok", 60), ("bad", 60), ("late", 60), ("waiting", 60)):
-                body = {"name": f"{name}-command", "params": {"n": 1}, "ttl": ttl, "timeout": 30}
+        async with gw.client() as http:
+            for name in ("ok", "bad", "late", "waiting"):
+                body = {"name": f"{name}-command", "params": {"n": 1}}
                 assert (await http.post(f"/api/devices/{device_id}/commands", json=body)).is_success
         frames = await device.wait_for(4)
         await device.answer(frames[0]["command_id"], "succeeded", result={"long": "x" * 300})
         await device.answer(frames[1]["command_id"], "failed", error="no")
         async with opened_page(
-            browser, request, scheme, color_scheme=scheme,
+            browser, request, "dark", color_scheme="dark",
             viewport={"width": 390, "height": 844}, is_mobile=True,
         ) as page:  # fmt: skip
-            await page.goto(f"{gw.base_url}/?token=test-admin-key")
-            await expect(page.locator("#conn-state")).to_have_attribute("data-state", "connected")
+            await signed_in(page, gw)
             await page.evaluate(f"window.dashboard.openDevice({device_id!r})")
             await expect(page.locator("#command-list li")).to_have_count(4)
             await expect(page.locator('#command-list li[data-status="failed"]')).to_have_count(1)
@@ -306,6 +314,7 @@ async def test_the_commands_fit_a_phone_and_meet_contrast_in_the_dark(
                     .map(el => el.id || el.className)"""
             )
             assert overflow == []
+            await shot(page, "commands-phone-dark")
             contrast = await page.evaluate(CONTRAST)
             assert not contrast["failures"], contrast["failures"]
             # keyboard: Tab walks name, timeout, ttl, params, Send; Ctrl+Enter sends
@@ -319,4 +328,5 @@ async def test_the_commands_fit_a_phone_and_meet_contrast_in_the_dark(
             await page.focus("#command-params")
             await page.keyboard.press("Control+Enter")
             await expect(page.locator("#command-result")).to_contain_text("Sent kbd-command")
-            assert re.fullmatch(r"\d+", await page.locator("#command-list").get_attribute("data-count") or "")
+            await expect(page.locator("#command-list li")).to_have_count(5)
+            await expect(page.locator("#command-list")).to_have_attribute("data-count", "5")
