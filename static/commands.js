@@ -191,7 +191,7 @@ export class CommandsView {
   }
 
   /** A command record (from a page, a read or the POST's answer): its row, made or updated. */
-  upsert(cmd) {
+  upsert(cmd, live = false) {
     const known = this.rows.get(cmd.command_id);
     if (known) {
       // a final row stays final: a read that started before the last event may answer late
@@ -200,12 +200,18 @@ export class CommandsView {
       this.paint(known.li, known.cmd);
       return;
     }
-    const li = h("li", { class: "command", dataset: { commandId: cmd.command_id } });
+    const created = Number(cmd.created_at) || 0;
+    // a live change of a command older than the loaded pages waits for "Load older": the
+    // list stays a run of pages, without gaps
+    if (live && this.next) {
+      const oldest = this.rows.get(this.el.list.lastElementChild?.dataset.commandId)?.cmd;
+      if (oldest && created < (Number(oldest.created_at) || 0)) return;
+    }
+    const li = h("li", { class: "command", tabindex: "-1", dataset: { commandId: cmd.command_id } });
     const entry = { cmd, li };
     this.rows.set(cmd.command_id, entry);
     this.paint(li, cmd);
     // newest first: by creation time, then id (generated ids sort by time)
-    const created = Number(cmd.created_at) || 0;
     let before = null;
     for (const other of this.el.list.children) {
       const o = this.rows.get(other.dataset.commandId)?.cmd;
@@ -265,7 +271,9 @@ export class CommandsView {
     if (typeof cmd.error === "string" && cmd.error) {
       parts.push(h("div", { class: "command-line command-error small" }, h("span", null, "error: "), cmd.error));
     }
+    const focused = li.contains(document.activeElement);
     li.replaceChildren(...parts);
+    if (focused) li.focus(); // its Cancel went away: focus stays on the row, not the page
     li.setAttribute("aria-label", `${cmd.name ?? "command"}: ${STATUS_TEXT[status] ?? status}`);
     this.announce(cmd, complete);
   }
@@ -312,8 +320,8 @@ export class CommandsView {
       this.paint(known.li, known.cmd, false);
     }
     // the record has what the event does not (result, times), and a row for a command made
-    // elsewhere; a command older than the loaded pages is not added out of order
-    if (known || this.el.list.dataset.loaded === "true") this.queueRead(ev.command_id);
+    // elsewhere
+    this.queueRead(ev.command_id);
   }
 
   queueRead(commandId) {
@@ -332,7 +340,7 @@ export class CommandsView {
     await Promise.all(ids.map(async (id) => {
       const res = await api("GET", `/api/devices/${device}/commands/${encodeURIComponent(id)}`);
       if (seq !== this.seq || !res.ok || !isPlainObject(res.data)) return;
-      this.upsert(res.data);
+      this.upsert(res.data, true);
     }));
   }
 

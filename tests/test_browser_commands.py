@@ -184,9 +184,11 @@ async def test_an_offline_device_gets_its_queued_command_when_it_connects_live(
         await expect(row.locator(".command-result")).to_have_text('{"offset":-0.3}')
         await expect(page.locator("#command-result")).to_contain_text("calibrate succeeded")
 
-        # a pending one can be canceled from its row
-        await other_row.locator(".command-cancel").click()
+        # a pending one can be canceled from its row, by keyboard; focus stays on the row
+        await other_row.locator(".command-cancel").focus()
+        await page.keyboard.press("Enter")
         await expect(other_row).to_have_attribute("data-status", "canceled")
+        await expect(other_row).to_be_focused()
     assert {c["status"] for c in await commands_of(gw, "cmd-away")} == {"succeeded", "canceled"}
 
 
@@ -196,7 +198,10 @@ async def test_a_read_only_key_gets_the_form_disabled_with_the_reason(
     await gw.register("cmd-ro", "lamp")
     async with gw.client() as http:
         made = await http.post("/api/devices/cmd-ro/commands", json={"name": "ping"})
-    assert made.status_code == 202
+        assert made.status_code == 202
+        for i in range(22):  # newer ones: "ping" is on the second page
+            body = {"name": f"batch-{i:02d}"}
+            assert (await http.post("/api/devices/cmd-ro/commands", json=body)).is_success
     reason = "read-only API key: writes need an admin key"
     await signed_in(page, gw, READ_KEY)
     await expect(page.locator("body")).to_have_attribute("data-role", "read")
@@ -211,8 +216,18 @@ async def test_a_read_only_key_gets_the_form_disabled_with_the_reason(
     await expect(page.locator("#command-form")).to_have_attribute(
         "aria-describedby", "command-read-only"
     )
-    # the commands are still listed, and a pending one cannot be canceled from here
+    # the commands are still listed, a page at a time, newest first
+    rows = page.locator("#command-list li")
+    await expect(rows).to_have_count(20)
+    await expect(rows.first.locator(".command-name")).to_have_text("batch-21")
     row = command_row(page, made.json()["command_id"])
+    await expect(row).to_have_count(0)
+    await page.click("#command-older")
+    await expect(rows).to_have_count(23)
+    await expect(rows.last.locator(".command-name")).to_have_text("ping")
+    await expect(page.locator("#command-older")).to_be_hidden()
+    await expect(page.locator("#command-state")).to_have_text("No older commands are kept.")
+    # and a pending one cannot be canceled from here
     await expect(row).to_have_attribute("data-status", "queued")
     await expect(row.locator(".command-cancel")).to_be_disabled()
     await expect(row.locator(".command-cancel")).to_have_attribute("title", reason)
@@ -220,7 +235,7 @@ async def test_a_read_only_key_gets_the_form_disabled_with_the_reason(
     await page.locator("#command-params").dispatch_event(
         "keydown", {"key": "Enter", "ctrlKey": True}
     )
-    assert len(await commands_of(gw, "cmd-ro")) == 1
+    assert len(await commands_of(gw, "cmd-ro")) == 23
 
 
 async def test_bad_input_and_refusals_are_shown_inline_and_send_nothing(
