@@ -183,6 +183,15 @@ async def test_an_offline_device_gets_its_queued_command_when_it_connects_live(
         await expect(row).to_have_attribute("data-status", "succeeded", timeout=LIVE_MS)
         await expect(row.locator(".command-result")).to_have_text('{"offset":-0.3}')
         await expect(page.locator("#command-result")).to_contain_text("calibrate succeeded")
+        device.abort()  # the session dies with "report" unanswered
+
+    # sent again on the next connect, as attempt 2, and the row says so
+    async with Device(gw.ws_url, "cmd-away", token) as again:
+        (resent,) = await again.wait_for(1)
+        assert (resent["command_id"], resent["attempt"]) == (second["command_id"], 2)
+        await expect(other_row).to_have_attribute("data-attempts", "2", timeout=LIVE_MS)
+        await expect(other_row.locator(".command-attempts")).to_have_text("attempt 2")
+        await expect(other_row).to_have_attribute("data-status", "sent")
 
         # a pending one can be canceled from its row, by keyboard; focus stays on the row
         await other_row.locator(".command-cancel").focus()
