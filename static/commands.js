@@ -402,6 +402,7 @@ export class CommandsView {
       ["timeout", this.el.timeout, 0.1, 3600, "0.1–3600 seconds"],
       ["ttl", this.el.ttl, 0, 604800, "0–604800 seconds (7 days)"],
     ]) {
+      if (field.validity?.badInput) return this.refuse(field, `${key} must be a number of seconds (${unit}).`);
       const text = field.value.trim();
       if (!text) continue; // the gateway's default
       const value = Number(text);

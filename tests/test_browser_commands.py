@@ -275,6 +275,14 @@ async def test_bad_input_and_refusals_are_shown_inline_and_send_nothing(
         await expect(page.locator("#command-name")).to_be_focused()
         await send_from_panel(page, "reboot", answer_in="0")
         await expect(result).to_contain_text("timeout must be 0.1–3600 seconds")
+        await page.fill("#command-timeout", "30")
+        await page.focus("#command-ttl")
+        await page.keyboard.press("Control+A")
+        await page.keyboard.type("1e")  # not a number: the field's value is "", not the default
+        await page.click("#command-send")
+        await expect(result).to_contain_text("ttl must be a number of seconds")
+        await expect(page.locator("#command-ttl")).to_be_focused()
+        await page.fill("#command-ttl", "3600")
         assert posts == [] and await commands_of(gw, "cmd-bad") == []
         await page.fill("#command-timeout", "30")
         # typing in a field clears its mark
