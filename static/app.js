@@ -236,6 +236,8 @@ function applyEvent(ev, replayed = false) {
       break;
     case "metadata":
       break; // nothing listed depends on metadata; the panel reloads below
+    case "command":
+      break; // only the panel shows commands
     default:
       console.info("dashboard: unknown event type", ev.type, ev);
       return;
@@ -725,6 +727,7 @@ function handleFrame(raw, sock) {
       case "registered":
       case "deleted":
       case "metadata":
+      case "command":
         applyEvent(msg);
         break;
       case "error":

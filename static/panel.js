@@ -4,6 +4,7 @@
 // conflicts only when someone else changed the desired state.
 
 import { api } from "./api.js";
+import { CommandsView } from "./commands.js";
 import { DAY_MS, LeafPlots, presencePeriods, renderTimeline } from "./timeline.js";
 import { formatAgo, formatClock, formatDateTime, h, isPlainObject, toEpochMs } from "./util.js";
 
@@ -54,6 +55,7 @@ export class DevicePanel {
       metadataResult: $("metadata-result"),
     };
     this.plots = new LeafPlots($("panel-plots"));
+    this.commands = new CommandsView();
     this.history = this.emptyHistory();
     this.historyTimer = null;
     this.timelineDrawnAt = 0;
@@ -129,6 +131,7 @@ export class DevicePanel {
     this.updateBase();
     this.refresh();
     this.loadHistory();
+    this.commands.open(deviceId);
     this.el.title.focus();
   }
 
@@ -141,6 +144,7 @@ export class DevicePanel {
     this.refreshTimer = null;
     clearTimeout(this.historyTimer);
     this.historyTimer = null;
+    this.commands.open(null);
     this.root.hidden = true;
     const id = this.root.dataset.deviceId;
     delete this.root.dataset.deviceId;
@@ -150,6 +154,11 @@ export class DevicePanel {
   /** A live event for the open device arrived: refresh soon (coalesced). */
   notify(event) {
     if (!this.isOpen || !event || event.device_id !== this.deviceId) return;
+    if (event.type === "command") {
+      this.commands.onEvent(event); // the shadow and its history do not move with commands
+      return;
+    }
+    if (event.type === "snapshot") this.commands.reload(); // the feed was away: events may be missing
     if (event.type === "presence" && typeof event.status === "string") this.setStatus(event.status);
     if (event.type === "deleted") {
       this.root.dataset.deleted = "true";
@@ -233,6 +242,7 @@ export class DevicePanel {
       this.el.readOnly.textContent = this.readOnly ? reason : "";
       this.el.readOnly.hidden = !this.readOnly;
     }
+    this.commands.setReadOnly(this.readOnly, reason);
     this.updateBase();
   }
 
