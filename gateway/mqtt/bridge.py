@@ -224,7 +224,7 @@ class MqttBridge:
 
     async def _receive_loop(self, client: aiomqtt.Client) -> None:
         async for message in client.messages:
-            self.handle(message.topic.value, _payload(message.payload))
+            self.handle(message.topic.value, _payload(message.payload), message.retain)
         raise aiomqtt.MqttError("the broker closed the connection")
 
     async def _publish_loop(self, client: aiomqtt.Client, lane: int) -> None:
@@ -246,13 +246,13 @@ class MqttBridge:
             self.dropped("outgoing_full", f"{device_id}: {topic} not published (broker away?)")
 
     # --- incoming ------------------------------------------------------------------------
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
         """One message from the broker; never awaits (status work runs in its own task)."""
         try:
             device_id, kind = self.topics.parse(topic)
             self.metrics.mqtt_messages.labels(kind.value).inc()
             if kind is Kind.STATUS:
-                self._status(device_id, codec.parse_status(payload, self.max_payload))
+                self._status(device_id, codec.parse_status(payload, self.max_payload, retained))
                 return
             if kind is Kind.REPORTED:
                 patch = codec.parse_reported(payload, self.store.limits, self.max_payload)
@@ -311,8 +311,9 @@ class MqttBridge:
         session_id = status.session_id
         local = self.hub.sessions.get(device_id)
         if isinstance(local, MqttSession) and local.session == session_id:
-            local.last_activity = time.time()
-            self.ingest.beat(device_id)  # a repeated status: a heartbeat
+            if not status.retained:
+                local.last_activity = time.time()
+                self.ingest.beat(device_id)  # a repeated status: a heartbeat
             return
         session = MqttSession(self, device_id, session_id)
         self.hub.add(session)
@@ -334,7 +335,8 @@ class MqttBridge:
         if code != 1:
             session.close(disconnect.REPLACED)
             if code == 2:  # current already (taken by this status through another process)
-                self.ingest.beat(device_id)
+                if not status.retained:
+                    self.ingest.beat(device_id)
             else:
                 self.dropped("unregistered", f"status online for unregistered {device_id!r}")
             return

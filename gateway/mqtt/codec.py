@@ -47,6 +47,7 @@ class Status:
     online: bool
     session: str  # the device's own, without the prefix
     will: bool  # the broker published the device's Last Will
+    retained: bool = False  # replayed by the broker at subscribe: news, but not a sign of life
 
     @property
     def session_id(self) -> str:
@@ -111,14 +112,14 @@ def _object(payload: bytes, max_bytes: int) -> dict[str, Any]:
     return value
 
 
-def parse_status(payload: bytes, max_bytes: int) -> Status:
+def parse_status(payload: bytes, max_bytes: int, retained: bool = False) -> Status:
     message = _object(payload, max_bytes)
     status, session = message.get("status"), message.get("session")
     if status not in ("online", "offline"):
         raise Dropped("bad_payload", "'status' must be online or offline")
     if not isinstance(session, str) or not SESSION_PATTERN.fullmatch(session):
         raise Dropped("bad_payload", "'session' must be 1–64 of A-Z a-z 0-9 . _ -")
-    return Status(status == "online", session, message.get("will") is True)
+    return Status(status == "online", session, message.get("will") is True, retained)
 
 
 def parse_reported(payload: bytes, limits: shadow.Limits, max_bytes: int) -> shadow.Document:
