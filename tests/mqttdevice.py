@@ -13,7 +13,8 @@ from typing import Any
 
 import aiomqtt
 import orjson
-from mosquitto import HOST, device_password
+from mosquitto import device_password
+from servers import HOST
 
 WAIT = 10.0
 
@@ -80,7 +81,9 @@ class MqttDevice:
                 else:
                     self.commands.append(body)
 
-    async def publish(self, kind: str, payload: bytes | dict[str, Any], retain: bool = False) -> None:
+    async def publish(
+        self, kind: str, payload: bytes | dict[str, Any], retain: bool = False
+    ) -> None:
         assert self._client is not None
         data = payload if isinstance(payload, bytes) else orjson.dumps(payload)
         await self._client.publish(self.topic(kind), data, qos=1, retain=retain)
@@ -115,9 +118,9 @@ class MqttDevice:
         await asyncio.sleep(0.05)
         await self.close()
 
-    async def wait(self, predicate: Callable[[], bool], timeout: float = WAIT) -> None:
-        deadline = time.monotonic() + timeout
+    async def wait(self, predicate: Callable[[], bool], within: float = WAIT) -> None:
+        deadline = time.monotonic() + within
         while not predicate():
             if time.monotonic() > deadline:
-                raise AssertionError(f"{self.device_id}: not seen within {timeout}s")
+                raise AssertionError(f"{self.device_id}: not seen within {within}s")
             await asyncio.sleep(0.02)

@@ -14,7 +14,6 @@ from typing import Any
 import httpx
 import orjson
 import pytest
-import redis.asyncio as aioredis
 from backends import Client, connect
 from commanddevice import post_command, wait_status
 from live import LiveGateway, live_gateway
@@ -23,7 +22,6 @@ from mqttdevice import MqttDevice
 
 from gateway.client import DeviceClient, DeviceRejected
 from gateway.keys import Keys
-from gateway.redisconn import is_cluster_url
 
 DEVICES = [f"m{i}" for i in range(1, 41)] + ["ghost", "intruder"]
 Event = dict[str, Any]
@@ -38,7 +36,9 @@ def broker(tmp_path: Any) -> Iterator[Mosquitto]:
 
 
 @contextlib.asynccontextmanager
-async def mqtt_gateway(redis_url: str, broker: Mosquitto, **overrides: Any) -> AsyncIterator[LiveGateway]:
+async def mqtt_gateway(
+    redis_url: str, broker: Mosquitto, **overrides: Any
+) -> AsyncIterator[LiveGateway]:
     async with live_gateway(
         redis_url,
         mqtt_url=broker.url,
@@ -50,8 +50,8 @@ async def mqtt_gateway(redis_url: str, broker: Mosquitto, **overrides: Any) -> A
         yield gw
 
 
-async def until(predicate: Callable[[], bool], timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
+async def until(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
     while not predicate():
         if time.monotonic() > deadline:
             raise AssertionError("condition not met in time")
@@ -138,9 +138,7 @@ async def test_a_stale_offline_after_a_newer_online_changes_nothing(
         # the device reconnected (a new session) before the broker noticed the old connection
         # was gone: the old one's Will arrives after the new one's online
         await old.publish("status", old.status("online", session="new"), retain=True)
-        await until_presence(
-            redis, LAYOUT, "m3", [("online", "connected"), ("online", "replaced")]
-        )
+        await until_presence(redis, LAYOUT, "m3", [("online", "connected"), ("online", "replaced")])
         await old.publish("status", old.status("offline", will=True, session="old"))
         await old.publish("status", old.status("offline", session="old"))
         await old.report({"after": "stale offline"})  # handled after both offlines
@@ -150,7 +148,10 @@ async def test_a_stale_offline_after_a_newer_online_changes_nothing(
             assert time.monotonic() < deadline
             await asyncio.sleep(0.02)
         assert (await device(gw, "m3"))["status"] == "online"
-        assert await presence(redis, LAYOUT, "m3") == [("online", "connected"), ("online", "replaced")]
+        assert await presence(redis, LAYOUT, "m3") == [
+            ("online", "connected"),
+            ("online", "replaced"),
+        ]
         assert await dropped(gw, "stale_session") >= 2
         await old.publish("status", old.status("offline", session="new"))
         await until_presence(
@@ -313,7 +314,7 @@ async def test_broker_killed_and_restarted_no_false_offline_no_duplicate_events(
         assert (await device(gw, "m9"))["status"] == "online"  # not declared offline
         await dev.close()
         broker.start()
-        await until(lambda: bridge.connected and bridge.connects == connects + 1, timeout=15)
+        await until(lambda: bridge.connected and bridge.connects == connects + 1, within=15)
         # the device comes back on its own (its firmware reconnects) with the same session
         dev = await MqttDevice(broker.port, "m9", session=dev.session).connect()
         await dev.report({"after": "restart"})
