@@ -105,7 +105,7 @@ class Settings:
     # MQTT devices through a broker (gateway/mqtt/): off without a URL
     mqtt_url: str | None = None
     mqtt_username: str | None = None
-    mqtt_password: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
     mqtt_topic_prefix: str = "devices"
     mqtt_share_group: str = "gateway"  # every process of one deployment shares its messages
     extra: Mapping[str, str] = field(default_factory=dict)
