@@ -136,7 +136,8 @@ class Metrics:
 
         # MQTT devices (gateway/mqtt/)
         self.mqtt_connected = Gauge(
-            "gateway_mqtt_connected", "1 while this process is connected to its MQTT broker",
+            "gateway_mqtt_connected",
+            "1 while this process is connected to its MQTT broker",
             registry=r,
         )
         self.mqtt_sessions = Gauge(

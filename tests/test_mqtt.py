@@ -375,6 +375,7 @@ async def test_websocket_and_mqtt_sessions_take_over_from_each_other(
         )
         await dev.report({"via": "mqtt"})
         await reported_becomes(gw, "m11", {"via": "mqtt"})
+        assert (await device(gw, "m11"))["transport"] == "mqtt"
         async with DeviceClient(gw.ws_url, "m11", token, reported={"via": "ws again"}) as again:
             await until_presence(
                 redis,
@@ -383,6 +384,7 @@ async def test_websocket_and_mqtt_sessions_take_over_from_each_other(
                 [("online", "connected"), ("online", "replaced"), ("online", "replaced")],
             )
             assert gw.gateway.hub.sessions["m11"].session == again.session
+            assert (await device(gw, "m11"))["transport"] == "websocket"
             await dev.report({"via": "mqtt, replaced"})  # its session is over: dropped
             await until(lambda: True)
             await asyncio.sleep(1.3)  # past the hold for an online in flight
