@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -21,8 +25,10 @@ from mosquitto import GATEWAY_PASSWORD, GATEWAY_USER, Mosquitto
 from mqttdevice import MqttDevice
 
 from gateway.client import DeviceClient, DeviceRejected
+from gateway.embedded import find_free_port
 from gateway.keys import Keys
 
+REPO_ROOT = Path(__file__).resolve().parents[1]
 DEVICES = [f"m{i}" for i in range(1, 41)] + ["ghost", "intruder"]
 Event = dict[str, Any]
 
@@ -417,3 +423,23 @@ async def test_on_the_cluster(cluster_url: str, broker: Mosquitto) -> None:
             )
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "status"),
+    [("http://127.0.0.1:1883", 2), ("mqtt://127.0.0.1:{free}", 1)],
+    ids=["wrong-url", "broker-down"],
+)
+def test_a_wrong_url_or_a_broker_down_at_start_is_one_line_naming_the_flag(
+    url: str, status: int
+) -> None:
+    url = url.format(free=find_free_port())
+    done = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--port", str(find_free_port()),
+         "--redis-url", "redis://127.0.0.1:1/0", "--mqtt-url", url],
+        capture_output=True, text=True, timeout=30, cwd=REPO_ROOT,
+        env={k: v for k, v in os.environ.items() if not k.startswith("GATEWAY_")},
+    )  # fmt: skip
+    assert done.returncode == status, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "--mqtt-url / GATEWAY_MQTT_URL" in lines[0], done.stderr

@@ -206,13 +206,13 @@ class MqttBridge:
                         for lane in range(PUBLISHERS):
                             group.create_task(self._publish_loop(client, lane))
                         group.create_task(self._receive_loop(client))
-            except* aiomqtt.MqttError as group_error:
+            except* (aiomqtt.MqttError, OSError) as group_error:
                 self.error = str(group_error.exceptions[0]) or "connection lost"
-            except* OSError as group_error:
-                self.error = str(group_error.exceptions[0]) or "connection failed"
-            finally:
                 if self.connected:
                     log.warning("MQTT bridge lost %s (%s); reconnecting", where, self.error)
+                elif self.connects == 0:
+                    log.warning("MQTT broker %s not reachable (%s); retrying", where, self.error)
+            finally:
                 self.connected = False
                 self.metrics.mqtt_connected.set(0)
             await asyncio.sleep(delay * random.uniform(0.5, 1.0))
