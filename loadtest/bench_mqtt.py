@@ -279,7 +279,9 @@ async def measure(args: argparse.Namespace, redis_url: str, broker_port: int, mq
     ws_before = metric(ws_gw, 'gateway_messages_in_total{type="report"}')
     cpu_before = [procstat.read(pid) for pid in pids]
     go.set()
+    went = time.time()
     await asyncio.sleep(args.duration)
+    stopped = time.time()
     cpu_after = [procstat.read(pid) for pid in pids]
     mqtt_handled = metric(mqtt_gw, 'gateway_mqtt_messages_total{topic="reported"}') - mqtt_before
     ws_handled = metric(ws_gw, 'gateway_messages_in_total{type="report"}') - ws_before
@@ -293,6 +295,7 @@ async def measure(args: argparse.Namespace, redis_url: str, broker_port: int, mq
     online: dict[str, int] = {}
     offline: dict[str, list[str]] = {}
     latencies: list[float] = []
+    steady: list[float] = []  # sent at least one interval after the start and before the end
     for stored_ms, event in events:
         ident = event.get("device_id", "")
         if event["type"] == "presence":
@@ -304,6 +307,8 @@ async def measure(args: argparse.Namespace, redis_url: str, broker_port: int, mq
             sent = event["state"].get("t")
             if isinstance(sent, float | int) and int(ident[4:]) < args.devices:
                 latencies.append(stored_ms / 1000 - sent)
+                if went + args.interval <= sent <= stopped - args.interval:
+                    steady.append(stored_ms / 1000 - sent)
     mqtt_ids = [fleet.device_id(i) for i in range(args.devices)]
     once_online = sum(1 for d in mqtt_ids if online.get(d) == 1)
     right_offline = sum(
@@ -325,6 +330,9 @@ async def measure(args: argparse.Namespace, redis_url: str, broker_port: int, mq
         "reported_to_stored_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
         "reported_to_stored_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
         "reported_stored_measured": len(latencies),
+        "steady_reported_to_stored_p50_ms": round(percentile(steady, 0.5) * 1000, 1),
+        "steady_reported_to_stored_p99_ms": round(percentile(steady, 0.99) * 1000, 1),
+        "steady_reported_stored_measured": len(steady),
         "mqtt_gateway_cpu_s_per_1000_messages": round(mqtt_cpu / max(mqtt_handled, 1) * 1000, 3),
         "ws_reports_handled": ws_handled,
         "ws_gateway_cpu_s_per_1000_messages": round(ws_cpu / max(ws_handled, 1) * 1000, 3),

@@ -340,6 +340,7 @@ class MqttBridge:
             else:
                 self.dropped("unregistered", f"status online for unregistered {device_id!r}")
             return
+        session.taken = True
         reason = text(reply[6])
         if reason:
             self.metrics.transitions.labels("online", reason).inc()
@@ -412,7 +413,8 @@ class MqttBridge:
         field = OWN_FIELDS.session
         while True:
             await asyncio.sleep(RECONCILE_INTERVAL)
-            held = [s for s in self.hub.sessions.values() if isinstance(s, MqttSession)]
+            # a session whose `online` is still being written is not checked yet
+            held = [s for s in self.hub.sessions.values() if isinstance(s, MqttSession) and s.taken]
             self.metrics.mqtt_sessions.set(len(held))
             for start in range(0, len(held), 1000):
                 chunk = held[start : start + 1000]

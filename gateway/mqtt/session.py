@@ -31,7 +31,7 @@ class _Closed:
 
 
 class MqttSession:
-    __slots__ = ("desired", "device_id", "last_activity", "outlet", "session", "writer")
+    __slots__ = ("desired", "device_id", "last_activity", "outlet", "session", "taken", "writer")
 
     def __init__(self, outlet: Outlet, device_id: str, session: str) -> None:
         self.outlet = outlet
@@ -40,6 +40,7 @@ class MqttSession:
         self.desired: shadow.Document = {}
         self.last_activity = time.time()
         self.writer = _Closed()  # the hub reads `writer.closed`, as of a socket's writer
+        self.taken = False  # set once its `online` took the session in Redis
 
     transport = "mqtt"
 
