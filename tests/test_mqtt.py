@@ -443,3 +443,26 @@ def test_a_wrong_url_or_a_broker_down_at_start_is_one_line_naming_the_flag(
     assert done.returncode == status, done.stderr
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "--mqtt-url / GATEWAY_MQTT_URL" in lines[0], done.stderr
+
+
+async def test_a_gateway_restart_keeps_mqtt_devices_and_catches_up_from_retained_statuses(
+    redis_url: str, redis: Client, broker: Mosquitto
+) -> None:
+    async with mqtt_gateway(redis_url, broker) as gw:
+        await gw.register("m13")
+        await gw.register("m14")
+        leaving = await MqttDevice(broker.port, "m13").connect()
+        staying = await MqttDevice(broker.port, "m14").connect()
+        await until_presence(redis, LAYOUT, "m13", [("online", "connected")])
+        await until_presence(redis, LAYOUT, "m14", [("online", "connected")])
+    # the gateway stopped: its MQTT devices are still connected to the broker, not offline
+    assert await presence(redis, LAYOUT, "m14") == [("online", "connected")]
+    await leaving.drop()  # gone while no gateway listens: only the retained Will says so
+    async with mqtt_gateway(redis_url, broker):
+        await until_presence(
+            redis, LAYOUT, "m13", [("online", "connected"), ("offline", "mqtt_will")]
+        )
+        await asyncio.sleep(0.3)
+        # the retained online of the current session is news already known: nothing
+        assert await presence(redis, LAYOUT, "m14") == [("online", "connected")]
+    await staying.close()
