@@ -76,6 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     serve.add_argument("--data-dir", help="embedded Redis data directory (default ./data)")
     serve.add_argument("--log-level", help="debug, info, warning (GATEWAY_LOG_LEVEL)")
+    serve.add_argument(
+        "--mqtt-url", help="MQTT broker for MQTT devices, mqtt:// or mqtts:// (GATEWAY_MQTT_URL)"
+    )
     serve.add_argument("--ssl-certfile", help="TLS certificate (PEM); serves https/wss")
     serve.add_argument("--ssl-keyfile", help="TLS private key (PEM)")
     serve.add_argument(
@@ -116,6 +119,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         offline_grace=args.offline_grace,
         data_dir=None if args.data_dir is None else Path(args.data_dir),
         log_level=args.log_level,
+        mqtt_url=args.mqtt_url,
         new_admin_key=args.new_admin_key or None,
     )
     if settings.new_admin_key and settings.api_key:
@@ -304,6 +308,10 @@ async def serve(settings: Settings, ssl_certfile: str | None, ssl_keyfile: str |
     gc.set_threshold(*GC_THRESHOLDS)
     scheme = "https" if ssl_certfile else "http"
     stop = Stop()
+    if settings.mqtt_url:
+        from gateway.mqtt.bridge import probe  # only with MQTT configured
+
+        await probe(settings)
     with stop.installed(), contextlib.closing(listen(settings)) as listener:
         async with redis_for(settings, stop) as ready:
             if ready is None:

@@ -31,7 +31,10 @@ FLAGS = {
     "offline_grace": "--offline-grace",
     "data_dir": "--data-dir",
     "log_level": "--log-level",
+    "mqtt_url": "--mqtt-url",
 }
+MQTT_SCHEMES = ("mqtt", "mqtts")
+MQTT_PREFIX_PATTERN = re.compile(r"[A-Za-z0-9._-]+(/[A-Za-z0-9._-]+)*")
 
 
 class ConfigError(ValueError):
@@ -99,6 +102,12 @@ class Settings:
     # where people reach the gateway, for the start-up banner (default: from host and port)
     public_url: str | None = None
     new_admin_key: bool = False  # `--new-admin-key` only: no environment variable
+    # MQTT devices through a broker (gateway/mqtt/): off without a URL
+    mqtt_url: str | None = None
+    mqtt_username: str | None = None
+    mqtt_password: str | None = field(default=None, repr=False)
+    mqtt_topic_prefix: str = "devices"
+    mqtt_share_group: str = "gateway"  # every process of one deployment shares its messages
     extra: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -165,6 +174,18 @@ class Settings:
             raise ConfigError(
                 f"must be 1–2592000 seconds (30 days), got {self.command_retention}",
                 "command_retention",
+            )
+        if self.mqtt_url is not None:
+            check_mqtt_url(self.mqtt_url)
+        if not MQTT_PREFIX_PATTERN.fullmatch(self.mqtt_topic_prefix):
+            raise ConfigError(
+                f"topic levels of A-Z a-z 0-9 . _ - joined by /, got {self.mqtt_topic_prefix!r}",
+                "mqtt_topic_prefix",
+            )
+        if not PREFIX_PATTERN.fullmatch(self.mqtt_share_group) or not self.mqtt_share_group:
+            raise ConfigError(
+                f"1–64 of A-Z a-z 0-9 . _ : -; got {self.mqtt_share_group[:80]!r}",
+                "mqtt_share_group",
             )
         for name, zero in (
             ("max_connections", "derived from the file-descriptor limit"),
@@ -274,3 +295,18 @@ def check_redis_url(url: str) -> None:
     database = parts.path.strip("/")
     if parts.scheme != "unix" and database and not database.isdigit():
         raise ConfigError(f"{url!r}: the database after the / must be a number", "redis_url")
+
+
+def check_mqtt_url(url: str) -> None:
+    """`mqtt://host[:port]` or `mqtts://host[:port]`; anything else names `--mqtt-url`."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in MQTT_SCHEMES:
+        raise ConfigError(f"{url[:80]!r} must start with mqtt:// or mqtts://", "mqtt_url")
+    if not parts.hostname:
+        raise ConfigError(f"{url[:80]!r} names no host", "mqtt_url")
+    try:
+        _ = parts.port
+    except ValueError:
+        raise ConfigError(f"{url[:80]!r} has a port that is not a number", "mqtt_url") from None
+    if parts.path not in ("", "/") or parts.query:
+        raise ConfigError(f"{url[:80]!r}: only a host and a port, no path", "mqtt_url")

@@ -296,6 +296,10 @@ class Device(DeviceSummary):
     desired_state: Document
     delta: Delta
     shadow_metadata: ShadowMetadata
+    transport: Annotated[
+        Literal["websocket", "mqtt"] | None,
+        Meta(description="How the device is connected now; null when it is not"),
+    ]
 
 
 class RegisteredDevice(Device):

@@ -134,6 +134,29 @@ class Metrics:
             registry=r,
         )
 
+        # MQTT devices (gateway/mqtt/)
+        self.mqtt_connected = Gauge(
+            "gateway_mqtt_connected",
+            "1 while this process is connected to its MQTT broker",
+            registry=r,
+        )
+        self.mqtt_sessions = Gauge(
+            "gateway_mqtt_sessions", "MQTT device sessions this process holds", registry=r
+        )
+        self.mqtt_messages = Counter(
+            "gateway_mqtt_messages", "MQTT messages received, by topic", ["topic"], registry=r
+        )
+        self.mqtt_published = Counter(
+            "gateway_mqtt_published", "MQTT messages published, by topic", ["topic"], registry=r
+        )
+        self.mqtt_dropped = Counter(
+            "gateway_mqtt_dropped",
+            "MQTT messages dropped (bad_topic, bad_json, bad_payload, oversize, unregistered, "
+            "no_session, stale_session, queue_full, outgoing_full, conflict, unavailable)",
+            ["reason"],
+            registry=r,
+        )
+
         # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
         self.in_heartbeat = self.messages_in.labels("heartbeat")
         self.in_report = self.messages_in.labels("report")

@@ -88,6 +88,7 @@ class Gateway:
         # set when the stored layout is not this release's: the process must not serve
         self.refused = asyncio.Event()
         self.refusal: str | None = None
+        self.mqtt: Any = None  # the MQTT bridge (gateway.mqtt.bridge.MqttBridge) with a URL
 
     # --- the parts, once Redis answered -----------------------------------------
     @property
@@ -268,6 +269,14 @@ class Gateway:
         if isinstance(core.redis, redisconn.GatewayCluster):
             self.spawn(core.redis.trim_idle_forever(), "cluster-pool-trim")
         await asyncio.wait_for(core.broker.connected.wait(), REDIS_SOCKET_TIMEOUT)
+        if self.settings.mqtt_url:
+            from gateway.mqtt.bridge import MqttBridge  # only with MQTT configured
+
+            self.mqtt = MqttBridge(
+                self.settings, self.hub, core.presence, core.store, core.commands,
+                core.channels, self.metrics,
+            )  # fmt: skip
+            self.spawn(self.mqtt.run(), "mqtt")
 
     async def resync_devices(self, device_ids: Collection[str] | None) -> None:
         """After subscriptions were lost and restored (Redis restarted, a failover, a slot
@@ -350,7 +359,8 @@ class Gateway:
         if self._core is None:
             return
         close_all(self._core.dashboards)
-        sessions = list(self.hub.sessions.values())
+        # MQTT devices stay connected to their broker: their sessions are not ended here
+        sessions = [s for s in self.hub.sessions.values() if not s.session.startswith("mqtt:")]
         if not sessions:
             return
         try:

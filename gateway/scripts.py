@@ -30,12 +30,16 @@ NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
     "section_write", "rotate_token", "page", "adopt", "describe", "stats", "migrate_fields",
     "command_create", "command_result", "command_cancel", "command_expire", "command_claim",
+    "mqtt_batch", "mqtt_connect",
 )  # fmt: skip
+# a script whose source runs in front of another's: mqtt_connect is connect.lua with a check first
+COMPOSED = {"mqtt_connect": "connect"}
 # the scripts that also take the command helpers (_commands.lua) after _lib.lua
 WITH_COMMANDS = frozenset(
     {"connect", "deregister", "command_create", "command_result", "command_cancel",
      "command_expire", "command_claim"}
 )  # fmt: skip
+WITH_COMMANDS |= {"mqtt_connect"}
 
 
 def _source(name: str) -> str:
@@ -77,6 +81,8 @@ class Script:
         head = prelude(Keys()) if head is None else head
         libs = ("_lib", "_commands") if name in WITH_COMMANDS else ("_lib",)
         self.source = head + "".join(_source(lib) + "\n" for lib in libs) + _source(name)
+        if name in COMPOSED:
+            self.source += "\n" + _source(COMPOSED[name])
         self.sha = hashlib.sha1(self.source.encode()).hexdigest()
 
     async def __call__(self, client: Client, keys: Sequence[str], args: Sequence[KeyOrArg]) -> Any:
@@ -121,6 +127,8 @@ class Scripts:
         self.command_expire = Script("command_expire", head)
         self.command_claim = Script("command_claim", head)
         self.migrate_fields = Script("migrate_fields", head)
+        self.mqtt_batch = Script("mqtt_batch", head)
+        self.mqtt_connect = Script("mqtt_connect", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

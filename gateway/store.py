@@ -84,6 +84,7 @@ def hash_fields(fields: Fields) -> tuple[str, ...]:
     return (
         fields.device_id, fields.device_type, fields.registered_at, fields.status,
         fields.last_seen, fields.reported, fields.desired, fields.metadata, *OWN_FIELDS,
+        OWN.session,
     )  # fmt: skip
 
 
@@ -105,6 +106,7 @@ class Device:
     desired_meta: shadow.Document
     desired_version: int = 0
     reported_version: int = 0
+    transport: str | None = None  # how the device is connected now: websocket or mqtt
 
     @classmethod
     def from_hash(
@@ -113,7 +115,7 @@ class Device:
         """From the values of `hash_fields(...)`, in that order."""
         (device_id, device_type, registered_at, _, last_seen, reported, desired, metadata,
          version, presence_version, reported_meta, desired_meta, desired_version,
-         reported_version, _) = values  # fmt: skip
+         reported_version, _, session) = values  # fmt: skip
         scale = 1000.0 if millis else 1.0
         reported_state = shadow.decode_document(reported)
         desired_state = shadow.decode_document(desired)
@@ -132,6 +134,7 @@ class Device:
             desired_meta=shadow.decode_stamps(desired_meta, desired_state),
             desired_version=_int(desired_version),
             reported_version=_int(reported_version),
+            transport=transport_of(text(session, "")) if online else None,
         )
 
     def summary(self) -> dict[str, Any]:
@@ -155,7 +158,16 @@ class Device:
             "desired_state": self.desired_state,
             "delta": shadow.delta(self.desired_state, self.reported_state),
             "shadow_metadata": {"desired": self.desired_meta, "reported": self.reported_meta},
+            "transport": self.transport,
         }
+
+
+def transport_of(session: str) -> str | None:
+    """How a device's current session is connected, from its id (MQTT sessions are
+    `mqtt:...`); None when it has none (another program's heartbeats, a lingering end)."""
+    if not session:
+        return None
+    return "mqtt" if session.startswith("mqtt:") else "websocket"
 
 
 def _require_id(device_id: str) -> None:

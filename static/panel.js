@@ -265,6 +265,7 @@ export class DevicePanel {
     this.root.dataset.desiredVersion = String(d.desired_version ?? 0);
     this.el.title.textContent = d.device_id ?? this.deviceId;
     this.el.type.textContent = d.device_type ?? "";
+    if (d.transport) this.el.type.textContent += ` · ${d.transport}`; // websocket or mqtt, while online
     this.setStatus(typeof d.status === "string" ? d.status : null);
     this.el.version.textContent = String(d.version ?? "—");
     this.el.desiredVersion.textContent = String(d.desired_version ?? 0);

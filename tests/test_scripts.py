@@ -60,7 +60,7 @@ def test_every_script_carries_the_layouts_names_and_the_shared_helpers() -> None
     # script (heartbeats above all) stays as short to load and run as before
     helpers = (LUA / "_commands.lua").read_text(encoding="utf-8")
     with_helpers = {s.name for s in SCRIPTS.all() if helpers in s.source}
-    assert with_helpers == {"connect", "deregister"} | {
+    assert with_helpers == {"connect", "deregister", "mqtt_connect"} | {
         s.name for s in SCRIPTS.all() if s.name.startswith("command_")
     }
 

@@ -28,6 +28,9 @@ async def readyz(request: Request) -> JSONResponse:
         )
     if not gateway.started.is_set():
         return JSONResponse({"status": "starting"}, status_code=503)
+    if gateway.mqtt is not None:
+        # ready for WebSocket devices either way; the MQTT bridge's state is shown beside it
+        return JSONResponse({"status": "ready", "mqtt": gateway.mqtt.state()})
     return JSONResponse({"status": "ready"})
 
 
