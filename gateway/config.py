@@ -95,6 +95,10 @@ class Settings:
     # commands (gateway/commands/): pending per device, and how long final ones are kept
     command_queue_max: int = 100
     command_retention: float = 86400.0
+    # the SSE event stream (gateway/eventstream.py)
+    events_stream_keepalive: float = 15.0  # seconds between keep-alive comments
+    events_stream_queue: int = 1000  # frames queued per reader before it is cut off
+    events_stream_max_readers: int = 1000  # SSE readers per process
     log_level: str = "info"
     # where people reach the gateway, for the start-up banner (default: from host and port)
     public_url: str | None = None
@@ -166,6 +170,15 @@ class Settings:
                 f"must be 1–2592000 seconds (30 days), got {self.command_retention}",
                 "command_retention",
             )
+        if not 0.05 <= self.events_stream_keepalive <= 300:
+            raise ConfigError(
+                f"must be 0.05–300 seconds, got {self.events_stream_keepalive}",
+                "events_stream_keepalive",
+            )
+        limits = (("events_stream_queue", 1_000_000), ("events_stream_max_readers", 100_000))
+        for name, top in limits:
+            if not 1 <= getattr(self, name) <= top:
+                raise ConfigError(f"must be 1–{top}, got {getattr(self, name)}", name)
         for name, zero in (
             ("max_connections", "derived from the file-descriptor limit"),
             ("max_pending_per_address", "no limit"),

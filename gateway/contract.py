@@ -632,3 +632,44 @@ class Operation:
     body: type[Struct] | None = None
     body_limit: int = MAX_BODY_BYTES
     problems: frozenset[str] = frozenset()  # what the handler or store may raise besides
+
+
+# --- the event stream (gateway/eventstream.py) ---------------------------------------
+STREAM_TYPES = ("presence", "state", "registry", "command")
+_STREAM_TYPE = "(presence|state|registry|command)"
+
+
+class EventStreamQuery(Struct, forbid_unknown_fields=True):
+    after: (
+        Annotated[
+            Position,
+            Meta(
+                description="Send events after this position (an event's `id:`); the "
+                "`Last-Event-ID` header wins when both are given; default: from now on"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    types: (
+        Annotated[
+            str,
+            _text(
+                f"^{_STREAM_TYPE}(,{_STREAM_TYPE}){{0,3}}{END}",
+                "a comma-separated list of presence, state, registry, command",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    device_type: (
+        Annotated[DeviceType, Meta(description="Only events of devices of this type")] | UnsetType
+    ) = UNSET
+    device_prefix: (
+        Annotated[
+            str,
+            _text(
+                _whole(keys.ID_PATTERN),
+                f"1–128 characters of {NAME_CHARACTERS}: only devices whose id starts so",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET

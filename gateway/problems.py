@@ -48,6 +48,7 @@ KINDS: dict[str, Kind] = {
     "write-contention": Kind(503, "Shadow kept changing; try again"),
     "redis-unavailable": Kind(503, "Redis is unavailable"),
     "internal-error": Kind(500, "Internal error"),
+    "too-many-streams": Kind(503, "Too many event streams on this gateway"),
 }
 
 

@@ -29,6 +29,7 @@ from gateway.commands.service import CommandService
 from gateway.config import Settings
 from gateway.dashboards import DashboardHub, close_all
 from gateway.device_session import SessionContext
+from gateway.eventstream import EventStream
 from gateway.hub import RESYNC_CHUNK, DeviceHub
 from gateway.keys import Keys, generated_admin_key
 from gateway.metrics import Metrics
@@ -88,6 +89,7 @@ class Gateway:
         # set when the stored layout is not this release's: the process must not serve
         self.refused = asyncio.Event()
         self.refusal: str | None = None
+        self.event_stream: EventStream | None = None  # the SSE feed, once Redis answered
 
     # --- the parts, once Redis answered -----------------------------------------
     @property
@@ -263,6 +265,10 @@ class Gateway:
         self.spawn(core.broker.run(), "broker")
         self.spawn(core.dashboards.run(), "dashboards")
         self.spawn(core.commands.run(), "commands")
+        self.event_stream = EventStream(
+            core.redis, core.keys, core.store.events, self.settings.events_stream_max_readers
+        )
+        self.spawn(self.event_stream.run(), "event-stream")
         if self.settings.fleet_sampling:
             self.spawn(core.fleet.run(), "fleet-series")
         if isinstance(core.redis, redisconn.GatewayCluster):
