@@ -15,7 +15,7 @@ from starlette.websockets import WebSocket
 
 from gateway import compat, redact
 from gateway.config import Settings
-from gateway.endpoints import api, commands, dashboard, device, events, health
+from gateway.endpoints import api, commands, dashboard, device, events, health, webhooks
 from gateway.runtime import Gateway
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -40,6 +40,7 @@ def create_app(settings: Settings) -> GatewayApp:
         *dashboard.routes,
         *commands.routes,
         *events.routes,
+        *webhooks.routes,
         *api.routes,
         *device.routes,
     ]

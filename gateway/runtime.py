@@ -38,6 +38,8 @@ from gateway.presence import REDIS_ERRORS, PresenceEngine
 from gateway.scripts import Scripts
 from gateway.store import Store
 from gateway.timeseries import FleetSeries
+from gateway.webhooks.delivery import WebhookWorker
+from gateway.webhooks.store import WebhookStore
 
 log = logging.getLogger("gateway")
 
@@ -90,6 +92,7 @@ class Gateway:
         self.refused = asyncio.Event()
         self.refusal: str | None = None
         self.event_stream: EventStream | None = None  # the SSE feed, once Redis answered
+        self.webhooks: WebhookStore | None = None  # webhook endpoints, once Redis answered
 
     # --- the parts, once Redis answered -----------------------------------------
     @property
@@ -269,6 +272,11 @@ class Gateway:
             core.redis, core.keys, core.store.events, self.settings.events_stream_max_readers
         )
         self.spawn(self.event_stream.run(), "event-stream")
+        self.webhooks = WebhookStore(core.redis, core.keys, self.settings.webhook_max_endpoints)
+        worker = WebhookWorker(
+            core.redis, core.keys, self.webhooks, core.store.events, self.settings, self.metrics
+        )
+        self.spawn(worker.run(), "webhooks")
         if self.settings.fleet_sampling:
             self.spawn(core.fleet.run(), "fleet-series")
         if isinstance(core.redis, redisconn.GatewayCluster):
