@@ -11,14 +11,16 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import os
 import signal
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
 import pytest
-from backends import connect
+from backends import Client, connect
 from conftest import ADMIN_KEY, READ_KEY, GatewayFactory, GatewayProcess
 from live import live_gateway
 from webhookreceiver import HANG, Receiver
@@ -92,6 +94,13 @@ def valkey_url(valkey_engine: Any) -> str:
     return str(valkey_engine.url)
 
 
+@pytest.fixture
+async def redis(valkey_url: str) -> AsyncIterator[Client]:
+    client = await connect(valkey_url)
+    yield client
+    await client.aclose()
+
+
 async def test_signed_retried_with_backoff_and_in_order_per_device(
     any_url: str, gateway_factory: GatewayFactory
 ) -> None:
@@ -115,7 +124,7 @@ async def test_signed_retried_with_backoff_and_in_order_per_device(
     attempts = receiver.attempts(head.id)
     assert [a.answer for a in attempts] == [500, HANG, 500, 200], "retried with the same id"
     assert head.json["id"] == head.id and head.json["type"] == "registered"
-    gaps = [later.at - earlier.at for earlier, later in zip(attempts, attempts[1:], strict=False)]
+    gaps = [later.at - earlier.at for earlier, later in itertools.pairwise(attempts)]
     assert gaps[0] >= 0.05 and gaps[1] >= 0.5 + 0.1, gaps  # backoff; the hang took the timeout
     assert len({r.id for r in accepted}) == len(accepted) == 9, "an event delivered twice"
     for device_id in ("o-1", "o-2", "o-3"):
@@ -134,11 +143,10 @@ async def test_signed_retried_with_backoff_and_in_order_per_device(
 
 
 async def test_two_processes_deliver_each_event_once_and_kill_9_loses_nothing(
-    valkey_url: str, gateway_factory: GatewayFactory
+    valkey_url: str, redis: Client, gateway_factory: GatewayFactory
 ) -> None:
     first = gateway_factory(valkey_url, **FAST)
     second = gateway_factory(valkey_url, **FAST)
-    redis = await connect(valkey_url)
     async with Receiver().running() as receiver:
         made = await create(first, receiver.url, types=["registry"])
         await register(first, *(f"a-{i}" for i in range(10)))
@@ -153,13 +161,12 @@ async def test_two_processes_deliver_each_event_once_and_kill_9_loses_nothing(
         receiver.plan.append(HANG)
         await register(survivor, "c-0")
         async with asyncio.timeout(WAIT):
-            while len(receiver.requests) < 21:
+            while len(receiver.requests) < 21:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         os.kill(holder.pid, signal.SIGKILL)
         holder.process.wait()
         await register(survivor, *(f"c-{i}" for i in range(1, 5)))
         accepted = await receiver.wait_accepted(25)
-    await redis.aclose()
     hung = receiver.requests[20]
     assert hung.answer == HANG and hung.json["device_id"] == "c-0"
     assert [r.answer for r in receiver.attempts(hung.id)] == [HANG, 200], "resent, same id"
@@ -171,10 +178,9 @@ async def test_two_processes_deliver_each_event_once_and_kill_9_loses_nothing(
 
 
 async def test_failing_then_resumed_with_a_gap_after_the_log_was_trimmed(
-    valkey_url: str, gateway_factory: GatewayFactory
+    valkey_url: str, redis: Client, gateway_factory: GatewayFactory
 ) -> None:
     gw = gateway_factory(valkey_url, webhook_retry_limit="0.5", **FAST)
-    redis = await connect(valkey_url)
     async with Receiver().running() as receiver:
         receiver.default = 503
         made = await create(gw, receiver.url)
@@ -182,7 +188,7 @@ async def test_failing_then_resumed_with_a_gap_after_the_log_was_trimmed(
         await register(gw, "f-1", "f-2", "f-3")
         async with admin(gw) as http:
             async with asyncio.timeout(WAIT):
-                while (shown := (await http.get(hook)).json())["status"] != "failing":
+                while (shown := (await http.get(hook)).json())["status"] != "failing":  # noqa: ASYNC110
                     await asyncio.sleep(0.05)
             assert shown["last_error"] == "HTTP 503"
             metrics = (await http.get("/metrics")).text
@@ -197,7 +203,6 @@ async def test_failing_then_resumed_with_a_gap_after_the_log_was_trimmed(
             assert response.status_code == 200 and response.json()["status"] == "active"
             accepted = await receiver.wait_accepted(2)
             page = (await http.get(hook + "/deliveries")).json()["items"]
-    await redis.aclose()
     gap, event = accepted[:2]
     assert gap.id.startswith("gap-") and gap.json["type"] == "gap"
     assert gap.json["after"] == made["cursor"]

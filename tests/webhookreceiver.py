@@ -58,9 +58,9 @@ class Receiver:
     def attempts(self, msg_id: str) -> list[Received]:
         return [r for r in self.requests if r.id == msg_id]
 
-    async def wait_accepted(self, count: int, timeout: float = 15.0) -> list[Received]:
-        async with asyncio.timeout(timeout):
-            while len({r.id for r in self.accepted}) < count:
+    async def wait_accepted(self, count: int, within: float = 15.0) -> list[Received]:
+        async with asyncio.timeout(within):
+            while len({r.id for r in self.accepted}) < count:  # noqa: ASYNC110
                 await asyncio.sleep(0.02)
         return self.accepted
 

@@ -32,7 +32,7 @@ from redis.asyncio import Redis
 from redis.asyncio.cluster import RedisCluster
 
 from gateway.config import Settings
-from gateway.eventlog import EventLog, Position, merged
+from gateway.eventlog import ZERO, EventLog, Position, merged, parse_id
 from gateway.eventstream import Item
 from gateway.keys import Keys
 from gateway.metrics import Metrics
@@ -80,6 +80,7 @@ class WebhookWorker:
         self._resolved: dict[str, tuple[float, str | None]] = {}
         self._types: collections.OrderedDict[str, str] = collections.OrderedDict()
         self.http: httpx.AsyncClient | None = None
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per delivery
 
     async def run(self) -> None:
         """Scan for endpoints to deliver to until cancelled; then release every lease held."""
@@ -141,6 +142,8 @@ class WebhookWorker:
             return
         except REDIS_ERRORS as exc:
             log.warning("webhook %s: Redis failed (%s); the next scan resumes", webhook_id, exc)
+        except Exception:  # a bug must not end delivery for good: the next scan resumes
+            log.exception("webhook %s: delivery failed; the next scan resumes", webhook_id)
 
     async def _deliver_until_stopped(self, webhook_id: str) -> None:
         checked = 0.0
@@ -150,8 +153,9 @@ class WebhookWorker:
             position = self.log.decode(webhook.cursor)
             if time.monotonic() - checked > GAP_CHECK_EVERY:
                 checked = time.monotonic()
-                if gap_sent != webhook.cursor and await self.log.trimmed_after(position):
-                    await self._send_gap(webhook, position)
+                first_kept = None if gap_sent == webhook.cursor else await self._trimmed(position)
+                if first_kept is not None:
+                    await self._send_gap(webhook, first_kept)
                     gap_sent = webhook.cursor
             reads = await self.log.read(position, BATCH)
             rows = merged(reads, BATCH * max(1, len(reads)))
@@ -187,15 +191,33 @@ class WebhookWorker:
         if await self.store.record(webhook, self.token, **fields) != 1:
             raise Stop
 
-    async def _send_gap(self, webhook: Webhook, position: Position) -> None:
-        first_kept: list[str] = []
+    async def _trimmed(self, position: Position) -> list[str] | None:
+        """The oldest event kept in each partition that lost events after *position* to
+        trimming, or None when none did. As `GET /api/presence/events`' `gap`, but a cursor
+        at the very start of the log counts too (XINFO's entries-added says whether any entry
+        ever left)."""
         async with self.redis.pipeline(transaction=False) as pipe:
             for part in self.keys.parts:
-                pipe.xrange(part.events, "-", "+", count=1)
-            replies = await pipe.execute()
-        for partition, rows in enumerate(replies):
-            if rows and position[partition] != (0, 0):
-                first_kept.append(self.log.event_id(partition, rows[0][0]))
+                pipe.xinfo_stream(part.events)
+            replies = await pipe.execute(raise_on_error=False)
+        first_kept: list[str] = []
+        lost = False
+        for partition, info in enumerate(replies):
+            if isinstance(info, Exception) or not isinstance(info, dict):
+                continue  # no stream: nothing was ever written there
+            mine = position[partition]
+            first = info.get("first-entry")
+            if not first:  # emptied: lost whatever was written after *position*
+                newest = parse_id(text(info.get("last-generated-id") or b"0-0"))
+                lost = lost or mine < newest
+                continue
+            removed = int(info.get("entries-added") or 0) > int(info.get("length") or 0)
+            if mine < parse_id(text(first[0])) and (mine != ZERO or removed):
+                lost = True
+                first_kept.append(self.log.event_id(partition, first[0]))
+        return first_kept if lost else None
+
+    async def _send_gap(self, webhook: Webhook, first_kept: list[str]) -> None:
         log.warning("webhook %s: events after its cursor were trimmed; sending a gap event",
                     webhook.webhook_id)  # fmt: skip
         self.metrics.webhook_gaps.inc()
