@@ -154,6 +154,7 @@ async def test_two_processes_deliver_each_event_once_and_kill_9_loses_nothing(
         accepted = await receiver.wait_accepted(20)
         assert len(accepted) == 20, "an event delivered twice by two processes"
         lease = await redis.get(names.webhook_lease(Keys(), made["webhook_id"]))
+        assert isinstance(lease, bytes)
         holder_pid = int(lease.decode().split("-")[0])
         holder, survivor = (first, second) if holder_pid == first.pid else (second, first)
         assert holder.pid == holder_pid

@@ -89,7 +89,7 @@ class Receiver:
         config = uvicorn.Config(self, host="127.0.0.1", port=port, log_level="error",
                                 lifespan="off")  # fmt: skip
         server = uvicorn.Server(config)
-        server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+        server.install_signal_handlers = lambda: None  # type: ignore[method-assign,attr-defined,unused-ignore]
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():
