@@ -184,6 +184,11 @@ class EventStream:
         finally:
             self._joining -= 1
 
+    def close_all(self) -> None:
+        """End every stream (shutdown): each reader's queued events go out first."""
+        for reader in list(self.readers):
+            reader.close()
+
     def leave(self, reader: Reader) -> None:
         reader.close()
         self.readers.discard(reader)

@@ -364,6 +364,8 @@ class Gateway:
         if self._core is None:
             return
         close_all(self._core.dashboards)
+        if self.event_stream is not None:
+            self.event_stream.close_all()  # SSE clients reconnect elsewhere with Last-Event-ID
         sessions = list(self.hub.sessions.values())
         if not sessions:
             return

@@ -295,3 +295,22 @@ async def test_a_slow_reader_is_cut_off_with_overflow_and_resumes_without_loss(
     for device in range(50):
         mine = [seq for seq in seen if seq % 50 == device]
         assert mine == sorted(mine)
+
+
+async def test_a_graceful_shutdown_ends_open_streams(
+    valkey_engine: Any, gateway_factory: GatewayFactory
+) -> None:
+    with valkey_engine.sync_client() as client:
+        client.flushall()
+    gw = gateway_factory(valkey_engine.url)
+    headers = {"Authorization": f"Bearer {READ_KEY}"}
+    async with (
+        httpx.AsyncClient(base_url=gw.base_url, timeout=WAIT) as http,
+        http.stream("GET", STREAM, headers=headers) as response,
+    ):
+        assert response.status_code == 200
+        stopping = asyncio.get_running_loop().run_in_executor(None, gw.terminate)
+        async with asyncio.timeout(WAIT):
+            async for _ in response.aiter_bytes():
+                pass  # ends when the gateway closes the stream
+        assert await stopping == 0

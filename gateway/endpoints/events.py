@@ -113,6 +113,8 @@ async def _frames(
                     },
                 )
                 return
+            if reader.closed:  # the gateway is shutting down
+                return
             if joining.done() and joining.exception() is not None:
                 log.warning("event stream ended: %s", joining.exception())
                 return
