@@ -53,6 +53,23 @@ TYPE_CACHE = 10_000
 USER_AGENT = "presence-gateway-webhooks/1"
 
 
+class Progress:
+    """Successes not yet written: the cursor after them and their attempts. Written once per
+    batch (or before a failure is), so a 2xx costs no Redis round trip of its own; a process
+    killed before the write leaves those events to be sent again, with the same ids."""
+
+    __slots__ = ("attempts", "cursor")
+
+    def __init__(self) -> None:
+        self.cursor = ""
+        self.attempts: list[dict[str, Any]] = []
+
+    def take(self) -> tuple[str, list[dict[str, Any]]]:
+        taken = self.cursor, self.attempts
+        self.cursor, self.attempts = "", []
+        return taken
+
+
 class Stop(Exception):
     """This process must stop delivering to the endpoint (lease lost, disabled, replayed,
     deleted, failing)."""
@@ -167,16 +184,13 @@ class WebhookWorker:
                 for p, entry_id, body in rows
             ]
             types = await self._device_types(items) if webhook.device_type else {}
-            moved = False
+            progress = Progress()
             for item in items:
                 position = position.advanced(item.partition, item.sid)
                 if webhook.wants(item.group, types.get(item.device_id)):
-                    webhook = await self._send(webhook, item.event_id, item.data, position)
-                    moved = False
-                else:
-                    moved = True
-            if moved:  # only filtered-out events since the last delivery: move past them
-                await self._write(webhook, cursor=position.encode())
+                    webhook = await self._send(webhook, item.event_id, item.data, progress)
+                progress.cursor = position.encode()  # past filtered-out events too
+            await self._flush(webhook, progress)
 
     async def _current(self, webhook_id: str, held: Webhook | None) -> Webhook:
         """The endpoint as stored now; Stop when this process must no longer deliver to it."""
@@ -190,6 +204,20 @@ class WebhookWorker:
     async def _write(self, webhook: Webhook, **fields: Any) -> None:
         if await self.store.record(webhook, self.token, **fields) != 1:
             raise Stop
+
+    async def _flush(
+        self,
+        webhook: Webhook,
+        progress: Progress,
+        failed: dict[str, Any] | None = None,
+        **fields: Any,
+    ) -> None:
+        """Write the successes so far (and a failed attempt after them), fenced."""
+        cursor, attempts = progress.take()
+        if failed is not None:
+            attempts.append(failed)
+        if cursor or attempts or fields:
+            await self._write(webhook, cursor=cursor, attempts=attempts, **fields)
 
     async def _trimmed(self, position: Position) -> list[str] | None:
         """The oldest event kept in each partition that lost events after *position* to
@@ -222,13 +250,15 @@ class WebhookWorker:
                     webhook.webhook_id)  # fmt: skip
         self.metrics.webhook_gaps.inc()
         body = model.gap_body(webhook.cursor, first_kept, time.time())
-        await self._send(webhook, f"gap-{webhook.cursor}", body, None)
+        progress = Progress()
+        await self._send(webhook, f"gap-{webhook.cursor}", body, progress, gap=True)
+        await self._flush(webhook, progress)
 
     async def _send(
-        self, webhook: Webhook, msg_id: str, body: bytes, after: Position | None
+        self, webhook: Webhook, msg_id: str, body: bytes, progress: Progress, gap: bool = False
     ) -> Webhook:
-        """POST one event until a 2xx; the cursor then moves to *after* (None: stays).
-        Returns the endpoint as it stands; Stop when delivery must end here."""
+        """POST one event until a 2xx, recorded in *progress* (the caller then moves its
+        cursor past it). Returns the endpoint as it stands; Stop when delivery must end."""
         attempt = 0
         while True:
             attempt += 1
@@ -239,10 +269,10 @@ class WebhookWorker:
                 "latency_ms": round(latency * 1000, 1), "error": error, "at": now,
             }  # fmt: skip
             if code is not None and 200 <= code < 300:
-                record["result"] = "succeeded" if after is not None else "gap"
-                cursor = after.encode() if after is not None else ""
-                await self._write(webhook, cursor=cursor, attempt=record, failing_since=None,
-                                  last_error=None)  # fmt: skip
+                record["result"] = "gap" if gap else "succeeded"
+                progress.attempts.append(record)
+                if webhook.failing_since is not None:  # the head event went through at last
+                    await self._flush(webhook, progress, failing_since=None, last_error=None)
                 self.metrics.webhook_deliveries.labels("succeeded").inc()
                 self.metrics.webhook_seconds.observe(latency)
                 return webhook.changed(failing_since=None, last_error=None)
@@ -252,14 +282,14 @@ class WebhookWorker:
             reason = error or f"HTTP {code}"
             if now - since >= self.settings.webhook_retry_limit:
                 record["result"] = "gave_up"
-                await self._write(webhook, attempt=record, last_error=reason, status="failing")
+                await self._flush(webhook, progress, record, last_error=reason, status="failing")
                 self.metrics.webhook_failing.inc()
                 log.warning(
                     "webhook_failing: %s failed for %.0f s (%s); marked failing, re-enable it "
                     "to resume", webhook.webhook_id, now - since, reason,
                 )  # fmt: skip
                 raise Stop
-            await self._write(webhook, attempt=record, failing_since=since, last_error=reason)
+            await self._flush(webhook, progress, record, failing_since=since, last_error=reason)
             delay = model.backoff(
                 attempt, self.settings.webhook_retry_base, self.settings.webhook_retry_max_delay
             )

@@ -136,13 +136,13 @@ class WebhookStore:
         token: str,
         *,
         cursor: str = "",
-        attempt: dict[str, Any] | None = None,
+        attempts: Sequence[dict[str, Any]] = (),
         failing_since: float | str | None = "-",
         last_error: str | None = "-",
         status: str = "-",
     ) -> int:
         """One fenced write (see webhook_advance.lua): 1 written, 0 lease lost, -1 replayed,
-        -2 deleted."""
+        -2 deleted. *attempts* oldest first."""
         since = failing_since if isinstance(failing_since, str) else (
             "" if failing_since is None else repr(failing_since)
         )  # fmt: skip
@@ -155,10 +155,10 @@ class WebhookStore:
             token,
             str(webhook.generation),
             cursor,
-            orjson.dumps(attempt).decode() if attempt else "",
             DELIVERIES_KEPT,
             since,
             "" if last_error is None else last_error,
             status,
+            *(orjson.dumps(a).decode() for a in attempts[-DELIVERIES_KEPT:]),
         ]
         return int(await self._advance(self.redis, keys, args))
