@@ -51,6 +51,7 @@ GAP_CHECK_EVERY = 5.0  # seconds between checks that the cursor was not trimmed 
 RESOLVE_FOR = 30.0  # seconds a target's resolved addresses are trusted
 TYPE_CACHE = 10_000
 USER_AGENT = "presence-gateway-webhooks/1"
+MAX_ANSWER = 64 * 1024  # bytes of a target's answer read (and ignored)
 
 
 class Progress:
@@ -313,6 +314,13 @@ class WebhookWorker:
         headers |= {"content-type": "application/json", "user-agent": USER_AGENT}
         try:
             async with self.http.stream("POST", webhook.url, content=body, headers=headers) as r:
+                # a short answer is read to its end, so the connection is kept for the next
+                # POST; a long one is not read further (the connection is closed instead)
+                size = 0
+                async for chunk in r.aiter_raw():
+                    size += len(chunk)
+                    if size > MAX_ANSWER:
+                        break
                 return r.status_code, time.perf_counter() - started, None
         except httpx.TimeoutException:
             elapsed = time.perf_counter() - started
