@@ -265,7 +265,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "webhook_deliveries": delivered,
             "webhook_p50_ms": round(percentile(latencies, 0.5) * 1000, 1),
             "webhook_p99_ms": round(percentile(latencies, 0.99) * 1000, 1),
-            "webhook_lost": lost,
+            "webhook_undelivered": lost,
             "webhook_duplicates": sum(t["duplicates"] for t in report.values()),
             "webhook_out_of_order": sum(t["out_of_order"] for t in report.values()),
             "sse_events_received": sum(counts),
@@ -291,7 +291,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             metrics=metrics,
             targets=[
-                fleet.target("lost", "0 webhook events lost", lost, "events", lost == 0),
+                fleet.target(
+                    "undelivered",
+                    "0 webhook events undelivered after the drain",
+                    lost,
+                    "events",
+                    lost == 0,
+                ),
                 fleet.target(
                     "order",
                     "0 out of order per device",
