@@ -15,7 +15,7 @@ from starlette.websockets import WebSocket
 
 from gateway import compat, redact
 from gateway.config import Settings
-from gateway.endpoints import api, commands, dashboard, device, health
+from gateway.endpoints import api, commands, dashboard, device, events, health, webhooks
 from gateway.runtime import Gateway
 
 STATIC_DIR = Path(__file__).resolve().parent.parent / "static"
@@ -35,7 +35,15 @@ def create_app(settings: Settings) -> GatewayApp:
         finally:
             await gateway.stop()
 
-    routes = [*health.routes, *dashboard.routes, *commands.routes, *api.routes, *device.routes]
+    routes = [
+        *health.routes,
+        *dashboard.routes,
+        *commands.routes,
+        *events.routes,
+        *webhooks.routes,
+        *api.routes,
+        *device.routes,
+    ]
     if STATIC_DIR.is_dir():
         routes.append(Mount("/", StaticFiles(directory=STATIC_DIR, html=True), name="static"))
     handlers = api.exception_handlers()

@@ -98,6 +98,18 @@ class Settings:
     # commands (gateway/commands/): pending per device, and how long final ones are kept
     command_queue_max: int = 100
     command_retention: float = 86400.0
+    # the SSE event stream (gateway/eventstream.py)
+    events_stream_keepalive: float = 15.0  # seconds between keep-alive comments
+    events_stream_queue: int = 1000  # frames queued per reader before it is cut off
+    events_stream_max_readers: int = 1000  # SSE readers per process
+    # webhooks (gateway/webhooks/)
+    webhook_allow_private: bool = False  # loopback/private targets refused unless true (SSRF)
+    webhook_timeout: float = 10.0  # seconds a target has to answer one POST
+    webhook_retry_base: float = 1.0  # first retry's delay; doubled each time, with jitter
+    webhook_retry_max_delay: float = 3600.0  # longest delay between two attempts
+    webhook_retry_limit: float = 86400.0  # seconds of failing before an endpoint is `failing`
+    webhook_lease: float = 15.0  # seconds a crashed process holds an endpoint's delivery
+    webhook_max_endpoints: int = 100
     log_level: str = "info"
     # where people reach the gateway, for the start-up banner (default: from host and port)
     public_url: str | None = None
@@ -187,6 +199,30 @@ class Settings:
                 f"1–64 of A-Z a-z 0-9 . _ : -; got {self.mqtt_share_group[:80]!r}",
                 "mqtt_share_group",
             )
+        if not 0.05 <= self.events_stream_keepalive <= 300:
+            raise ConfigError(
+                f"must be 0.05–300 seconds, got {self.events_stream_keepalive}",
+                "events_stream_keepalive",
+            )
+        limits = (
+            ("events_stream_queue", 1_000_000),
+            ("events_stream_max_readers", 100_000),
+            ("webhook_max_endpoints", 10_000),
+        )
+        for name, top in limits:
+            if not 1 <= getattr(self, name) <= top:
+                raise ConfigError(f"must be 1–{top}, got {getattr(self, name)}", name)
+        for name, low, high in (
+            ("webhook_timeout", 0.1, 60.0),
+            ("webhook_retry_base", 0.01, 3600.0),
+            ("webhook_retry_max_delay", 0.01, 86400.0),
+            ("webhook_retry_limit", 0.1, 30 * 86400.0),
+            ("webhook_lease", 0.5, 600.0),
+        ):
+            if not low <= getattr(self, name) <= high:
+                raise ConfigError(
+                    f"must be {low:g}–{high:g} seconds, got {getattr(self, name)}", name
+                )
         for name, zero in (
             ("max_connections", "derived from the file-descriptor limit"),
             ("max_pending_per_address", "no limit"),

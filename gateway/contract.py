@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from msgspec import UNSET, Meta, Struct, UnsetType
+from msgspec import field as msgspec_field
 
 from gateway import keys
 from gateway.commands import model as commands_model
@@ -636,3 +637,166 @@ class Operation:
     body: type[Struct] | None = None
     body_limit: int = MAX_BODY_BYTES
     problems: frozenset[str] = frozenset()  # what the handler or store may raise besides
+
+
+# --- the event stream (gateway/eventstream.py) ---------------------------------------
+STREAM_TYPES = ("presence", "state", "registry", "command")
+_STREAM_TYPE = "(presence|state|registry|command)"
+
+
+class EventStreamQuery(Struct, forbid_unknown_fields=True):
+    after: (
+        Annotated[
+            Position,
+            Meta(
+                description="Send events after this position (an event's `id:`); the "
+                "`Last-Event-ID` header wins when both are given; default: from now on"
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    types: (
+        Annotated[
+            str,
+            _text(
+                f"^{_STREAM_TYPE}(,{_STREAM_TYPE}){{0,3}}{END}",
+                "a comma-separated list of presence, state, registry, command",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+    device_type: (
+        Annotated[DeviceType, Meta(description="Only events of devices of this type")] | UnsetType
+    ) = UNSET
+    device_prefix: (
+        Annotated[
+            str,
+            _text(
+                _whole(keys.ID_PATTERN),
+                f"1–128 characters of {NAME_CHARACTERS}: only devices whose id starts so",
+            ),
+        ]
+        | UnsetType
+    ) = UNSET
+
+
+# --- webhooks (gateway/webhooks/) ----------------------------------------------------
+StreamType = Literal["presence", "state", "registry", "command"]
+WebhookId = Annotated[
+    str, _text("^wh_[0-9a-f]{16}" + END, "wh_ and 16 hex digits", problem="webhook-not-found")
+]
+WebhookUrl = Annotated[
+    str,
+    Meta(
+        min_length=1,
+        max_length=2048,
+        description="Where events are POSTed: http(s); loopback, private and link-local "
+        "addresses are refused unless GATEWAY_WEBHOOK_ALLOW_PRIVATE=true",
+        extra={"also": ("webhook-target-refused",)},
+    ),
+]
+WebhookTypes = Annotated[
+    list[StreamType], Meta(min_length=1, max_length=4, description="The event types delivered")
+]
+Description = Annotated[str, Meta(max_length=500, description="For people; not used")]
+
+
+def _every_type() -> list[StreamType]:
+    return ["presence", "state", "registry", "command"]
+
+
+class WebhookCreate(Struct, forbid_unknown_fields=True):
+    """A webhook endpoint to create; it gets the events written from now on."""
+
+    url: WebhookUrl
+    types: WebhookTypes = msgspec_field(default_factory=_every_type)
+    device_type: (
+        Annotated[DeviceType, Meta(description="Only events of devices of this type")] | UnsetType
+    ) = UNSET
+    description: Description = ""
+    enabled: bool = True
+
+
+class WebhookPatch(Struct, forbid_unknown_fields=True):
+    """Changes to a webhook endpoint; `{"enabled": true}` resumes a failing one where it
+    stopped."""
+
+    url: WebhookUrl | UnsetType = UNSET
+    types: WebhookTypes | UnsetType = UNSET
+    device_type: (
+        Annotated[DeviceType | None, Meta(description="null: every device type")] | UnsetType
+    ) = UNSET
+    description: Description | UnsetType = UNSET
+    enabled: bool | UnsetType = UNSET
+
+
+class Webhook(Struct, forbid_unknown_fields=True):
+    """A webhook endpoint (never its secret)."""
+
+    webhook_id: WebhookId
+    url: str
+    types: list[StreamType]
+    device_type: DeviceType | None
+    description: str
+    enabled: bool
+    status: Annotated[
+        Literal["active", "failing", "disabled"],
+        Meta(
+            description="active: delivering; failing: gave up after the retry limit (PATCH "
+            "enabled true to resume from where it stopped); disabled: by a PATCH"
+        ),
+    ]
+    created_at: Seconds
+    cursor: Annotated[
+        Position, Meta(description="Events after this position are not yet delivered")
+    ]
+    failing_since: Annotated[
+        Seconds | None, Meta(description="When the event now retried first failed")
+    ]
+    last_error: Annotated[str | None, Meta(description="Why the last failed attempt failed")]
+
+
+class WebhookCreated(Webhook):
+    secret: Annotated[
+        str, Meta(description="The signing secret (whsec_ + base64); shown only here")
+    ]
+
+
+class WebhookList(Struct, forbid_unknown_fields=True):
+    items: list[Webhook]
+
+
+class WebhookSecret(Struct, forbid_unknown_fields=True):
+    secret: Annotated[
+        str,
+        Meta(
+            description="The new signing secret, shown only here; the previous one also "
+            "signs for 24 hours"
+        ),
+    ]
+
+
+class Delivery(Struct, forbid_unknown_fields=True):
+    """One delivery attempt."""
+
+    webhook_id: Annotated[str, Meta(description="The `webhook-id` sent: the event's id")]
+    attempt: Annotated[int, Meta(ge=1)]
+    result: Literal["succeeded", "failed", "gave_up", "gap"]
+    status_code: int | None
+    latency_ms: float
+    error: str | None
+    at: Seconds
+
+
+class DeliveryPage(Struct, forbid_unknown_fields=True):
+    """Recent attempts, newest first (the latest 100 are kept)."""
+
+    items: list[Delivery]
+
+
+class DeliveriesQuery(Struct, forbid_unknown_fields=True):
+    limit: Annotated[int, Meta(ge=1, le=100, description="Largest number of attempts")] = 50
+
+
+class ReplayQuery(Struct, forbid_unknown_fields=True):
+    after: Annotated[Position, Meta(description="Deliver again every event after this position")]

@@ -447,3 +447,31 @@ def _glob(text: str) -> str:
     """*text* matched literally by a SCAN pattern (a prefix may hold none of `*?[]\\`, but
     escape them anyway)."""
     return re.sub(r"([*?\[\]\\])", r"\\\1", text)
+
+
+# --- webhooks (gateway/webhooks/) ---------------------------------------------------
+def webhooks_index(keys: Keys) -> str:
+    """The set of every webhook endpoint's id."""
+    return f"{keys.prefix}gateway:webhooks"
+
+
+def _webhook_base(keys: Keys, webhook_id: str) -> str:
+    # on a cluster an endpoint's keys share a tag of their own: its scripts stay in one slot
+    tag = f"{{{webhook_id}}}" if keys.schema == "cluster" else ""
+    return f"{keys.prefix}{tag}gateway:webhook:{webhook_id}"
+
+
+def webhook(keys: Keys, webhook_id: str) -> str:
+    """A webhook endpoint (a hash): its settings, secret, cursor and status."""
+    return _webhook_base(keys, webhook_id)
+
+
+def webhook_lease(keys: Keys, webhook_id: str) -> str:
+    """Held (`SET NX PX`, renewed) by the one process delivering to the endpoint; its value
+    is that process's token, which fences every cursor write."""
+    return _webhook_base(keys, webhook_id) + ":lease"
+
+
+def webhook_deliveries(keys: Keys, webhook_id: str) -> str:
+    """The endpoint's recent delivery attempts (a list, newest first, bounded)."""
+    return _webhook_base(keys, webhook_id) + ":deliveries"

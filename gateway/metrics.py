@@ -157,6 +157,30 @@ class Metrics:
             registry=r,
         )
 
+        # webhooks (gateway/webhooks/)
+        self.webhook_deliveries = Counter(
+            "gateway_webhook_deliveries",
+            "Webhook delivery attempts this process made, by result",
+            ["result"],
+            registry=r,
+        )
+        self.webhook_seconds = Histogram(
+            "gateway_webhook_seconds",
+            "From a webhook POST sent to its 2xx answer",
+            buckets=COMMAND_BUCKETS,
+            registry=r,
+        )
+        self.webhook_failing = Counter(
+            "gateway_webhook_failing",
+            "webhook_failing events: endpoints this process marked failing after the retry limit",
+            registry=r,
+        )
+        self.webhook_gaps = Counter(
+            "gateway_webhook_gaps",
+            "Gap events sent: an endpoint's cursor was trimmed from the fleet log before delivery",
+            registry=r,
+        )
+
         # hot-path children, resolved once: labels() takes a lock and a dict lookup per call
         self.in_heartbeat = self.messages_in.labels("heartbeat")
         self.in_report = self.messages_in.labels("report")

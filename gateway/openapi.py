@@ -28,6 +28,8 @@ TAGS = {
     "devices": "Registry and shadows",
     "presence": "Presence events and counts",
     "commands": "Commands to devices: results, timeouts and an offline queue",
+    "events": "The fleet event log as a resumable Server-Sent Events stream",
+    "webhooks": "Fleet events POSTed to your endpoints, signed as Standard Webhooks",
     "session": "The credential of a request, and the dashboard's login cookie",
     "operations": "Liveness, readiness and metrics",
     "meta": "About the API itself",

@@ -48,6 +48,10 @@ KINDS: dict[str, Kind] = {
     "write-contention": Kind(503, "Shadow kept changing; try again"),
     "redis-unavailable": Kind(503, "Redis is unavailable"),
     "internal-error": Kind(500, "Internal error"),
+    "too-many-streams": Kind(503, "Too many event streams on this gateway"),
+    "webhook-not-found": Kind(404, "Webhook not found"),
+    "webhook-target-refused": Kind(422, "Webhook target refused"),
+    "too-many-webhooks": Kind(409, "Too many webhooks"),
 }
 
 

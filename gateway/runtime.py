@@ -29,6 +29,7 @@ from gateway.commands.service import CommandService
 from gateway.config import Settings
 from gateway.dashboards import DashboardHub, close_all
 from gateway.device_session import SessionContext
+from gateway.eventstream import EventStream
 from gateway.hub import RESYNC_CHUNK, DeviceHub
 from gateway.keys import Keys, generated_admin_key
 from gateway.metrics import Metrics
@@ -37,6 +38,8 @@ from gateway.presence import REDIS_ERRORS, PresenceEngine
 from gateway.scripts import Scripts
 from gateway.store import Store
 from gateway.timeseries import FleetSeries
+from gateway.webhooks.delivery import WebhookWorker
+from gateway.webhooks.store import WebhookStore
 
 log = logging.getLogger("gateway")
 
@@ -89,6 +92,8 @@ class Gateway:
         self.refused = asyncio.Event()
         self.refusal: str | None = None
         self.mqtt: Any = None  # the MQTT bridge (gateway.mqtt.bridge.MqttBridge) with a URL
+        self.event_stream: EventStream | None = None  # the SSE feed, once Redis answered
+        self.webhooks: WebhookStore | None = None  # webhook endpoints, once Redis answered
 
     # --- the parts, once Redis answered -----------------------------------------
     @property
@@ -264,6 +269,15 @@ class Gateway:
         self.spawn(core.broker.run(), "broker")
         self.spawn(core.dashboards.run(), "dashboards")
         self.spawn(core.commands.run(), "commands")
+        self.event_stream = EventStream(
+            core.redis, core.keys, core.store.events, self.settings.events_stream_max_readers
+        )
+        self.spawn(self.event_stream.run(), "event-stream")
+        self.webhooks = WebhookStore(core.redis, core.keys, self.settings.webhook_max_endpoints)
+        worker = WebhookWorker(
+            core.redis, core.keys, self.webhooks, core.store.events, self.settings, self.metrics
+        )
+        self.spawn(worker.run(), "webhooks")
         if self.settings.fleet_sampling:
             self.spawn(core.fleet.run(), "fleet-series")
         if isinstance(core.redis, redisconn.GatewayCluster):
@@ -359,6 +373,8 @@ class Gateway:
         if self._core is None:
             return
         close_all(self._core.dashboards)
+        if self.event_stream is not None:
+            self.event_stream.close_all()  # SSE clients reconnect elsewhere with Last-Event-ID
         # MQTT devices stay connected to their broker: their sessions are not ended here
         sessions = [s for s in self.hub.sessions.values() if not s.session.startswith("mqtt:")]
         if not sessions:

@@ -40,6 +40,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
     "migrate": ("loadtest.bench_migrate", "gateway migrate --apply on a loaded fleet, timed"),
     "mqtt": ("loadtest.bench_mqtt", "MQTT devices through Mosquitto beside WebSocket devices"),
+    "events": ("loadtest.bench_events", "Presence events to webhook endpoints and SSE readers"),
 }
 OWN = {
     "suite": "Every benchmark at its target's size (~1.5 hours)",
