@@ -60,7 +60,7 @@ SUCCEEDED = 'status="succeeded"'
 RESULTS_IN = 'type="command_result"'
 ROUND_TRIP_GOAL_MS = 25.0
 DRAIN_GOAL_S = 60.0
-CONNECTIONS = 32  # keep-alive HTTP connections (requests in flight at most)
+CONNECTIONS = 64  # keep-alive HTTP connections (requests in flight at most)
 HTTP_TIMEOUT = 30.0
 PAGE = 100  # commands per page when reading them back
 SETTLE_S = 30.0  # bound on waiting for the last results after the POSTs stop
@@ -351,6 +351,7 @@ async def commands_bench(ctx: Ctx, queued: int, connections: int) -> None:
         live, achieved = await live_load(pool, ctx.run_id, ctx.ids, opts.rate, opts.duration)
         settled = await fleet.wait_for(lambda: fleet.total("command_acks") >= live.count, SETTLE_S)
         live_cost = ctx.cost(mark, live.count, "live_")
+        live_cost["load_average_1m_end_of_live"] = round(os.getloadavg()[0], 2)
         observed = (await cluster.histogram(HISTOGRAM, since="created")).since(histogram_before)
         ctx.phase = "disconnecting"
         await fleet.stop()  # every socket closed; the final reports hold every sample
@@ -375,6 +376,7 @@ async def commands_bench(ctx: Ctx, queued: int, connections: int) -> None:
             DRAIN_GOAL_S * 3 + drain.count / 1000,
         )
         drain_cost = ctx.cost(mark, drain.count, "drain_")
+        drain_cost["load_average_1m_end_of_drain"] = round(os.getloadavg()[0], 2)
         succeeded_after = await cluster.metric("gateway_commands_total", SUCCEEDED)
         results_after = await cluster.metric("gateway_messages_in_total", RESULTS_IN)
         ctx.phase = "stopping devices"
@@ -409,7 +411,6 @@ async def commands_bench(ctx: Ctx, queued: int, connections: int) -> None:
             "rate": opts.rate,
             "duration_s": opts.duration,
             "queued_per_device": queued,
-            "http_connections": connections,
             "live_posts": sum(live.statuses.values()),
             "live_post_rate_achieved": round(achieved, 1),
             "live_accepted": live.count,
@@ -525,8 +526,12 @@ async def run_bench(opts: Options, queued: int, connections: int) -> Path:
             "server": list(chosen.server),
             "generator": list(chosen.generator),
         }
-    ctx.result.metrics["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    return run._write(ctx, started_at, error, cpus)
+    path = run._write(ctx, started_at, error, cpus)
+    # what this benchmark is asked beyond a scenario's options, beside them
+    document = orjson.loads(path.read_bytes())
+    document["params"].update(queued=queued, http_connections=connections)
+    path.write_bytes(orjson.dumps(document, option=orjson.OPT_INDENT_2))
+    return path
 
 
 def build_parser() -> argparse.ArgumentParser:
