@@ -62,7 +62,9 @@ ROUND_TRIP_GOAL_MS = 25.0
 DRAIN_GOAL_S = 60.0
 CONNECTIONS = 64  # keep-alive HTTP connections (requests in flight at most)
 HTTP_TIMEOUT = 30.0
+IDLE_S = 3.0  # a keep-alive connection idle this long is replaced (the server closes at 5 s)
 PAGE = 100  # commands per page when reading them back
+READ_ATTEMPTS = 3
 SETTLE_S = 30.0  # bound on waiting for the last results after the POSTs stop
 COMMAND_TIMEOUT = 30  # seconds a device has to answer
 COMMAND_TTL = 3600  # seconds a queued command may wait
@@ -77,6 +79,7 @@ class HttpError(Exception):
 class _Conn:
     reader: asyncio.StreamReader
     writer: asyncio.StreamWriter
+    used: float = 0.0  # monotonic time of its last answer; 0: never used
 
 
 class HttpPool:
@@ -110,23 +113,34 @@ class HttpPool:
 
     async def request(self, method: str, path: str, body: bytes = b"") -> tuple[int, bytes]:
         """(status, body) of one request; raises HttpError or OSError (the connection is
-        replaced either way)."""
+        replaced either way).
+
+        A connection idle for longer than the server keeps one (uvicorn: 5 s) is replaced
+        before use; one the server closed meanwhile gets the request again on a new one. Both
+        kinds sent here are safe to send twice: a GET, and a POST carrying its own
+        `command_id` (the same id and content answer the command the first one made)."""
         index, conn = await self.idle.get()
         try:
-            if conn is None:
-                conn = await self._connect(index)
-            head = (
-                f"{method} {path} HTTP/1.1\r\nHost: gateway\r\n"
-                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
-            ).encode()
-            conn.writer.write(head + self.auth + b"\r\n" + body)
-            async with asyncio.timeout(HTTP_TIMEOUT):
-                status, length, close = await self._head(conn.reader)
-                data = await conn.reader.readexactly(length)
-            if close:
-                conn.writer.close()
-                conn = None
-            return status, data
+            for attempt in range(2):
+                if conn is None or time.monotonic() - conn.used > IDLE_S:
+                    if conn is not None:
+                        conn.writer.close()
+                    conn = await self._connect(index)
+                fresh = conn.used == 0.0
+                try:
+                    status, data, close = await self._exchange(conn, method, path, body)
+                except (ConnectionError, asyncio.IncompleteReadError, HttpError):
+                    conn.writer.close()
+                    conn = None
+                    if fresh or attempt:
+                        raise
+                    continue  # closed by the server while idle: once more, on a new one
+                conn.used = time.monotonic()
+                if close:
+                    conn.writer.close()
+                    conn = None
+                return status, data
+            raise AssertionError("unreachable")
         except BaseException:
             if conn is not None:
                 conn.writer.close()
@@ -134,6 +148,18 @@ class HttpPool:
             raise
         finally:
             self.idle.put_nowait((index, conn))
+
+    async def _exchange(
+        self, conn: _Conn, method: str, path: str, body: bytes
+    ) -> tuple[int, bytes, bool]:
+        head = (
+            f"{method} {path} HTTP/1.1\r\nHost: gateway\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+        ).encode()
+        conn.writer.write(head + self.auth + b"\r\n" + body)
+        async with asyncio.timeout(HTTP_TIMEOUT):
+            status, length, close = await self._head(conn.reader)
+            return status, await conn.reader.readexactly(length), close
 
     @staticmethod
     async def _head(reader: asyncio.StreamReader) -> tuple[int, int, bool]:
@@ -245,11 +271,26 @@ class Check:
     read: int = 0
     succeeded: int = 0
     lost: list[str] = field(default_factory=list)  # not final-succeeded, or not found
+    unverified: int = 0  # of devices whose commands could not be read
     wrong_result: int = 0
     attempts_over_one: int = 0
     drain_completed_out_of_order: int = 0
     stored_ms: list[float] = field(default_factory=list)  # live phase: completed − created
     read_failures: Counter[str] = field(default_factory=Counter)
+
+
+async def read_page(pool: HttpPool, path: str, check: Check) -> bytes | None:
+    """One page of a device's commands, tried up to READ_ATTEMPTS times; None if never read."""
+    for _ in range(READ_ATTEMPTS):
+        try:
+            status, body = await pool.request("GET", path)
+        except (OSError, HttpError, TimeoutError, asyncio.IncompleteReadError) as exc:
+            check.read_failures[type(exc).__name__] += 1
+            continue
+        if status == 200:
+            return body
+        check.read_failures[f"http_{status}"] += 1
+    return None
 
 
 async def read_back(
@@ -263,16 +304,13 @@ async def read_back(
     async def one_device(device_id: str) -> None:
         records: dict[str, dict[str, Any]] = {}
         path = f"/api/devices/{device_id}/commands?status=all&limit={PAGE}"
+        expected = live.accepted.get(device_id, []) + drain.accepted.get(device_id, [])
         for _ in range(1000):  # bounded: 100,000 commands per device
-            try:
-                status, body = await pool.request("GET", path)
-            except (OSError, HttpError, TimeoutError, asyncio.IncompleteReadError) as exc:
-                check.read_failures[type(exc).__name__] += 1
+            answer = await read_page(pool, path, check)
+            if answer is None:  # not read: its commands are counted unverified
+                check.unverified += len(expected)
                 return
-            if status != 200:
-                check.read_failures[f"http_{status}"] += 1
-                return
-            page = orjson.loads(body)
+            page = orjson.loads(answer)
             for item in page["items"]:
                 records[item["command_id"]] = item
             if not page.get("next_cursor"):
@@ -281,7 +319,6 @@ async def read_back(
                 f"/api/devices/{device_id}/commands?status=all&limit={PAGE}"
                 f"&cursor={page['next_cursor']}"
             )
-        expected = live.accepted.get(device_id, []) + drain.accepted.get(device_id, [])
         last_completed = 0.0
         for seq in expected:
             cid = command_id(run_id, seq)
@@ -443,6 +480,7 @@ async def commands_bench(ctx: Ctx, queued: int, connections: int) -> None:
             "wrong_result": check.wrong_result,
             "attempts_over_one": check.attempts_over_one,
             "read_failures": sum(check.read_failures.values()),
+            "unverified": check.unverified,
             "results_sent_by_devices": results_sent,
             "results_counted_by_gateway": int(results_after - results_before),
             "repeats_answered_from_memory": repeats,
@@ -461,6 +499,7 @@ async def commands_bench(ctx: Ctx, queued: int, connections: int) -> None:
         stats.at_most("offline drain (reconnect → last result stored)", DRAIN_GOAL_S,
                       round(drain_s, 3), "s"),
         stats.at_most("accepted commands lost", 0, len(check.lost), ""),
+        stats.at_most("accepted commands not read back", 0, check.unverified, ""),
         stats.at_most("commands answered twice", 0, max(stored_twice, 0) + acked_twice, ""),
         stats.at_most("queued commands out of order", 0, m["drain_out_of_order"], ""),
         stats.at_most("wrong results stored", 0, check.wrong_result, ""),

@@ -630,8 +630,9 @@ def _commands_section(latest: dict[str, Loaded], docs_path: Path) -> list[str]:
         f"({_number(m.get('drain_accepted'))} commands; all online after "
         f"{_number(m.get('drain_online_s'))} s) | {_number(m.get('drain_s'))} s "
         f"| {_goal(data, 'offline drain')} |",
-        f"| accepted commands lost (of {_number(m.get('accepted'))}) "
-        f"| {_number(m.get('lost'))} | {_goal(data, 'accepted commands lost')} |",
+        f"| accepted commands lost (of {_number(m.get('accepted'))}; not read back) "
+        f"| {_number(m.get('lost'))} ({_number(m.get('unverified'))}) "
+        f"| {_goal(data, 'accepted commands lost')} |",
         f"| answered twice (stored twice; acked twice) | {_number(m.get('answered_twice'))} "
         f"({_number(m.get('stored_twice'))}; {_number(m.get('acked_twice'))}) "
         f"| {_goal(data, 'commands answered twice')} |",

@@ -47,7 +47,7 @@ def test_a_small_run_loses_nothing_and_answers_nothing_twice(tmp_path: Path) -> 
     assert m["offline_before_queueing"] is True
     # every accepted command read back, final, with the result its device gave
     assert m["accepted"] == live + drain == m["read_back"] == m["succeeded"]
-    assert m["lost"] == 0 and m["wrong_result"] == 0 and m["read_failures"] == 0
+    assert m["lost"] == 0 and m["wrong_result"] == 0 and m["unverified"] == 0
     # answered once: each result stored once, each ack for a result not acked before
     assert m["answered_twice"] == 0 and m["stored_twice"] == 0 and m["acked_twice"] == 0
     assert m["results_sent_by_devices"] == m["results_counted_by_gateway"] == live + drain
