@@ -139,6 +139,14 @@ ISSUE_TARGETS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
      "moonshot-cluster", "false_offline_events", "<=", 0, ""),
     ("cluster", "moonshot on a cluster, a primary killed: accepted desired changes missing",
      "moonshot-cluster", "commands_missing", "<=", 0, ""),
+    ("commands", "command round trip p99, POST → result stored (10,000 devices, 1,000/s)",
+     "commands", "round_trip_ms_p99", "<=", 25, "ms"),
+    ("commands", "accepted commands lost", "commands", "lost", "<=", 0, ""),
+    ("commands", "commands answered twice", "commands", "answered_twice", "<=", 0, ""),
+    ("commands", "offline drain: 10,000 devices × 10 queued, reconnect → last result stored",
+     "commands", "drain_s", "<=", 60, "s"),
+    ("commands", "queued commands delivered out of order", "commands", "drain_out_of_order",
+     "<=", 0, ""),
 )  # fmt: skip
 
 
@@ -160,6 +168,7 @@ TARGET_SIZES: dict[str, dict[str, float]] = {
     "redis_cost": {"devices": 10_000},
     "moonshot-cluster": {"devices": 100_000, "duration": 600},
     "bench_store_cluster": {"devices": 10_000},
+    "commands": {"devices": 10_000, "rate": 1_000, "duration": 60, "queued": 10},
 }
 # What else a run must have done for its targets to count, and what it says when it did not.
 TARGET_CONDITIONS: dict[str, dict[str, str]] = {
@@ -356,6 +365,7 @@ def render_markdown(published_dir: Path, docs_path: Path) -> str:
         return "\n".join(lines)
     lines += _issue_rows(latest)
     lines += _cluster_section(latest, docs_path)
+    lines += _commands_section(latest, docs_path)
     lines += [
         "## Each run's own checks",
         "",
@@ -562,6 +572,78 @@ def _moonshot_on_cluster(loaded: Loaded, docs_path: Path) -> list[str]:
     if by_gateway:
         nodes = _cell(str(m.get("redis_connections_nodes")))
         lines += [f"Connections by gateway process and node ({nodes}), steady: {by_gateway}.", ""]
+    return lines
+
+
+def _commands_section(latest: dict[str, Loaded], docs_path: Path) -> list[str]:
+    """Commands through the gateway: the round trip at a steady rate to connected devices,
+    beside the gateway's own histogram, and the offline drain, from the latest `commands` run."""
+    lines = ["## Commands: round trip and offline drain", ""]
+    loaded = latest.get("commands")
+    if loaded is None:
+        return [*lines, "No run published yet: `python -m loadtest commands`.", ""]
+    data = loaded[1]
+    m, params = data.get("metrics", {}), data.get("params", {})
+
+    def ms(name: str) -> str:
+        return f"{_number(m.get(f'{name}_p50'))} / {_number(m.get(f'{name}_p99'))} ms"
+
+    def given(name: str) -> str:  # an option as given: 1000.0 → 1,000
+        value = params.get(name)
+        return _number(int(value) if isinstance(value, float) and value.is_integer() else value)
+
+    lines += [
+        f"{given('devices')} connected devices get "
+        f"{given('rate')} commands/s through `POST /api/devices/{{id}}/commands` "
+        f"for {given('duration')} s; each device answers each command once (by "
+        "its `command_id`), and the round trip runs from the moment the POST is written to the "
+        "device's `ack` (sent once the result is stored). Then every device disconnects, gets "
+        f"{given('queued')} queued commands, and all reconnect at once. Every "
+        "accepted command is read back through the API afterwards.",
+        "",
+        *_run_header(loaded, docs_path),
+    ]
+    invalid = invalid_reason(data)
+    if invalid is not None:
+        lines.append(f"- **not valid:** {_cell(invalid)}; its latencies are not the gateway's")
+    if m.get("load_average_1m_end_of_live") is not None:
+        lines.append(
+            f"- load average (1 min) at the end of the live phase "
+            f"{_number(m.get('load_average_1m_end_of_live'))}, of the drain "
+            f"{_number(m.get('load_average_1m_end_of_drain'))}"
+        )
+    lines += [
+        "",
+        "| figure | measured | goal |",
+        "| --- | --- | --- |",
+        f"| commands/s achieved (accepted of POSTed) | {_number(m.get('live_post_rate_achieved'))}"
+        f" ({_number(m.get('live_accepted'))} of {_number(m.get('live_posts'))}) "
+        f"| {_goal(data, 'commands/s achieved')} |",
+        f"| round trip p50 / p99, POST written → result stored (device's clock) "
+        f"| {ms('round_trip_ms')} (max {_number(m.get('round_trip_ms_max'))}) "
+        f"| {_goal(data, 'command round trip p99')} |",
+        f"| accepted → stored p50 / p99, every command's record (gateway's clock) "
+        f"| {ms('stored_ms')} | |",
+        f'| the gateway\'s `gateway_command_seconds{{since="created"}}` p50 / p99 '
+        f"(bucket estimates) | {ms('gateway_command_ms')} | |",
+        f"| POST answered p50 / p99 | {ms('post_ms')} | |",
+        f"| gateway / Redis CPU-seconds per 1,000 commands "
+        f"| {_number(m.get('live_gateway_cpu_s_per_1k_msgs'))} / "
+        f"{_number(m.get('live_redis_cpu_s_per_1k_msgs'))} | |",
+        f"| offline drain: reconnect → last result stored "
+        f"({_number(m.get('drain_accepted'))} commands; all online after "
+        f"{_number(m.get('drain_online_s'))} s) | {_number(m.get('drain_s'))} s "
+        f"| {_goal(data, 'offline drain')} |",
+        f"| accepted commands lost (of {_number(m.get('accepted'))}; not read back) "
+        f"| {_number(m.get('lost'))} ({_number(m.get('unverified'))}) "
+        f"| {_goal(data, 'accepted commands lost')} |",
+        f"| answered twice (stored twice; acked twice) | {_number(m.get('answered_twice'))} "
+        f"({_number(m.get('stored_twice'))}; {_number(m.get('acked_twice'))}) "
+        f"| {_goal(data, 'commands answered twice')} |",
+        f"| queued commands out of order | {_number(m.get('drain_out_of_order'))} "
+        f"| {_goal(data, 'queued commands out of order')} |",
+        "",
+    ]
     return lines
 
 

@@ -9,6 +9,11 @@ counters and the latency samples gathered since its last report to the coordinat
 Parent → worker commands: `go` (start connecting), `window` (the stream-id bounds dashboards
 count events in), `drop` (abort or silence every device), `stop` (close everything, answer
 with a final report). Worker → parent: `ready`, `stats`, `dropped`, `final`.
+
+Devices answer the gateway's `command` frames as the device protocol asks: each command is
+carried out once, by `command_id`; a repeat is answered from the device's memory of what it
+answered, and counted (`commands_repeated`), as is every `ack` of a result (`command_acks`;
+one more than once: `command_acks_unexpected`).
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ BACKOFF_CAP = 5.0
 LATENCY_DASHBOARDS = 10  # dashboards (of the whole fleet) whose every event latency is sampled
 HEARTBEAT = '{"type":"heartbeat"}'
 SEQ_BITS = 20  # a stream key is ms << 20 | seq: over a million events per millisecond
+ANSWERED_CAP = 256  # results a device remembers by command_id, to answer a repeat unchanged
 
 Gateway = tuple[str, int]  # host, port
 WORKER_GC_THRESHOLDS = (50_000, 20, 100)  # young collections rarer: workers allocate per frame
@@ -80,7 +86,10 @@ class WorkerSpec:
 
 
 class Device:
-    __slots__ = ("dropped", "gateway", "id", "last_frame", "probe", "seq", "silent", "token", "ws")
+    __slots__ = (
+        "answered", "awaiting", "command_seq", "dropped", "gateway", "id", "last_frame",
+        "probe", "seq", "silent", "token", "ws",
+    )  # fmt: skip
 
     def __init__(self, device_id: str, token: str, gateway: int, source: str) -> None:
         self.id = device_id
@@ -92,6 +101,11 @@ class Device:
         self.probe = 0
         self.silent = False
         self.dropped = False
+        # commands, made only when the first one comes: command_id → the result frame sent,
+        # command_id → its probe (ns; 0: none) until the result's ack, the newest `seq` run
+        self.answered: dict[str, str] | None = None
+        self.awaiting: dict[str, int] | None = None
+        self.command_seq = -1
 
 
 class Dashboard:
@@ -178,6 +192,7 @@ class Worker:
         self.gate = asyncio.Semaphore(spec.connect_concurrency)
         self.tasks: list[asyncio.Task[None]] = []
         self.loop = asyncio.get_running_loop()
+        self.last_command_ack = 0.0  # wall clock of the newest command result acked
 
     # --- plumbing -------------------------------------------------------------
     def send(self, kind: str, body: dict[str, Any]) -> None:
@@ -253,6 +268,7 @@ class Worker:
         body["dash_counts"] = [d.count for d in live] if self.window is not None else []
         body["dash_max_latency_ms"] = max((d.max_latency for d in live), default=0.0)
         body["last_seq"] = {d.id: d.seq for d in self.devices}
+        body["last_command_ack"] = self.last_command_ack
         return body
 
     # --- devices --------------------------------------------------------------
@@ -368,7 +384,7 @@ class Worker:
         next_beat = clock() + random.uniform(0.3, 1.0) * beat
         next_send = clock() + random.uniform(0, every) if every > 0 else float("inf")
         while True:
-            if device.silent:
+            if device.silent:  # reads, never answers
                 self.handle(device, await ws.recv(decode=False))
                 continue
             wait = min(next_beat, next_send) - clock()
@@ -378,7 +394,10 @@ class Worker:
                         raw = await ws.recv(decode=False)
                 except TimeoutError:
                     continue
-                self.handle(device, raw)
+                reply = self.handle(device, raw)
+                if reply is not None:
+                    await ws.send(reply)
+                    device.last_frame = time.time()
                 continue
             now = clock()
             if now >= next_send:
@@ -399,14 +418,20 @@ class Worker:
             frame = {"type": "heartbeat", "reported_state": {"seq": seq}}
         return orjson.dumps(frame).decode()
 
-    def handle(self, device: Device, raw: bytes | str) -> None:
+    def handle(self, device: Device, raw: bytes | str) -> str | None:
+        """Count one frame from the gateway; the frame to answer it with, if any."""
         counters = self.stats.counters
         try:
             frame = orjson.loads(raw)
             kind = frame.get("type")
         except (orjson.JSONDecodeError, AttributeError):
             self.stats.errors["bad_frame_from_gateway"] += 1
-            return
+            return None
+        if kind == "command":
+            return self.command_frame(device, frame)
+        if kind == "ack" and "command_id" in frame:
+            self.command_ack(device, frame)
+            return None
         if kind == "state_update":
             counters["state_updates"] += 1
             desired = frame.get("desired_state")
@@ -427,8 +452,59 @@ class Worker:
             counters["deltas"] += 1
         elif kind == "error":
             self.stats.errors[f"frame_{frame.get('code')}"] += 1
+            if "command_id" in frame:
+                counters[f"command_error_{frame.get('code')}"] += 1
         else:
             counters[f"frames_{kind}"] += 1
+        return None
+
+    def command_frame(self, device: Device, frame: dict[str, Any]) -> str | None:
+        """Carry out a command once: its result echoes its `seq`; a repeat gets the same
+        result again, from memory, and is counted. `seq` must grow per device (the order
+        commands were made in), else `commands_out_of_order`."""
+        counters = self.stats.counters
+        command_id = frame.get("command_id")
+        if not isinstance(command_id, str):
+            self.stats.errors["command_without_id"] += 1
+            return None
+        counters["commands_received"] += 1
+        if device.answered is None or device.awaiting is None:
+            device.answered, device.awaiting = {}, {}
+        previous = device.answered.get(command_id)
+        if previous is not None:
+            counters["commands_repeated"] += 1
+            return previous
+        params = frame.get("params")
+        seq = params.get("seq") if isinstance(params, dict) else None
+        probe = params.get("probe") if isinstance(params, dict) else None
+        if isinstance(seq, int):
+            if seq <= device.command_seq:
+                counters["commands_out_of_order"] += 1
+            device.command_seq = max(device.command_seq, seq)
+        counters["commands_run"] += 1
+        reply = orjson.dumps(
+            {"type": "command_result", "command_id": command_id, "status": "succeeded",
+             "result": {"echo": seq}}
+        ).decode()  # fmt: skip
+        device.answered[command_id] = reply
+        if len(device.answered) > ANSWERED_CAP:  # bounded: the oldest is forgotten
+            del device.answered[next(iter(device.answered))]
+        device.awaiting[command_id] = probe if isinstance(probe, int) else 0
+        counters["command_results_sent"] += 1
+        return reply
+
+    def command_ack(self, device: Device, frame: dict[str, Any]) -> None:
+        """A result stored: time it from its probe (the moment its POST was sent)."""
+        counters = self.stats.counters
+        awaiting = device.awaiting or {}
+        probe = awaiting.pop(str(frame.get("command_id")), None)
+        if probe is None:  # acked before, or never answered: stored twice?
+            counters["command_acks_unexpected"] += 1
+            return
+        counters["command_acks"] += 1
+        self.last_command_ack = time.time()
+        if probe:
+            self.stats.sample("command_ms", (time.time_ns() - probe) / 1e6)
 
     def drop(self, mode: str) -> None:
         """Every device stops: `abort` (RST, no close frame), `silent`, or `mixed` (alternate)."""

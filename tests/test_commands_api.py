@@ -216,6 +216,26 @@ async def test_pending_records_are_bounded_in_time_too(
     assert 60 + 5 < ttl <= 60 + 5 + 86400 + 86400
 
 
+async def test_the_answer_to_a_post_is_what_a_read_shows(gw: LiveGateway) -> None:
+    """The answer to a POST is made from what the accepting script wrote, without reading
+    the record back: it must be what GET shows right after, queued or sent."""
+    token = await gw.register("shown-1")
+    async with gw.client() as http:
+        body = {"name": "dim", "params": {"to": 0.25, "n": None}, "timeout": 12.5, "ttl": 90}
+        queued = await post_command(http, "api-1", **body)
+        assert queued.status_code == 202 and queued.json()["status"] == "queued"
+        read = await http.get(f"/api/devices/api-1/commands/{queued.json()['command_id']}")
+        assert queued.json() == read.json()
+        async with Device(gw.ws_url, "shown-1", token) as device:
+            await device.wait_for(1, "welcome")
+            sent = await post_command(http, "shown-1", **body)
+            assert sent.status_code == 202 and sent.json()["status"] == "sent"
+            read = await http.get(f"/api/devices/shown-1/commands/{sent.json()['command_id']}")
+            assert sent.json() == read.json()
+            assert sent.json()["sent_at"] == sent.json()["created_at"]
+            assert sent.json()["deadline"] is not None
+
+
 def test_the_openapi_document_describes_the_commands_api() -> None:
     from gateway.app import create_app
     from gateway.config import Settings

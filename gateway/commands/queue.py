@@ -15,7 +15,14 @@ from typing import Any, Literal
 
 import orjson
 
-from gateway.commands.model import DONE_MAX, RECORD_SLACK, Command, NewCommand, seconds_text
+from gateway.commands.model import (
+    DEFAULT_TIMEOUT,
+    DONE_MAX,
+    RECORD_SLACK,
+    Command,
+    NewCommand,
+    seconds_text,
+)
 from gateway.errors import (
     CommandExists,
     CommandFinished,
@@ -27,6 +34,7 @@ from gateway.errors import (
 )
 from gateway.keys import Partition, is_command_id
 from gateway.scripts import Call, KeyOrArg
+from gateway.shadow import decode_document
 from gateway.store import Store, now_text, text
 
 CHUNK = 200  # results or due commands per script call
@@ -48,6 +56,27 @@ class Accepted:
     attempts: int
     created: bool  # False: a repeated request for a command that exists
     pending: int  # the device's pending commands after this one
+
+    def shown(self, command: NewCommand) -> Command:
+        """The command just made (`created`), as a read of its record would show it then,
+        built from what the script wrote and answered: no second round trip to Redis."""
+        sent = self.status == "sent"
+        return Command(
+            command_id=self.command_id,
+            name=command.name,
+            params=decode_document(command.params),
+            status=self.status,
+            created_at=self.created_at,
+            sent_at=self.created_at if sent else None,
+            completed_at=None,
+            attempts=self.attempts,
+            result=None,
+            error=None,
+            timeout=float(seconds_text(command.timeout)) or DEFAULT_TIMEOUT,
+            ttl=float(seconds_text(command.ttl)),
+            deadline=self.deadline,
+            seq=0,
+        )
 
 
 @dataclass(frozen=True, slots=True)

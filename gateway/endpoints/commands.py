@@ -65,9 +65,15 @@ async def send_command(
         accepted, final = await commands.accept_and_wait(
             gateway.channels, device_id, command, query.wait
         )
+        shown = final or await commands.get(device_id, accepted.command_id)
     else:
         accepted = await commands.accept(device_id, command)
-    shown = final or await commands.get(device_id, accepted.command_id)
+        # one just made is shown from what its script wrote, without reading it back
+        shown = (
+            accepted.shown(command)
+            if accepted.created
+            else await commands.get(device_id, accepted.command_id)
+        )
     return ORJSONResponse(
         shown.to_dict(),
         status_code=200 if final is not None else 202,
