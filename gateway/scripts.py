@@ -30,7 +30,7 @@ NAMES = (
     "register", "deregister", "connect", "heartbeat_batch", "report_batch", "disconnect", "expire",
     "section_write", "rotate_token", "page", "adopt", "describe", "stats", "migrate_fields",
     "command_create", "command_result", "command_cancel", "command_expire", "command_claim",
-    "mqtt_batch", "mqtt_connect",
+    "mqtt_batch", "mqtt_connect", "webhook_advance", "webhook_lease",
 )  # fmt: skip
 # a script whose source runs in front of another's: mqtt_connect is connect.lua with a check first
 COMPOSED = {"mqtt_connect": "connect"}
@@ -129,6 +129,8 @@ class Scripts:
         self.migrate_fields = Script("migrate_fields", head)
         self.mqtt_batch = Script("mqtt_batch", head)
         self.mqtt_connect = Script("mqtt_connect", head)
+        self.webhook_advance = Script("webhook_advance", head)
+        self.webhook_lease = Script("webhook_lease", head)
 
     def all(self) -> list[Script]:
         return [value for value in vars(self).values() if isinstance(value, Script)]

@@ -18,7 +18,7 @@ from redis.asyncio.cluster import RedisCluster
 
 from gateway import keys as names
 from gateway.keys import Keys
-from gateway.scripts import Script, prelude
+from gateway.scripts import Scripts
 from gateway.webhooks.model import TooManyWebhooks, Webhook, WebhookNotFound
 from gateway.webhooks.signing import new_secret
 
@@ -31,9 +31,9 @@ class WebhookStore:
         self.redis = redis
         self.keys = keys
         self.max_endpoints = max_endpoints
-        head = prelude(keys)
-        self._advance = Script("webhook_advance", head)
-        self._lease = Script("webhook_lease", head)
+        scripts = Scripts(keys)
+        self._advance = scripts.webhook_advance
+        self._lease = scripts.webhook_lease
 
     # --- the API's side --------------------------------------------------------
     async def create(self, webhook: Webhook) -> None:
