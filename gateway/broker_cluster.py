@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Collection
@@ -30,7 +31,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker import Deliveries, Resubscribed
 from gateway.keys import Keys
@@ -43,9 +44,14 @@ SUBSCRIBE_CHUNK = 1000
 PROBE_INTERVAL = 5.0
 PROBE_TIMEOUT = 3.0
 TOPOLOGY_CHECK = 10.0
-MAX_BACKOFF = 5.0
+BACKOFF_MIN = 0.1
+# a topology read is cheap and a failover's replica is promoted within seconds: retry at
+# least every second, so devices get their changes soon after the promotion
+MAX_BACKOFF = 1.0
 READ_TIMEOUT = 1.0
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+# RedisClusterException is no RedisError: a topology read in the middle of a failover raises
+# it (no reachable node, slots not covered), and it must be retried like any other failure
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -137,26 +143,32 @@ class ClusterBroker:
         await self._drop_links(set(self._links))
 
     async def _supervise(self) -> None:
-        backoff = 0.1
-        converge = True
+        loop = asyncio.get_running_loop()
+        backoff = BACKOFF_MIN
+        retry_at: float | None = loop.time()  # when to converge next; None: converged
         while True:
-            if converge:
+            if retry_at is not None and loop.time() >= retry_at:
                 try:
                     done = await self._converge()
                 except REDIS_ERRORS as exc:
                     log.warning("cluster pub/sub: %s; trying again in %.1f s", exc, backoff)
                     done = False
                 if done:
-                    backoff = 0.1
-                    if not self.connected.is_set():
-                        self.connected.set()
+                    retry_at, backoff = None, BACKOFF_MIN
+                    self.connected.set()
+                else:
+                    retry_at, backoff = loop.time() + backoff, min(backoff * 2, MAX_BACKOFF)
+            wait = None if retry_at is None else max(0.0, retry_at - loop.time())
             try:
-                async with asyncio.timeout(None if not converge or done else backoff):
+                async with asyncio.timeout(wait):
                     kind, detail = await self._events.get()
             except TimeoutError:
-                backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            converge = await self._handle(kind, detail)
+            # an event never cancels a convergence still due (a device that connects in the
+            # middle of a failover must not leave the dead node's partitions unplaced); one
+            # that needs it converges at once, unless a retry is already scheduled
+            if await self._handle(kind, detail) and retry_at is None:
+                retry_at = loop.time()
 
     async def _handle(self, kind: str, detail: Any) -> bool:
         """Apply one event; True when the whole placement must be converged again."""
@@ -197,16 +209,23 @@ class ClusterBroker:
     async def _place_all(self, partitions: set[int]) -> bool:
         complete = True
         resync: set[str] = set()
+        replaced: set[int] = set()
         for partition in sorted(partitions):
             placed = await self._place(partition)
             if placed is None:
                 complete = False
             elif placed and partition in self._lost:
                 self._lost.discard(partition)
+                replaced.add(partition)
                 resync |= self._wanted.get(partition, set())
         if resync:
             log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
-            await self.on_resubscribed(resync)
+            try:
+                await self.on_resubscribed(resync)
+            except BaseException:
+                # not re-synced yet: they stay lost, and the next convergence tries again
+                self._lost |= replaced
+                raise
         return complete
 
     async def _place(self, partition: int) -> bool | None:
@@ -307,7 +326,10 @@ class ClusterBroker:
 
     # --- timers -----------------------------------------------------------------------
     async def _timers(self) -> None:
-        """Probe every `probe_interval`; compare placement with the topology now and then."""
+        """Probe every `probe_interval`; compare placement with the topology now and then.
+
+        Nothing may end this loop but cancellation: without it a silent subscription would
+        never be found."""
         checked = time.monotonic()
         while True:
             await asyncio.sleep(self.probe_interval / 2)
@@ -318,21 +340,30 @@ class ClusterBroker:
             if missed:
                 self._events.put_nowait(("probe_missed", missed))
             try:
-                await self._send_probes(now)
+                await self._send_probes()
                 if now - checked > TOPOLOGY_CHECK:
                     checked = now
                     await self._check_topology()
             except REDIS_ERRORS as exc:
                 log.debug("cluster pub/sub: probe or topology check failed: %s", exc)
+            except Exception:
+                log.exception("cluster pub/sub: probe or topology check failed")
 
-    async def _send_probes(self, now: float) -> None:
+    async def _send_probes(self) -> None:
         for partition, node in list(self._placed.items()):
             if partition in self._probes or node not in self._links:
                 continue
             nonce = f"{next(self._nonces)}"
-            self._probes[partition] = (nonce, now + self.probe_interval + PROBE_TIMEOUT)
             channel = self.keys.part(partition).probe_channel(self.process)
-            await self.cluster.execute_command("SPUBLISH", channel, nonce)
+            # its deadline runs from when it was sent: a publish that waited on a failover
+            # elsewhere (the calls before it) must not count against this partition's node
+            self._probes[partition] = (nonce, math.inf)
+            try:
+                await self.cluster.execute_command("SPUBLISH", channel, nonce)
+            finally:
+                if self._probes.get(partition, ("", 0.0))[0] == nonce:
+                    deadline = time.monotonic() + self.probe_interval + PROBE_TIMEOUT
+                    self._probes[partition] = (nonce, deadline)
 
     async def _check_topology(self) -> None:
         await self.cluster.nodes_manager.initialize()

@@ -75,7 +75,8 @@ class SessionContext:
 class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
-        "bucket", "close_reason", "context", "desired", "device_id", "held", "last_activity",
+        "bucket", "close_reason", "context", "desired", "desired_version", "device_id", "held",
+        "last_activity",
         "malformed", "refused", "reported", "reported_encoded", "reported_meta", "session",
         "version", "websocket", "writer",
     )  # fmt: skip
@@ -99,6 +100,9 @@ class DeviceSession:
         self.reported_encoded = b""
         self.reported_meta: shadow.Document = {}
         self.desired: shadow.Document = {}
+        # the shadow version `desired` was read or published at: a re-sync that read an
+        # older one must not send it (it would take back a change the device already has)
+        self.desired_version = 0
         self.version = 0
         self.malformed = 0
         self.refused = 0
@@ -160,6 +164,7 @@ class DeviceSession:
         version = protocol.command_version(data)
         if version is not None:
             self.version = max(self.version, version)
+            self.desired_version = version
         self.send(protocol.delta_frame(shadow.delta(desired, self.reported), version), "delta")
 
     def welcome(
@@ -177,6 +182,7 @@ class DeviceSession:
         self.reported_encoded = reported
         self.reported_meta = shadow.decode_stamps(meta, self.reported)
         self.version = version
+        self.desired_version = version
         context = self.context
         self.send(
             protocol.welcome(
@@ -309,6 +315,7 @@ class DeviceSession:
         if device is None:
             return
         self.desired = device.desired_state
+        self.desired_version = device.version
         self.send(
             protocol.shadow_frame(
                 request_id, device.desired_state, device.reported_state, device.version

@@ -30,6 +30,7 @@ class LiveSession(Protocol):
     device_id: str
     session: str
     desired: shadow.Document
+    desired_version: int
     last_activity: float
 
     @property
@@ -113,7 +114,13 @@ class DeviceHub:
 
     @staticmethod
     def resync_one(session: LiveSession, desired_raw: bytes | None, version: int) -> bool:
-        """Send the current desired state if it moved while no message could arrive."""
+        """Send the current desired state if it moved while no message could arrive.
+
+        *version* is the shadow's when it was read. A change published after that read may
+        have reached the session first (its channel was live again before the read): the
+        session then holds a newer state than the one read, which is never sent."""
+        if version < session.desired_version:
+            return False
         desired = shadow.decode_document(desired_raw)
         if shadow.same(desired, session.desired):
             return False

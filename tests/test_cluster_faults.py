@@ -362,3 +362,41 @@ async def test_an_accepted_desired_change_waited_for_a_replica_of_its_own_write(
         assert (await store.require("w-1")).desired_state == {"a": 2}
     finally:
         await client.aclose()
+
+
+async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
+    cluster_url: str,
+) -> None:
+    """A re-sync reads the desired states after the channels are live again; a change
+    published right after that read is delivered by pub/sub while the re-sync still runs, so
+    the state it read is older than the one the device holds by the time it is sent. Sent,
+    it took the newest change back (the device kept the older state, its last changes lost,
+    with Redis holding them all)."""
+    async with live_gateway(cluster_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
+        token = await gw.register("rs-1")
+        got: list[dict[str, Any]] = []
+
+        def on_desired(desired: dict[str, Any], delta: dict[str, Any]) -> None:
+            got.append(desired)
+
+        async with DeviceClient(gw.ws_url, "rs-1", token, on_desired=on_desired) as device:
+            async with gw.client() as api:
+                reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"a": 1}})
+                assert reply.status_code == 200, reply.text
+                # what a re-sync reads, an instant before the next change is made
+                read = await gw.gateway.core.store.desired_states(["rs-1"])
+                reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"b": 2}})
+                assert reply.status_code == 200, reply.text
+            async with asyncio.timeout(5):
+                while not got or got[-1] != {"a": 1, "b": 2}:
+                    await asyncio.sleep(0.02)
+            session = gw.gateway.hub.sessions["rs-1"]
+            # the re-sync now sends what it read: nothing, as the device has newer
+            assert not gw.gateway.hub.resync_one(session, *read[0])
+            await asyncio.sleep(0.3)
+            assert device.desired == {"a": 1, "b": 2}
+            assert got[-1] == {"a": 1, "b": 2}
+            # a state really missed (its message lost) is still sent
+            fresh = await gw.gateway.core.store.desired_states(["rs-1"])
+            session.desired = {"a": 1}
+            assert gw.gateway.hub.resync_one(session, *fresh[0])
