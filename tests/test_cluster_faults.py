@@ -375,9 +375,12 @@ async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
     async with live_gateway(cluster_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
         token = await gw.register("rs-1")
         got: list[dict[str, Any]] = []
+        both = asyncio.Event()
 
         def on_desired(desired: dict[str, Any], delta: dict[str, Any]) -> None:
             got.append(desired)
+            if desired == {"a": 1, "b": 2}:
+                both.set()
 
         async with DeviceClient(gw.ws_url, "rs-1", token, on_desired=on_desired) as device:
             async with gw.client() as api:
@@ -387,9 +390,7 @@ async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
                 read = await gw.gateway.core.store.desired_states(["rs-1"])
                 reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"b": 2}})
                 assert reply.status_code == 200, reply.text
-            async with asyncio.timeout(5):
-                while not got or got[-1] != {"a": 1, "b": 2}:
-                    await asyncio.sleep(0.02)
+            await asyncio.wait_for(both.wait(), 5)
             session = gw.gateway.hub.sessions["rs-1"]
             # the re-sync now sends what it read: nothing, as the device has newer
             assert not gw.gateway.hub.resync_one(session, *read[0])

@@ -140,7 +140,8 @@ async def killed_primary_devices(cluster: LocalCluster, name: str, ids: list[str
     await client.initialize()
     try:
         keys = Keys.cluster()
-        return {d for d in ids if client.get_node_from_key(keys.state(d)).name == name}
+        nodes = {d: client.get_node_from_key(keys.state(d)) for d in ids}
+        return {d for d, node in nodes.items() if node is not None and node.name == name}
     finally:
         await client.aclose()
 
@@ -229,7 +230,7 @@ async def test_thirty_primaries_killed_under_load_lose_nothing(
             flush=True,
         )
         if run.missing:
-            (tmp_path / f"run-{index}.log").write_text(caplog.text)
+            await asyncio.to_thread((tmp_path / f"run-{index}.log").write_text, caplog.text)
             print(caplog.text[-20000:], flush=True)
     every = [ms for run in runs for ms in run.latencies_ms]
     during = [ms for run in runs for ms in run.failover_latencies_ms]
@@ -249,7 +250,9 @@ async def test_thirty_primaries_killed_under_load_lose_nothing(
             {k: v for k, v in asdict(r).items() if not k.endswith("latencies_ms")} for r in runs
         ],
     }
-    print(f"\n[measured] {orjson.dumps({k: v for k, v in summary.items() if k != 'runs_detail'})}")
+    brief = orjson.dumps({k: v for k, v in summary.items() if k != "runs_detail"}).decode()
+    print(f"\n[measured] {brief}")
     if out := os.environ.get("CLUSTER_SOAK_OUT"):
-        Path(out).write_bytes(orjson.dumps(summary, option=orjson.OPT_INDENT_2))
+        text = orjson.dumps(summary, option=orjson.OPT_INDENT_2)
+        await asyncio.to_thread(Path(out).write_bytes, text)
     assert summary["missing"] == 0, summary
