@@ -401,3 +401,69 @@ async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
             fresh = await gw.gateway.core.store.desired_states(["rs-1"])
             session.desired = {"a": 1}
             assert gw.gateway.hub.resync_one(session, *fresh[0])
+
+
+async def test_a_device_connecting_mid_failover_does_not_stop_the_broker_converging(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the dead primary's replica is not promoted yet, the broker retries placing that
+    node's partitions. A subscription made meanwhile (a device connecting to another node)
+    ended those retries: the partitions stayed unsubscribed, their devices got nothing
+    until a periodic topology check happened to notice (here: never)."""
+    from gateway import broker_cluster
+
+    monkeypatch.setattr(broker_cluster, "TOPOLOGY_CHECK", 3600.0)
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5
+    ) as gw:  # fmt: skip
+        fleet = Fleet(gw)
+        await fleet.start(12)
+        ids = [c.device_id for c in fleet.clients]
+        victim = await busiest_primary(cluster, ids)
+        broker = gw.gateway.broker
+        assert isinstance(broker, broker_cluster.ClusterBroker)
+        client = connect_cluster(cluster.url)
+        await client.initialize()
+        keys = Keys.cluster()
+        try:
+            on_victim = [d for d in ids if node_of(client, keys, d) == victim.address]
+            elsewhere = next(
+                f"late-{n}"
+                for n in range(1000)
+                if node_of(client, keys, f"late-{n}") != victim.address
+            )
+        finally:
+            await client.aclose()
+        cluster.kill(victim)
+        # the broker noticed: the dead node's partitions wait for their new owner
+        await until(lambda: bool(broker._lost), 5)
+        token = await gw.register(elsewhere)  # its key lives on a node still up
+        async with DeviceClient(gw.ws_url, elsewhere, token, backoff_min=0.05, backoff_max=0.5):
+            await wait_failover(cluster, victim)
+            async with gw.client() as api:
+                target = on_victim[0]
+                while True:
+                    reply = await api.patch(
+                        f"/api/devices/{target}/desired", json={"state": {"after": 1}}
+                    )
+                    if reply.status_code == 200:
+                        break
+                    assert reply.status_code == 503, reply.text
+                    await asyncio.sleep(0.05)
+            await until(lambda: "after" in fleet.desired.get(target, {}), 8)
+            assert "after" in fleet.desired.get(target, {}), (
+                f"a change after the failover never reached {target}; still lost: {broker._lost}"
+            )
+        await fleet.stop()
+
+
+def node_of(client: Any, keys: Keys, device_id: str) -> str:
+    """The address of the primary that holds *device_id*'s shadow."""
+    return str(client.get_node_from_key(keys.state(device_id)).name)
+
+
+async def until(condition: Any, within: float) -> None:
+    """Poll *condition* until it holds or *within* seconds pass (the caller asserts)."""
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
