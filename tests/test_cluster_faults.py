@@ -386,21 +386,24 @@ async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
             async with gw.client() as api:
                 reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"a": 1}})
                 assert reply.status_code == 200, reply.text
-                # what a re-sync reads, an instant before the next change is made
+                # what a re-sync notes and reads, an instant before the next change is made
+                session = gw.gateway.hub.sessions["rs-1"]
+                seen = session.desired_seen
                 read = await gw.gateway.core.store.desired_states(["rs-1"])
                 reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"b": 2}})
                 assert reply.status_code == 200, reply.text
             await asyncio.wait_for(both.wait(), 5)
-            session = gw.gateway.hub.sessions["rs-1"]
             # the re-sync now sends what it read: nothing, as the device has newer
-            assert not gw.gateway.hub.resync_one(session, *read[0])
+            assert not gw.gateway.hub.resync_one(session, *read[0], seen)
             await asyncio.sleep(0.3)
             assert device.desired == {"a": 1, "b": 2}
             assert got[-1] == {"a": 1, "b": 2}
             # a state really missed (its message lost) is still sent
-            fresh = await gw.gateway.core.store.desired_states(["rs-1"])
             session.desired = {"a": 1}
-            assert gw.gateway.hub.resync_one(session, *fresh[0])
+            seen = session.desired_seen
+            fresh = await gw.gateway.core.store.desired_states(["rs-1"])
+            assert gw.gateway.hub.resync_one(session, *fresh[0], seen)
+            await wait_for_desired(got, {"a": 1, "b": 2}, 2)
 
 
 async def test_a_device_connecting_mid_failover_does_not_stop_the_broker_converging(
@@ -467,3 +470,10 @@ async def until(condition: Any, within: float) -> None:
     deadline = time.monotonic() + within
     while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
         await asyncio.sleep(0.02)
+
+
+async def wait_for_desired(
+    got: list[dict[str, Any]], wanted: dict[str, Any], within: float
+) -> None:
+    await until(lambda: bool(got) and got[-1] == wanted, within)
+    assert got[-1] == wanted
