@@ -49,6 +49,7 @@ BACKOFF_MIN = 0.1
 # least every second, so devices get their changes soon after the promotion
 MAX_BACKOFF = 1.0
 READ_TIMEOUT = 1.0
+CONFIRM_TIMEOUT = 5.0
 # RedisClusterException is no RedisError: a topology read in the middle of a failover raises
 # it (no reachable node, slots not covered), and it must be retried like any other failure
 REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
@@ -90,6 +91,9 @@ class ClusterBroker:
         self._live: dict[int, set[str]] = {}  # partition → device channels subscribed
         self._placed: dict[int, str] = {}  # partition → the node its channels are on
         self._lost: set[int] = set()  # partitions that lost their subscriptions: re-sync
+        # placed partitions whose last SSUBSCRIBE (its probe channel) the server confirmed
+        self._confirmed: set[int] = set()
+        self._confirmation = asyncio.Event()
         self._links: dict[str, _Link] = {}
         self._changed: set[int] = set()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -208,25 +212,45 @@ class ClusterBroker:
 
     async def _place_all(self, partitions: set[int]) -> bool:
         complete = True
-        resync: set[str] = set()
         replaced: set[int] = set()
         for partition in sorted(partitions):
             placed = await self._place(partition)
             if placed is None:
                 complete = False
-            elif placed and partition in self._lost:
-                self._lost.discard(partition)
+            elif partition in self._lost and partition in self._placed:
                 replaced.add(partition)
-                resync |= self._wanted.get(partition, set())
-        if resync:
-            log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
-            try:
-                await self.on_resubscribed(resync)
-            except BaseException:
-                # not re-synced yet: they stay lost, and the next convergence tries again
-                self._lost |= replaced
-                raise
+        resync = set().union(*(self._wanted.get(p, set()) for p in replaced))
+        if not resync:
+            self._lost -= replaced
+            return complete
+        # the re-sync reads desired states: only once the server confirmed the channels, or
+        # a change made between that read and the subscription would be neither read nor sent
+        if not await self._until_confirmed(replaced):
+            log.warning("cluster pub/sub: partitions %s not confirmed in time", sorted(replaced))
+            for partition in replaced - self._confirmed:
+                self._forget(partition)  # subscribed afresh, then re-synced, next time
+            return False
+        self._lost -= replaced
+        log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
+        try:
+            await self.on_resubscribed(resync)
+        except BaseException:
+            self._lost |= replaced  # not re-synced: the next convergence tries again
+            raise
         return complete
+
+    async def _until_confirmed(self, partitions: set[int]) -> bool:
+        """Wait until the server confirmed every one of *partitions*' subscriptions."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFIRM_TIMEOUT
+        while not partitions <= self._confirmed:
+            self._confirmation.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._confirmation.wait()
+            except TimeoutError:
+                return partitions <= self._confirmed
+        return True
 
     async def _place(self, partition: int) -> bool | None:
         """One partition's subscriptions in line with its wanted devices, on its owner.
@@ -254,15 +278,21 @@ class ClusterBroker:
         names = [self.keys.commands(device_id) for device_id in new]
         if fresh:
             names += [part.control_channel, part.probe_channel(self.process)]
-        for start in range(0, len(names), SUBSCRIBE_CHUNK):
-            await link.pubsub.ssubscribe(*names[start : start + SUBSCRIBE_CHUNK])
-        for start in range(0, len(gone), SUBSCRIBE_CHUNK):
-            chunk = gone[start : start + SUBSCRIBE_CHUNK]
-            await link.pubsub.sunsubscribe(*[self.keys.commands(d) for d in chunk])
+            # placed before anything is sent: the reader may see the confirmation at once
+            self._placed[partition] = owner
+            link.partitions.add(partition)
+        try:
+            for start in range(0, len(names), SUBSCRIBE_CHUNK):
+                await link.pubsub.ssubscribe(*names[start : start + SUBSCRIBE_CHUNK])
+            for start in range(0, len(gone), SUBSCRIBE_CHUNK):
+                chunk = gone[start : start + SUBSCRIBE_CHUNK]
+                await link.pubsub.sunsubscribe(*[self.keys.commands(d) for d in chunk])
+        except BaseException:
+            if fresh:
+                self._forget(partition)  # half subscribed: placed afresh next time
+            raise
         live.update(new)
         live.difference_update(gone)
-        self._placed[partition] = owner
-        link.partitions.add(partition)
         return fresh
 
     async def _unplace(self, partition: int, node: str) -> None:
@@ -287,6 +317,7 @@ class ClusterBroker:
             link.partitions.discard(partition)
         self._live.pop(partition, None)
         self._probes.pop(partition, None)
+        self._confirmed.discard(partition)
         if self._wanted.get(partition):
             self._lost.add(partition)
 
@@ -395,6 +426,12 @@ class ClusterBroker:
                 device_id = self.keys.device_from_heartbeat(message["data"].decode())
                 if device_id is not None:
                     self.deliveries.on_expired(device_id)
+            elif kind == "ssubscribe" and channel in self._probe_names:
+                # a placement's last channel: everything sent before it is confirmed too
+                partition = self._probe_names[channel]
+                if self._placed.get(partition) == link.node:
+                    self._confirmed.add(partition)
+                    self._confirmation.set()
             elif kind == "ssubscribe":
                 device_id = self.keys.device_from_commands(channel.decode())
                 for waiter in self._waiters.pop(device_id or "", []):
