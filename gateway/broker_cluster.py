@@ -46,8 +46,8 @@ PROBE_TIMEOUT = 3.0
 TOPOLOGY_CHECK = 10.0
 BACKOFF_MIN = 0.1
 # a topology read is cheap and a failover's replica is promoted within seconds: retry at
-# least every second, so devices get their changes soon after the promotion
-MAX_BACKOFF = 1.0
+# least twice a second, so devices get their changes soon after the promotion
+MAX_BACKOFF = 0.5
 READ_TIMEOUT = 1.0
 CONFIRM_TIMEOUT = 5.0
 # RedisClusterException is no RedisError: a topology read in the middle of a failover raises
