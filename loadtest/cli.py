@@ -39,6 +39,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "memory": ("loadtest.memory", "Redis memory per registered device, by key kind"),
     "baseline": ("loadtest.baseline", "The guide's DeviceStateManager and BulkStateQuery"),
     "migrate": ("loadtest.bench_migrate", "gateway migrate --apply on a loaded fleet, timed"),
+    "cluster-loop": ("loadtest.cluster_loop", "Small cluster moonshots, a primary killed in each"),
 }
 OWN = {
     "suite": "Every benchmark at its target's size (~1.5 hours)",
