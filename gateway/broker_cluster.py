@@ -134,11 +134,24 @@ class ClusterBroker:
 
     # --- the supervisor ---------------------------------------------------------------
     async def run(self) -> None:
-        """Keep every wanted subscription live on the right node until cancelled."""
+        """Keep every wanted subscription live on the right node until cancelled.
+
+        Nothing else ends it: an error nobody expected is logged, every link dropped and the
+        whole placement made again (every local device re-synced). A broker that ended
+        quietly would leave the process's devices without any change, Redis holding them."""
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._timers())
-                await self._supervise()
+            while True:
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._timers())
+                        await self._supervise()
+                except Exception:
+                    log.exception("cluster pub/sub failed; placing every subscription again")
+                    self.reconnects += 1
+                    self.metrics.resubscriptions.labels("broker_failed").inc()
+                    self.connected.clear()
+                    await self._drop_links(set(self._links))
+                    await asyncio.sleep(MAX_BACKOFF)
         finally:
             await self._drop_links(set(self._links))
 

@@ -21,6 +21,7 @@ import orjson
 import pytest
 import websockets
 from live import ADMIN_KEY, LiveGateway, live_gateway
+from redis.crc import key_slot
 
 from gateway.client import DeviceClient
 from gateway.config import Settings
@@ -477,3 +478,55 @@ async def wait_for_desired(
 ) -> None:
     await until(lambda: bool(got) and got[-1] == wanted, within)
     assert got[-1] == wanted
+
+
+async def test_a_topology_read_that_fails_with_a_cluster_error_does_not_end_the_broker(
+    cluster: LocalCluster,
+) -> None:
+    """redis-py raises RedisClusterException, no RedisError, when no node reports every slot
+    covered (as in a failover seen halfway). The broker took only RedisErrors for failures
+    to retry: this one ended it, quietly, and with it every subscription of the process:
+    every device got nothing more while Redis held every change."""
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5
+    ) as gw:  # fmt: skip
+        fleet = Fleet(gw)
+        await fleet.start(6)
+        keys = Keys.cluster()
+        used = {key_slot(part.base.encode()) for part in keys.parts}
+        owner = (await cluster.primary_nodes())[0]
+        async with owner.client() as direct:
+            ranges = await direct.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            mine = next(r for r in ranges if int(r[2][1]) == owner.port)
+            slot = -1
+            for candidate in range(int(mine[0]), int(mine[1]) + 1):
+                if candidate in used:
+                    continue
+                count = await direct.execute_command("CLUSTER", "COUNTKEYSINSLOT", candidate)  # type: ignore[no-untyped-call]
+                if count == 0:
+                    slot = candidate
+                    break
+        live = [n for n in cluster.nodes if n.pid is not None]
+        for node in live:  # no node reports that slot any more
+            async with node.client() as client:
+                await client.execute_command("CLUSTER", "DELSLOTS", slot)  # type: ignore[no-untyped-call]
+        try:
+            for node in live:  # the broker's links drop: it reads the topology again, and fails
+                async with node.client() as client:
+                    await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+            await asyncio.sleep(2)
+        finally:
+            async with owner.client() as client:
+                await client.execute_command("CLUSTER", "ADDSLOTS", slot)  # type: ignore[no-untyped-call]
+        await cluster.wait_healthy()
+        async with gw.client() as api:
+            for client in fleet.clients:
+                reply = await api.patch(
+                    f"/api/devices/{client.device_id}/desired", json={"state": {"back": 1}}
+                )
+                assert reply.status_code == 200, reply.text
+        ids = [c.device_id for c in fleet.clients]
+        await until(lambda: all("back" in fleet.desired.get(d, {}) for d in ids), 10)
+        missing = [d for d in ids if "back" not in fleet.desired.get(d, {})]
+        assert not missing, f"changes never delivered after the cluster error: {missing}"
+        await fleet.stop()
