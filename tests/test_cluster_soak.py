@@ -24,6 +24,7 @@ from live import LiveGateway, live_gateway
 from test_cluster_faults import busiest_primary
 
 from gateway.client import DeviceClient
+from gateway.config import StartupError
 from gateway.devcluster import LocalCluster
 from gateway.keys import Keys
 from gateway.redisconn import connect_cluster
@@ -259,7 +260,14 @@ async def test_thirty_primaries_killed_under_load_lose_nothing(
     runs: list[Run] = []
     for index in range(RUNS):
         caplog.clear()
-        run = await one_run(tmp_path / f"run-{index}")
+        for attempt in range(3):  # a node that could not start (its port taken meanwhile)
+            try:
+                run = await one_run(tmp_path / f"run-{index}-{attempt}")
+                break
+            except StartupError as exc:
+                print(f"\n[soak] run {index + 1}: the cluster did not start ({exc}); again")
+        else:
+            pytest.fail("the cluster did not start three times in a row")
         runs.append(run)
         print(
             f"\n[soak] run {index + 1}/{RUNS}: accepted {run.accepted}, missing {run.missing}"
