@@ -139,6 +139,12 @@ ISSUE_TARGETS: tuple[tuple[str, str, str, str, str, float, str], ...] = (
      "moonshot-cluster", "false_offline_events", "<=", 0, ""),
     ("cluster", "moonshot on a cluster, a primary killed: accepted desired changes missing",
      "moonshot-cluster", "commands_missing", "<=", 0, ""),
+    ("cluster", "30 small moonshots, a primary killed in each: accepted changes missing",
+     "cluster-loop", "missing", "<=", 0, ""),
+    ("cluster", "30 failovers (soak test): accepted desired changes missing", "cluster-soak",
+     "missing", "<=", 0, ""),
+    ("cluster", "30 failovers (soak test): desired → device p99, every change",
+     "cluster-soak", "desired_ms_p99", "<=", 1000, "ms"),
 )  # fmt: skip
 
 
