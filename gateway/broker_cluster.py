@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import math
 import secrets
 import time
 from collections.abc import Collection
@@ -30,7 +31,7 @@ from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.client import PubSub
 from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 from gateway.broker import Deliveries, Resubscribed
 from gateway.keys import Keys
@@ -43,9 +44,15 @@ SUBSCRIBE_CHUNK = 1000
 PROBE_INTERVAL = 5.0
 PROBE_TIMEOUT = 3.0
 TOPOLOGY_CHECK = 10.0
-MAX_BACKOFF = 5.0
+BACKOFF_MIN = 0.1
+# a topology read is cheap and a failover's replica is promoted within seconds: retry at
+# least twice a second, so devices get their changes soon after the promotion
+MAX_BACKOFF = 0.5
 READ_TIMEOUT = 1.0
-REDIS_ERRORS = (RedisError, OSError, asyncio.TimeoutError)
+CONFIRM_TIMEOUT = 5.0
+# RedisClusterException is no RedisError: a topology read in the middle of a failover raises
+# it (no reachable node, slots not covered), and it must be retried like any other failure
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, asyncio.TimeoutError)
 
 
 @dataclass
@@ -84,6 +91,9 @@ class ClusterBroker:
         self._live: dict[int, set[str]] = {}  # partition → device channels subscribed
         self._placed: dict[int, str] = {}  # partition → the node its channels are on
         self._lost: set[int] = set()  # partitions that lost their subscriptions: re-sync
+        # placed partitions whose last SSUBSCRIBE (its probe channel) the server confirmed
+        self._confirmed: set[int] = set()
+        self._confirmation = asyncio.Event()
         self._links: dict[str, _Link] = {}
         self._changed: set[int] = set()
         self._events: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
@@ -124,11 +134,24 @@ class ClusterBroker:
 
     # --- the supervisor ---------------------------------------------------------------
     async def run(self) -> None:
-        """Keep every wanted subscription live on the right node until cancelled."""
+        """Keep every wanted subscription live on the right node until cancelled.
+
+        Nothing else ends it: an error nobody expected is logged, every link dropped and the
+        whole placement made again (every local device re-synced). A broker that ended
+        quietly would leave the process's devices without any change, Redis holding them."""
         try:
-            async with asyncio.TaskGroup() as group:
-                group.create_task(self._timers())
-                await self._supervise()
+            while True:
+                try:
+                    async with asyncio.TaskGroup() as group:
+                        group.create_task(self._timers())
+                        await self._supervise()
+                except Exception:
+                    log.exception("cluster pub/sub failed; placing every subscription again")
+                    self.reconnects += 1
+                    self.metrics.resubscriptions.labels("broker_failed").inc()
+                    self.connected.clear()
+                    await self._drop_links(set(self._links))
+                    await asyncio.sleep(MAX_BACKOFF)
         finally:
             await self._drop_links(set(self._links))
 
@@ -137,26 +160,32 @@ class ClusterBroker:
         await self._drop_links(set(self._links))
 
     async def _supervise(self) -> None:
-        backoff = 0.1
-        converge = True
+        loop = asyncio.get_running_loop()
+        backoff = BACKOFF_MIN
+        retry_at: float | None = loop.time()  # when to converge next; None: converged
         while True:
-            if converge:
+            if retry_at is not None and loop.time() >= retry_at:
                 try:
                     done = await self._converge()
                 except REDIS_ERRORS as exc:
                     log.warning("cluster pub/sub: %s; trying again in %.1f s", exc, backoff)
                     done = False
                 if done:
-                    backoff = 0.1
-                    if not self.connected.is_set():
-                        self.connected.set()
+                    retry_at, backoff = None, BACKOFF_MIN
+                    self.connected.set()
+                else:
+                    retry_at, backoff = loop.time() + backoff, min(backoff * 2, MAX_BACKOFF)
+            wait = None if retry_at is None else max(0.0, retry_at - loop.time())
             try:
-                async with asyncio.timeout(None if not converge or done else backoff):
+                async with asyncio.timeout(wait):
                     kind, detail = await self._events.get()
             except TimeoutError:
-                backoff = min(backoff * 2, MAX_BACKOFF)
                 continue
-            converge = await self._handle(kind, detail)
+            # an event never cancels a convergence still due (a device that connects in the
+            # middle of a failover must not leave the dead node's partitions unplaced); one
+            # that needs it converges at once, unless a retry is already scheduled
+            if await self._handle(kind, detail) and retry_at is None:
+                retry_at = loop.time()
 
     async def _handle(self, kind: str, detail: Any) -> bool:
         """Apply one event; True when the whole placement must be converged again."""
@@ -196,18 +225,45 @@ class ClusterBroker:
 
     async def _place_all(self, partitions: set[int]) -> bool:
         complete = True
-        resync: set[str] = set()
+        replaced: set[int] = set()
         for partition in sorted(partitions):
             placed = await self._place(partition)
             if placed is None:
                 complete = False
-            elif placed and partition in self._lost:
-                self._lost.discard(partition)
-                resync |= self._wanted.get(partition, set())
-        if resync:
-            log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
+            elif partition in self._lost and partition in self._placed:
+                replaced.add(partition)
+        resync = set().union(*(self._wanted.get(p, set()) for p in replaced))
+        if not resync:
+            self._lost -= replaced
+            return complete
+        # the re-sync reads desired states: only once the server confirmed the channels, or
+        # a change made between that read and the subscription would be neither read nor sent
+        if not await self._until_confirmed(replaced):
+            log.warning("cluster pub/sub: partitions %s not confirmed in time", sorted(replaced))
+            for partition in replaced - self._confirmed:
+                self._forget(partition)  # subscribed afresh, then re-synced, next time
+            return False
+        self._lost -= replaced
+        log.info("cluster pub/sub: re-syncing %d devices whose channels moved", len(resync))
+        try:
             await self.on_resubscribed(resync)
+        except BaseException:
+            self._lost |= replaced  # not re-synced: the next convergence tries again
+            raise
         return complete
+
+    async def _until_confirmed(self, partitions: set[int]) -> bool:
+        """Wait until the server confirmed every one of *partitions*' subscriptions."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + CONFIRM_TIMEOUT
+        while not partitions <= self._confirmed:
+            self._confirmation.clear()
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await self._confirmation.wait()
+            except TimeoutError:
+                return partitions <= self._confirmed
+        return True
 
     async def _place(self, partition: int) -> bool | None:
         """One partition's subscriptions in line with its wanted devices, on its owner.
@@ -235,15 +291,21 @@ class ClusterBroker:
         names = [self.keys.commands(device_id) for device_id in new]
         if fresh:
             names += [part.control_channel, part.probe_channel(self.process)]
-        for start in range(0, len(names), SUBSCRIBE_CHUNK):
-            await link.pubsub.ssubscribe(*names[start : start + SUBSCRIBE_CHUNK])
-        for start in range(0, len(gone), SUBSCRIBE_CHUNK):
-            chunk = gone[start : start + SUBSCRIBE_CHUNK]
-            await link.pubsub.sunsubscribe(*[self.keys.commands(d) for d in chunk])
+            # placed before anything is sent: the reader may see the confirmation at once
+            self._placed[partition] = owner
+            link.partitions.add(partition)
+        try:
+            for start in range(0, len(names), SUBSCRIBE_CHUNK):
+                await link.pubsub.ssubscribe(*names[start : start + SUBSCRIBE_CHUNK])
+            for start in range(0, len(gone), SUBSCRIBE_CHUNK):
+                chunk = gone[start : start + SUBSCRIBE_CHUNK]
+                await link.pubsub.sunsubscribe(*[self.keys.commands(d) for d in chunk])
+        except BaseException:
+            if fresh:
+                self._forget(partition)  # half subscribed: placed afresh next time
+            raise
         live.update(new)
         live.difference_update(gone)
-        self._placed[partition] = owner
-        link.partitions.add(partition)
         return fresh
 
     async def _unplace(self, partition: int, node: str) -> None:
@@ -268,6 +330,7 @@ class ClusterBroker:
             link.partitions.discard(partition)
         self._live.pop(partition, None)
         self._probes.pop(partition, None)
+        self._confirmed.discard(partition)
         if self._wanted.get(partition):
             self._lost.add(partition)
 
@@ -307,7 +370,10 @@ class ClusterBroker:
 
     # --- timers -----------------------------------------------------------------------
     async def _timers(self) -> None:
-        """Probe every `probe_interval`; compare placement with the topology now and then."""
+        """Probe every `probe_interval`; compare placement with the topology now and then.
+
+        Nothing may end this loop but cancellation: without it a silent subscription would
+        never be found."""
         checked = time.monotonic()
         while True:
             await asyncio.sleep(self.probe_interval / 2)
@@ -318,21 +384,30 @@ class ClusterBroker:
             if missed:
                 self._events.put_nowait(("probe_missed", missed))
             try:
-                await self._send_probes(now)
+                await self._send_probes()
                 if now - checked > TOPOLOGY_CHECK:
                     checked = now
                     await self._check_topology()
             except REDIS_ERRORS as exc:
                 log.debug("cluster pub/sub: probe or topology check failed: %s", exc)
+            except Exception:
+                log.exception("cluster pub/sub: probe or topology check failed")
 
-    async def _send_probes(self, now: float) -> None:
+    async def _send_probes(self) -> None:
         for partition, node in list(self._placed.items()):
             if partition in self._probes or node not in self._links:
                 continue
             nonce = f"{next(self._nonces)}"
-            self._probes[partition] = (nonce, now + self.probe_interval + PROBE_TIMEOUT)
             channel = self.keys.part(partition).probe_channel(self.process)
-            await self.cluster.execute_command("SPUBLISH", channel, nonce)
+            # its deadline runs from when it was sent: a publish that waited on a failover
+            # elsewhere (the calls before it) must not count against this partition's node
+            self._probes[partition] = (nonce, math.inf)
+            try:
+                await self.cluster.execute_command("SPUBLISH", channel, nonce)
+            finally:
+                if self._probes.get(partition, ("", 0.0))[0] == nonce:
+                    deadline = time.monotonic() + self.probe_interval + PROBE_TIMEOUT
+                    self._probes[partition] = (nonce, deadline)
 
     async def _check_topology(self) -> None:
         await self.cluster.nodes_manager.initialize()
@@ -364,6 +439,12 @@ class ClusterBroker:
                 device_id = self.keys.device_from_heartbeat(message["data"].decode())
                 if device_id is not None:
                     self.deliveries.on_expired(device_id)
+            elif kind == "ssubscribe" and channel in self._probe_names:
+                # a placement's last channel: everything sent before it is confirmed too
+                partition = self._probe_names[channel]
+                if self._placed.get(partition) == link.node:
+                    self._confirmed.add(partition)
+                    self._confirmation.set()
             elif kind == "ssubscribe":
                 device_id = self.keys.device_from_commands(channel.decode())
                 for waiter in self._waiters.pop(device_id or "", []):

@@ -75,7 +75,8 @@ class SessionContext:
 class DeviceSession:
     # thousands per process: no per-instance __dict__
     __slots__ = (
-        "bucket", "close_reason", "context", "desired", "device_id", "held", "last_activity",
+        "bucket", "close_reason", "context", "desired", "desired_seen", "device_id", "held",
+        "last_activity",
         "malformed", "refused", "reported", "reported_encoded", "reported_meta", "session",
         "version", "websocket", "writer",
     )  # fmt: skip
@@ -99,6 +100,9 @@ class DeviceSession:
         self.reported_encoded = b""
         self.reported_meta: shadow.Document = {}
         self.desired: shadow.Document = {}
+        # how many desired states this session was given: a re-sync notes it before it reads,
+        # and sends nothing if one came meanwhile (that one is at least as new as its read)
+        self.desired_seen = 0
         self.version = 0
         self.malformed = 0
         self.refused = 0
@@ -157,6 +161,7 @@ class DeviceSession:
         if desired is None:
             return
         self.desired = desired
+        self.desired_seen += 1
         version = protocol.command_version(data)
         if version is not None:
             self.version = max(self.version, version)
@@ -177,6 +182,7 @@ class DeviceSession:
         self.reported_encoded = reported
         self.reported_meta = shadow.decode_stamps(meta, self.reported)
         self.version = version
+        self.desired_seen += 1
         context = self.context
         self.send(
             protocol.welcome(
@@ -309,6 +315,7 @@ class DeviceSession:
         if device is None:
             return
         self.desired = device.desired_state
+        self.desired_seen += 1
         self.send(
             protocol.shadow_frame(
                 request_id, device.desired_state, device.reported_state, device.version

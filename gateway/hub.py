@@ -30,6 +30,7 @@ class LiveSession(Protocol):
     device_id: str
     session: str
     desired: shadow.Document
+    desired_seen: int
     last_activity: float
 
     @property
@@ -112,8 +113,16 @@ class DeviceHub:
         return [s for d in device_ids if (s := self.sessions.get(d)) is not None]
 
     @staticmethod
-    def resync_one(session: LiveSession, desired_raw: bytes | None, version: int) -> bool:
-        """Send the current desired state if it moved while no message could arrive."""
+    def resync_one(
+        session: LiveSession, desired_raw: bytes | None, version: int, seen: int | None = None
+    ) -> bool:
+        """Send the current desired state if it moved while no message could arrive.
+
+        *seen*: the session's `desired_seen` before the read. The channel was live again
+        before the read, so a state the session got since is at least as new as the one
+        read: sending the read after it would take back the device's newest change."""
+        if seen is not None and session.desired_seen != seen:
+            return False
         desired = shadow.decode_document(desired_raw)
         if shadow.same(desired, session.desired):
             return False

@@ -308,14 +308,15 @@ class Gateway:
         resent = 0
         for start in range(0, len(sessions), RESYNC_CHUNK):
             chunk = sessions[start : start + RESYNC_CHUNK]
+            seen = [session.desired_seen for session in chunk]  # before the read: see resync_one
             try:
                 states = await core.store.desired_states([s.device_id for s in chunk])
             except REDIS_ERRORS as exc:
                 # the broker reconnects (with backoff) and calls this again: nothing is skipped
                 log.warning("re-sync after reconnect failed: %s", exc)
                 raise
-            for session, (desired, version) in zip(chunk, states, strict=True):
-                if self.hub.resync_one(session, desired, version):
+            for session, mark, (desired, version) in zip(chunk, seen, states, strict=True):
+                if self.hub.resync_one(session, desired, version, mark):
                     resent += 1
         if resent:
             log.info("re-sent desired state to %d devices after reconnect", resent)

@@ -42,6 +42,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "mqtt": ("loadtest.bench_mqtt", "MQTT devices through Mosquitto beside WebSocket devices"),
     "events": ("loadtest.bench_events", "Presence events to webhook endpoints and SSE readers"),
     "commands": ("loadtest.bench_commands", "Command round trip at 1,000/s, then an offline drain"),
+    "cluster-loop": ("loadtest.cluster_loop", "Small cluster moonshots, a primary killed in each"),
 }
 OWN = {
     "suite": "Every benchmark at its target's size (~1.5 hours)",

@@ -21,6 +21,7 @@ import orjson
 import pytest
 import websockets
 from live import ADMIN_KEY, LiveGateway, live_gateway
+from redis.crc import key_slot
 
 from gateway.client import DeviceClient
 from gateway.config import Settings
@@ -362,3 +363,170 @@ async def test_an_accepted_desired_change_waited_for_a_replica_of_its_own_write(
         assert (await store.require("w-1")).desired_state == {"a": 2}
     finally:
         await client.aclose()
+
+
+async def test_a_resync_read_before_a_newer_change_arrived_never_takes_it_back(
+    cluster_url: str,
+) -> None:
+    """A re-sync reads the desired states after the channels are live again; a change
+    published right after that read is delivered by pub/sub while the re-sync still runs, so
+    the state it read is older than the one the device holds by the time it is sent. Sent,
+    it took the newest change back (the device kept the older state, its last changes lost,
+    with Redis holding them all)."""
+    async with live_gateway(cluster_url, heartbeat_timeout=HEARTBEAT_TIMEOUT) as gw:
+        token = await gw.register("rs-1")
+        got: list[dict[str, Any]] = []
+        both = asyncio.Event()
+
+        def on_desired(desired: dict[str, Any], delta: dict[str, Any]) -> None:
+            got.append(desired)
+            if desired == {"a": 1, "b": 2}:
+                both.set()
+
+        async with DeviceClient(gw.ws_url, "rs-1", token, on_desired=on_desired) as device:
+            async with gw.client() as api:
+                reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"a": 1}})
+                assert reply.status_code == 200, reply.text
+                # what a re-sync notes and reads, an instant before the next change is made
+                session = gw.gateway.hub.sessions["rs-1"]
+                seen = session.desired_seen
+                read = await gw.gateway.core.store.desired_states(["rs-1"])
+                reply = await api.patch("/api/devices/rs-1/desired", json={"state": {"b": 2}})
+                assert reply.status_code == 200, reply.text
+            await asyncio.wait_for(both.wait(), 5)
+            # the re-sync now sends what it read: nothing, as the device has newer
+            assert not gw.gateway.hub.resync_one(session, *read[0], seen)
+            await asyncio.sleep(0.3)
+            assert device.desired == {"a": 1, "b": 2}
+            assert got[-1] == {"a": 1, "b": 2}
+            # a state really missed (its message lost) is still sent
+            session.desired = {"a": 1}
+            seen = session.desired_seen
+            fresh = await gw.gateway.core.store.desired_states(["rs-1"])
+            assert gw.gateway.hub.resync_one(session, *fresh[0], seen)
+            await wait_for_desired(got, {"a": 1, "b": 2}, 2)
+
+
+async def test_a_device_connecting_mid_failover_does_not_stop_the_broker_converging(
+    cluster: LocalCluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the dead primary's replica is not promoted yet, the broker retries placing that
+    node's partitions. A subscription made meanwhile (a device connecting to another node)
+    ended those retries: the partitions stayed unsubscribed, their devices got nothing
+    until a periodic topology check happened to notice (here: never)."""
+    from gateway import broker_cluster
+
+    monkeypatch.setattr(broker_cluster, "TOPOLOGY_CHECK", 3600.0)
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5
+    ) as gw:  # fmt: skip
+        fleet = Fleet(gw)
+        await fleet.start(12)
+        ids = [c.device_id for c in fleet.clients]
+        victim = await busiest_primary(cluster, ids)
+        broker = gw.gateway.broker
+        assert isinstance(broker, broker_cluster.ClusterBroker)
+        client = connect_cluster(cluster.url)
+        await client.initialize()
+        keys = Keys.cluster()
+        try:
+            on_victim = [d for d in ids if node_of(client, keys, d) == victim.address]
+            elsewhere = next(
+                f"late-{n}"
+                for n in range(1000)
+                if node_of(client, keys, f"late-{n}") != victim.address
+            )
+        finally:
+            await client.aclose()
+        cluster.kill(victim)
+        # the broker noticed: the dead node's partitions wait for their new owner
+        await until(lambda: bool(broker._lost), 5)
+        token = await gw.register(elsewhere)  # its key lives on a node still up
+        async with DeviceClient(gw.ws_url, elsewhere, token, backoff_min=0.05, backoff_max=0.5):
+            await wait_failover(cluster, victim)
+            async with gw.client() as api:
+                target = on_victim[0]
+                while True:
+                    reply = await api.patch(
+                        f"/api/devices/{target}/desired", json={"state": {"after": 1}}
+                    )
+                    if reply.status_code == 200:
+                        break
+                    assert reply.status_code == 503, reply.text
+                    await asyncio.sleep(0.05)
+            await until(lambda: "after" in fleet.desired.get(target, {}), 8)
+            assert "after" in fleet.desired.get(target, {}), (
+                f"a change after the failover never reached {target}; still lost: {broker._lost}"
+            )
+        await fleet.stop()
+
+
+def node_of(client: Any, keys: Keys, device_id: str) -> str:
+    """The address of the primary that holds *device_id*'s shadow."""
+    return str(client.get_node_from_key(keys.state(device_id)).name)
+
+
+async def until(condition: Any, within: float) -> None:
+    """Poll *condition* until it holds or *within* seconds pass (the caller asserts)."""
+    deadline = time.monotonic() + within
+    while not condition() and time.monotonic() < deadline:  # noqa: ASYNC110
+        await asyncio.sleep(0.02)
+
+
+async def wait_for_desired(
+    got: list[dict[str, Any]], wanted: dict[str, Any], within: float
+) -> None:
+    await until(lambda: bool(got) and got[-1] == wanted, within)
+    assert got[-1] == wanted
+
+
+async def test_a_topology_read_that_fails_with_a_cluster_error_does_not_end_the_broker(
+    cluster: LocalCluster,
+) -> None:
+    """redis-py raises RedisClusterException, no RedisError, when no node reports every slot
+    covered (as in a failover seen halfway). The broker took only RedisErrors for failures
+    to retry: this one ended it, quietly, and with it every subscription of the process:
+    every device got nothing more while Redis held every change."""
+    async with live_gateway(
+        cluster.url, heartbeat_timeout=HEARTBEAT_TIMEOUT, sweep_interval=0.5
+    ) as gw:  # fmt: skip
+        fleet = Fleet(gw)
+        await fleet.start(6)
+        keys = Keys.cluster()
+        used = {key_slot(part.base.encode()) for part in keys.parts}
+        owner = (await cluster.primary_nodes())[0]
+        async with owner.client() as direct:
+            ranges = await direct.execute_command("CLUSTER", "SLOTS")  # type: ignore[no-untyped-call]
+            mine = next(r for r in ranges if int(r[2][1]) == owner.port)
+            slot = -1
+            for candidate in range(int(mine[0]), int(mine[1]) + 1):
+                if candidate in used:
+                    continue
+                count = await direct.execute_command("CLUSTER", "COUNTKEYSINSLOT", candidate)  # type: ignore[no-untyped-call]
+                if count == 0:
+                    slot = candidate
+                    break
+        live = [n for n in cluster.nodes if n.pid is not None]
+        for node in live:  # no node reports that slot any more
+            async with node.client() as client:
+                await client.execute_command("CLUSTER", "DELSLOTS", slot)  # type: ignore[no-untyped-call]
+        try:
+            for node in live:  # the broker's links drop: it reads the topology again, and fails
+                async with node.client() as client:
+                    await client.execute_command("CLIENT", "KILL", "TYPE", "pubsub")  # type: ignore[no-untyped-call]
+            await asyncio.sleep(2)
+        finally:
+            async with owner.client() as client:
+                await client.execute_command("CLUSTER", "ADDSLOTS", slot)  # type: ignore[no-untyped-call]
+        await cluster.wait_healthy()
+        async with gw.client() as api:
+            for client in fleet.clients:
+                reply = await api.patch(
+                    f"/api/devices/{client.device_id}/desired", json={"state": {"back": 1}}
+                )
+                assert reply.status_code == 200, reply.text
+        ids = [c.device_id for c in fleet.clients]
+        await until(lambda: all("back" in fleet.desired.get(d, {}) for d in ids), 10)
+        missing = [d for d in ids if "back" not in fleet.desired.get(d, {})]
+        assert not missing, f"changes never delivered after the cluster error: {missing}"
+        await fleet.stop()

@@ -25,6 +25,7 @@ class Session:
         self.device_id = device_id
         self.session = session
         self.desired: shadow.Document = desired or {}
+        self.desired_seen = 0
         self.last_activity = time.time()
         self.writer = WriterState()
         self.commands: list[bytes] = []
@@ -183,6 +184,15 @@ def test_resync_sends_the_desired_state_only_when_it_moved() -> None:
             "resync": True,
         }
     ]
+
+
+def test_resync_sends_nothing_when_a_state_came_after_its_read() -> None:
+    session = live("d1", "s1", desired={"a": 1})
+    seen = session.desired_seen  # noted before the read
+    session.desired, session.desired_seen = {"a": 1, "b": 2}, seen + 1  # published after it
+    assert not DeviceHub.resync_one(session, b'{"a":1}', 8, seen)
+    assert session.commands == []
+    assert DeviceHub.resync_one(session, b'{"a":1}', 8, seen + 1)  # none since: compared
 
 
 def test_resync_compares_json_values_not_python_ones() -> None:

@@ -31,13 +31,17 @@ class _Closed:
 
 
 class MqttSession:
-    __slots__ = ("desired", "device_id", "last_activity", "outlet", "session", "taken", "writer")
+    __slots__ = (
+        "desired", "desired_seen", "device_id", "last_activity", "outlet", "session", "taken",
+        "writer",
+    )  # fmt: skip
 
     def __init__(self, outlet: Outlet, device_id: str, session: str) -> None:
         self.outlet = outlet
         self.device_id = device_id
         self.session = session  # `mqtt:` and the device's own
         self.desired: shadow.Document = {}
+        self.desired_seen = 0  # desired states received: a re-sync read before one sends nothing
         self.last_activity = time.time()
         self.writer = _Closed()  # the hub reads `writer.closed`, as of a socket's writer
         self.taken = False  # set once its `online` took the session in Redis
@@ -59,6 +63,7 @@ class MqttSession:
             self.outlet.publish_command(self.device_id, data)
             return
         self.desired = desired
+        self.desired_seen += 1
         self.outlet.publish_desired(self.device_id)
 
     def close(self, close: disconnect.Close) -> None:
