@@ -1,3 +1,3 @@
 """Real-time presence gateway for IoT fleets, on Redis."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
