@@ -32,6 +32,7 @@ from gateway.commands.queue import Accepted, CommandQueue, Finished, Listing, Re
 from gateway.config import Settings
 from gateway.metrics import Metrics
 from gateway.scripts import REDIS_ERRORS
+from gateway.ticks import run_ticks
 
 log = logging.getLogger("gateway.commands")
 
@@ -224,19 +225,7 @@ class CommandService:
             self._timers.clear()
 
     async def _flush_loop(self) -> None:
-        interval = self.settings.batch_interval
-        backoff = 0.0
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(backoff or interval)
-            self._wake.clear()
-            try:
-                await self.flush()
-                backoff = 0.0
-            except REDIS_ERRORS as exc:
-                backoff = min(max(backoff * 2, 0.05), 1.0)
-                log.warning("command flush failed (%s); retrying in %.2f s", exc, backoff)
-                self._wake.set()
+        await run_ticks(self._wake, self.flush, self.settings.batch_interval, "command flush")
 
     async def flush(self) -> None:
         """Finish the gathered results, then act on what fell due."""

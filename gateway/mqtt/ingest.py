@@ -27,9 +27,10 @@ from redis.asyncio.cluster import RedisCluster
 from gateway import shadow
 from gateway.config import Settings
 from gateway.metrics import Metrics
-from gateway.presence import CHUNKS_IN_FLIGHT, REDIS_ERRORS
+from gateway.presence import CHUNKS_IN_FLIGHT
 from gateway.scripts import Call, KeyOrArg, run_each
 from gateway.store import Store, now_text
+from gateway.ticks import run_ticks
 
 log = logging.getLogger("gateway.mqtt")
 
@@ -122,19 +123,7 @@ class Ingest:
 
     # --- the tick ------------------------------------------------------------------
     async def run(self) -> None:
-        interval = self.settings.batch_interval
-        backoff = 0.0
-        while True:
-            await self._wake.wait()
-            await asyncio.sleep(backoff or interval)
-            self._wake.clear()
-            try:
-                await self.flush()
-                backoff = 0.0
-            except REDIS_ERRORS as exc:
-                backoff = min(max(backoff * 2, 0.05), 1.0)
-                log.warning("MQTT tick failed (%s); retrying in %.2f s", exc, backoff)
-                self._wake.set()
+        await run_ticks(self._wake, self.flush, self.settings.batch_interval, "MQTT tick")
 
     async def flush(self) -> None:
         """Write everything gathered; what must wait (a conflict, a session not there yet, a
