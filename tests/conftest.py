@@ -46,6 +46,12 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--run-slow", action="store_true", help="also run tests marked slow")
 
 
+# Tests that read or write the repository's own docs/ and loadtest/ (the benchmarks page, the
+# published runs, the docs' screenshots) share one worker, so none sees another's rewrite.
+REPOSITORY_FILES = {"test_loadtest_smoke", "test_loadtest_report", "test_browser"}
+
+
+@pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     run_slow = config.getoption("--run-slow")
     skip_slow = pytest.mark.skip(reason="slow test: run with --run-slow")
@@ -53,6 +59,10 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     # here, yet the contract is that the seed's code keeps working exactly as written.
     seed_warnings = pytest.mark.filterwarnings("ignore:Call to deprecated:DeprecationWarning")
     for item in items:
+        # with `-n`, a module's tests stay on one worker (they share module fixtures)
+        module = item.path.stem
+        group = "repository-files" if module in REPOSITORY_FILES else module
+        item.add_marker(pytest.mark.xdist_group(group))
         if "slow" in item.keywords and not run_slow:
             item.add_marker(skip_slow)
         if "seed" in item.keywords or "seed" in getattr(item, "fixturenames", ()):

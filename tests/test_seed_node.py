@@ -120,7 +120,7 @@ def test_a_clone_without_node_passes_with_the_reason_shown_but_ci_fails(
     """Without node and npm on PATH, or without the document, the Node.js tests are skipped
     with the reason shown; under CI=true the same run fails."""
     command = [
-        sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+        sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0",
         str(Path(__file__)), "-k", "node_heartbeat_makes_a_device_online",
     ]  # fmt: skip
     base = {k: v for k, v in os.environ.items() if k != "CI"}

@@ -44,7 +44,7 @@ def test_a_clone_without_the_document_passes_with_the_reason_shown_but_ci_fails(
     saying what was skipped and why, while under CI=true the same run fails."""
     missing = tmp_path / "missing.txt"
     command = [
-        sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider",
+        sys.executable, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-n", "0",
         str(Path(__file__)), "-k", "seed_heartbeat_makes_a_device_online",
     ]  # fmt: skip
     base = {k: v for k, v in os.environ.items() if k != "CI"} | {"GATEWAY_SEED_DOC": str(missing)}
